@@ -1,0 +1,53 @@
+# fisao: `make run` builds and runs the demo campaign, `make test` runs the tests.
+# Both create .venv and install requirements.lock the first time (and again only when the
+# lock or pyproject.toml changes).
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/demo.yaml
+
+# Nothing here may reach the internet: telemetry and update checks off, hubs offline.
+export DO_NOT_TRACK := true
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test test-fast lock mlflow-ui clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fisao run --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Unit tests only (skips the end-to-end runs with Prefect, MLflow and DVC).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e"
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# Re-resolve the loose ranges of pyproject.toml into an exact lock (run after changing them).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet -e '.[test]'
+	{ echo '# Exact versions tested together (Python 3.11, CPU). Regenerate with `make lock`; torch comes from local disk.'; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip=='; } > requirements.lock
+	rm -rf .lock-venv
+
+clean:
+	rm -rf outputs .prefect mlflow.db mlartifacts

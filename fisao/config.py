@@ -1,0 +1,192 @@
+"""Campaign configuration: one YAML file, validated once into frozen pydantic models.
+
+Every section rejects unknown keys and wrong types with the YAML file's name and the key's
+dotted path, so a typo stops the run before anything is built.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldConfig(_Strict):
+    """The shapes world: classes, colours, co-occurrence priors and split sizes."""
+
+    seed: int = 0
+    canvas: int = Field(64, ge=32, le=512)
+    classes: tuple[str, ...] = (
+        "circle", "square", "triangle", "star", "heart", "cross", "diamond", "moon",
+    )
+    # Extra names a caption may use for a class (CHAIR maps them back to the class).
+    synonyms: dict[str, tuple[str, ...]] = {
+        "circle": ("disk",),
+        "cross": ("plus sign",),
+        "diamond": ("rhombus",),
+        "moon": ("crescent",),
+    }
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
+    # Pairs whose members co-occur with probability `cooccurrence[split]`: the language prior.
+    pairs: tuple[tuple[str, str], ...] = (("circle", "square"), ("star", "moon"), ("heart", "cross"))
+    cooccurrence: dict[Split, float] = {"train": 0.85, "val": 0.5, "test": 0.5}
+    sizes: dict[Split, int] = {"train": 2000, "val": 200, "test": 500}
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(4, ge=1, le=6)
+    object_size: tuple[int, int] = (15, 22)
+    # Chance that a newly added object repeats a class already present ("two red circles").
+    duplicate_prob: float = Field(0.12, ge=0, le=1)
+    # Largest allowed intersection over the smaller box, so overlapping shapes stay recognisable.
+    max_overlap: float = Field(0.15, ge=0, le=1)
+    synonym_prob: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "WorldConfig":
+        from fisao.world.render import PALETTE, SHAPES
+
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"world.classes has duplicates: {list(self.classes)}")
+        unknown = [c for c in self.classes if c not in SHAPES]
+        if unknown:
+            raise ValueError(f"world.classes: no renderer for {unknown}; choose from {sorted(SHAPES)}")
+        bad_colours = [c for c in self.colours if c not in PALETTE]
+        if bad_colours:
+            raise ValueError(f"world.colours: unknown {bad_colours}; choose from {sorted(PALETTE)}")
+        paired: list[str] = [name for pair in self.pairs for name in pair]
+        missing = [n for n in paired + list(self.synonyms) if n not in self.classes]
+        if missing:
+            raise ValueError(f"world.pairs/synonyms name classes not in world.classes: {missing}")
+        if len(set(paired)) != len(paired):
+            raise ValueError(f"world.pairs: a class may belong to one pair only, got {self.pairs}")
+        if set(self.cooccurrence) != set(SPLITS) or set(self.sizes) != set(SPLITS):
+            raise ValueError("world.cooccurrence and world.sizes need exactly the keys train, val, test")
+        if not all(0 <= p <= 1 for p in self.cooccurrence.values()):
+            raise ValueError(f"world.cooccurrence values must lie in [0, 1], got {self.cooccurrence}")
+        if min(self.sizes.values()) < 1:
+            raise ValueError(f"world.sizes must be positive, got {self.sizes}")
+        if not self.min_objects <= self.max_objects:
+            raise ValueError("world.min_objects must not exceed world.max_objects")
+        lo, hi = self.object_size
+        if not 6 <= lo <= hi <= self.canvas // 2:
+            raise ValueError(f"world.object_size {self.object_size} must satisfy 6 <= lo <= hi <= canvas/2")
+        return self
+
+    def partner(self) -> dict[str, str]:
+        """Map each paired class to its partner."""
+        out: dict[str, str] = {}
+        for a, b in self.pairs:
+            out[a], out[b] = b, a
+        return out
+
+
+class ClipBuildConfig(_Strict):
+    """The tiny CLIP (the verifier, and the policy's vision tower)."""
+
+    patch_size: int = 8
+    width: int = 96
+    layers: int = 3
+    heads: int = 4
+    text_width: int = 96
+    text_layers: int = 2
+    projection_dim: int = 64
+    vocab_size: int = 400
+    steps: int = 900
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    # Weight of the multi-label image <-> object-name loss against the caption InfoNCE loss.
+    name_loss_weight: float = 1.0
+    seed: int = 0
+
+
+class LlavaBuildConfig(_Strict):
+    """The tiny LLaVA built on the CLIP's vision tower, trained on captions and questions."""
+
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    # Share of training examples that are yes/no questions (the rest are detailed captions).
+    question_share: float = Field(0.4, ge=0, le=1)
+    seed: int = 0
+
+
+class EvalConfig(_Strict):
+    """How models are evaluated (prompts follow the usual CHAIR/POPE protocols)."""
+
+    caption_prompt: str = "Please describe this image in detail."
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    # Evaluate on the first N images of the split (None: all of it).
+    limit: int | None = None
+    split: Split = "test"
+
+
+class Config(_Strict):
+    """A whole campaign: world, base models, evaluation."""
+
+    name: str = "demo"
+    data_dir: str = "data"
+    outputs_dir: str = "outputs"
+    world: WorldConfig = WorldConfig()
+    clip: ClipBuildConfig = ClipBuildConfig()
+    llava: LlavaBuildConfig = LlavaBuildConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def world_dir(self) -> Path:
+        return Path(self.data_dir) / "world"
+
+
+def config_hash(section: BaseModel) -> str:
+    """A short, stable hash of a config section (part of every cache key)."""
+    blob = json.dumps(section.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Read a YAML campaign config (or the defaults when `path` is None) and validate it."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist; see configs/ for examples")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        where = path if path is not None else "the config"
+        lines = [f"invalid {where}:"]
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            hint = "unknown key (remove it or check the spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {key}: {hint}")
+        raise ValueError("\n".join(lines)) from e
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value

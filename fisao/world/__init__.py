@@ -1,0 +1,1 @@
+"""The shapes world: a deterministic synthetic dataset in which hallucination is real."""

@@ -1,0 +1,103 @@
+"""Write the shapes world to disk: images, COCO instances, captions, questions, POPE files.
+
+Layout (one directory per split)::
+
+    world.json  vocab.txt
+    {train,val,test}/images/000001.png
+                    /instances.json      COCO instances: images, annotations, categories
+                    /captions.jsonl      {"image_id", "caption"}, several per image
+                    /questions.jsonl     {"image_id", "question", "answer"} yes/no training questions
+                    /pope_{random,popular,adversarial}.jsonl   official POPE format
+
+The same config (seed included) gives byte-identical files: every random stream is seeded by
+(seed, split, purpose), so changing one part (say, caption templates) leaves the others alone.
+The directory is built beside its target and renamed into place.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from fisao import io
+from fisao.config import SPLITS, WorldConfig
+from fisao.world.pope import STRATEGIES, class_statistics, pope_questions
+from fisao.world.render import render
+from fisao.world.scenes import Scene, sample_scene
+from fisao.world.text import caption, questions, vocabulary_lines
+
+CAPTIONS_PER_IMAGE = 3
+
+
+def _rng(cfg: WorldConfig, split: str, purpose: str) -> random.Random:
+    return random.Random(f"fisao-world/{cfg.seed}/{split}/{purpose}")
+
+
+def sample_split(cfg: WorldConfig, split: str) -> list[Scene]:
+    rng = _rng(cfg, split, "scenes")
+    return [sample_scene(rng, cfg, cfg.cooccurrence[split]) for _ in range(cfg.sizes[split])]
+
+
+def instances(cfg: WorldConfig, scenes: list[Scene], split: str) -> dict:
+    """COCO instances for a split (category ids follow `cfg.classes`, from 1)."""
+    cat_id = {c: i + 1 for i, c in enumerate(cfg.classes)}
+    images, annotations = [], []
+    for image_id, scene in enumerate(scenes, start=1):
+        images.append({"id": image_id, "file_name": f"{image_id:06d}.png", "width": cfg.canvas, "height": cfg.canvas})
+        for obj in scene.objects:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[obj.shape],
+                "bbox": list(obj.bbox), "area": obj.size * obj.size, "iscrowd": 0, "color": obj.colour,
+            })
+    return {
+        "info": {"description": f"fisao shapes world, {split} split", "seed": cfg.seed},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": c, "supercategory": "shape"} for c, i in cat_id.items()],
+    }
+
+
+def write_split(out: Path, cfg: WorldConfig, split: str, scenes: list[Scene], train_stats, progress: bool) -> None:
+    (out / "images").mkdir(parents=True)
+    for image_id, scene in enumerate(tqdm(scenes, desc=f"world {split}", disable=not progress, leave=False), start=1):
+        render(scene, cfg.canvas).save(out / "images" / f"{image_id:06d}.png", format="PNG")
+    io.write_json(out / "instances.json", instances(cfg, scenes, split), indent=None)
+
+    rng = _rng(cfg, split, "captions")
+    io.write_jsonl(out / "captions.jsonl", (
+        {"image_id": i, "caption": caption(rng, s, cfg)}
+        for i, s in enumerate(scenes, start=1) for _ in range(CAPTIONS_PER_IMAGE)
+    ))
+    rng = _rng(cfg, split, "questions")
+    io.write_jsonl(out / "questions.jsonl", (
+        {"image_id": i, "question": q, "answer": a}
+        for i, s in enumerate(scenes, start=1) for q, a in questions(rng, s, cfg)
+    ))
+    files = [(f"{i:06d}.png", s.classes) for i, s in enumerate(scenes, start=1)]
+    freq, cooc = train_stats
+    for strategy in STRATEGIES:
+        rows = pope_questions(files, strategy, cfg.classes, _rng(cfg, split, f"pope-{strategy}"), freq, cooc)
+        io.write_jsonl(out / f"pope_{strategy}.jsonl", rows)
+
+
+def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Path:
+    """Generate the whole world into `out` (replacing it atomically) and return `out`."""
+    out = Path(out)
+    scenes = {split: sample_split(cfg, split) for split in SPLITS}
+    train_stats = class_statistics([s.classes for s in scenes["train"]])
+    with io.atomic_dir(out) as tmp:
+        io.write_json(tmp / "world.json", {"config": cfg.model_dump(mode="json"), "format": 1})
+        io.atomic_write_text(tmp / "vocab.txt", "\n".join(vocabulary_lines(cfg)) + "\n")
+        for split in SPLITS:
+            write_split(tmp / split, cfg, split, scenes[split], train_stats, progress)
+    return out
+
+
+def read_world_config(world_dir: str | Path) -> WorldConfig:
+    """The config a world directory was built with (from its world.json)."""
+    meta = io.read_json(Path(world_dir) / "world.json")
+    try:
+        return WorldConfig.model_validate(meta["config"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{Path(world_dir) / 'world.json'} does not describe a world: {e}") from e

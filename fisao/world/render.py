@@ -1,0 +1,96 @@
+"""Render a scene of coloured shapes with Pillow.
+
+Each shape is drawn as a white-on-black mask in its own box, then pasted in its colour, so
+any outline (a crescent, a heart) works the same way and later objects sit on top of earlier
+ones. Rendering is a pure function of the scene: the same scene gives the same pixels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from PIL import Image, ImageDraw
+
+from fisao.world.scenes import Scene
+
+RGB = tuple[int, int, int]
+
+PALETTE: dict[str, RGB] = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (140, 60, 190),
+    "orange": (240, 130, 20),
+    "black": (30, 30, 30),
+}
+
+
+def _polygon(points: list[tuple[float, float]]) -> Callable[[ImageDraw.ImageDraw, int], None]:
+    """A shape given as a polygon in unit coordinates ([0, 1]^2)."""
+
+    def draw(d: ImageDraw.ImageDraw, s: int) -> None:
+        d.polygon([(x * (s - 1), y * (s - 1)) for x, y in points], fill=255)
+
+    return draw
+
+
+def _star_points(n: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
+    pts = []
+    for i in range(2 * n):
+        r = 0.5 if i % 2 == 0 else 0.5 * inner
+        a = -math.pi / 2 + i * math.pi / n
+        pts.append((0.5 + r * math.cos(a), 0.52 + r * math.sin(a)))
+    return pts
+
+
+def _circle(d: ImageDraw.ImageDraw, s: int) -> None:
+    d.ellipse([0, 0, s - 1, s - 1], fill=255)
+
+
+def _square(d: ImageDraw.ImageDraw, s: int) -> None:
+    m = round(s * 0.08)
+    d.rectangle([m, m, s - 1 - m, s - 1 - m], fill=255)
+
+
+def _cross(d: ImageDraw.ImageDraw, s: int) -> None:
+    t = s / 3
+    d.rectangle([t, 0, 2 * t, s - 1], fill=255)
+    d.rectangle([0, t, s - 1, 2 * t], fill=255)
+
+
+def _heart(d: ImageDraw.ImageDraw, s: int) -> None:
+    r = s / 4
+    d.ellipse([0, 0, 2 * r, 2 * r], fill=255)
+    d.ellipse([2 * r - 1, 0, 4 * r - 1, 2 * r], fill=255)
+    d.polygon([(0.3, r * 1.35), (s - 1.3, r * 1.35), (s / 2 - 0.5, s - 1)], fill=255)
+
+
+def _moon(d: ImageDraw.ImageDraw, s: int) -> None:
+    d.ellipse([0, 0, s - 1, s - 1], fill=255)
+    off = s * 0.38
+    d.ellipse([off, -s * 0.1, s - 1 + off, s - 1 - s * 0.1], fill=0)
+
+
+SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, int], None]] = {
+    "circle": _circle,
+    "square": _square,
+    "triangle": _polygon([(0.5, 0.0), (1.0, 0.95), (0.0, 0.95)]),
+    "star": _polygon(_star_points()),
+    "heart": _heart,
+    "cross": _cross,
+    "diamond": _polygon([(0.5, 0.0), (0.92, 0.5), (0.5, 1.0), (0.08, 0.5)]),
+    "moon": _moon,
+    "hexagon": _polygon([(0.5 + 0.5 * math.cos(a), 0.5 + 0.5 * math.sin(a))
+                         for a in (math.pi / 3 * k + math.pi / 6 for k in range(6))]),
+}
+
+
+def render(scene: Scene, canvas: int) -> Image.Image:
+    """Draw `scene` on a `canvas` x `canvas` RGB image (objects in scene order)."""
+    image = Image.new("RGB", (canvas, canvas), scene.background)
+    for obj in scene.objects:
+        mask = Image.new("L", (obj.size, obj.size), 0)
+        SHAPES[obj.shape](ImageDraw.Draw(mask), obj.size)
+        image.paste(PALETTE[obj.colour], (obj.x, obj.y), mask)
+    return image

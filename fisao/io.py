@@ -85,12 +85,12 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file; a malformed line stops with the file name and line number."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSON-lines file, so callers can name the line
+    of a row whose content is wrong; a malformed line stops with the file name and line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -101,8 +101,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file; a malformed line stops with the file name and line number."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

@@ -1,0 +1,146 @@
+"""CHAIR on hand-counted captions, in memory and from files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fisao import io
+from fisao.benchmarks.chair import chair, chair_from_files, ground_truth_objects
+from fisao.benchmarks.vocab import Vocabulary
+
+COCO = Vocabulary.coco()
+
+# Image 1 holds a dog, a person (given as the synonym "man") and a bicycle; image 2 a cat;
+# image 3 nothing annotated.
+TRUTH = {1: {"dog", "man", "bicycle"}, 2: {"cat"}, 3: set()}
+CAPTIONS = [
+    (1, "A man walks two dogs and a cat. The cat is black."),  # person, dog, cat, cat: 2 hallucinated
+    (2, "A kitten on a sofa."),  # cat, couch: 1 hallucinated
+    (2, "A cat."),  # cat: none
+    (3, "An empty room."),  # no mention
+    (99, "A dog."),  # unknown image: counted, not scored
+    (1, "   "),  # empty: counted, not scored
+]
+
+
+def test_chair_metrics_by_hand():
+    result = chair(CAPTIONS, TRUTH, COCO)
+    m = result.metrics
+    # 4 captions scored; mentions 4 + 2 + 1 + 0 = 7, hallucinated 2 + 1 = 3.
+    assert m["n_captions"] == 4 and m["n_mentions"] == 7 and m["n_hallucinated"] == 3
+    assert m["chair_i"] == pytest.approx(3 / 7)
+    assert m["chair_s"] == pytest.approx(2 / 4)  # captions 1 and 2 hallucinate
+    # Ground-truth objects per scored caption: 3 + 1 + 1 + 0 = 5; recalled: person, dog (caption 1),
+    # cat (caption 2), cat (caption 3) = 4.
+    assert m["n_gt_objects"] == 5
+    assert m["recall"] == pytest.approx(4 / 5)
+    # Words: 12 + 5 + 2 + 3 = 22 over 4 captions.
+    assert m["len"] == pytest.approx(22 / 4)
+    assert m["n_unknown_image"] == 1 and m["n_empty"] == 1
+
+
+def test_chair_details_per_caption():
+    details = chair(CAPTIONS, TRUTH, COCO).details
+    assert len(details) == len(CAPTIONS)
+    first = details[0]
+    assert [m.category for m in first.mentions] == ["person", "dog", "cat", "cat"]
+    assert [(h.text, h.category) for h in first.hallucinated] == [("cat", "cat"), ("cat", "cat")]
+    assert first.missed == ("bicycle",)
+    assert first.ground_truth == ("bicycle", "dog", "person")
+    assert [(h.text, h.category) for h in details[1].hallucinated] == [("sofa", "couch")]
+    assert [d.skipped for d in details] == [None, None, None, None, "unknown_image", "empty"]
+
+
+def test_an_absent_object_named_twice_is_two_hallucinations():
+    m = chair([(1, "a cat and a cat")], {1: set()}, COCO).metrics
+    assert (m["n_mentions"], m["n_hallucinated"], m["chair_i"], m["chair_s"]) == (2, 2, 1.0, 1.0)
+
+
+def test_reference_captions_extend_the_ground_truth():
+    truth = ground_truth_objects({2: ["cat"]}, COCO, references={2: ["A cat on a couch."], 7: ["a dog"]})
+    assert truth == {2: {"cat", "couch"}}  # image 7 has no instances: ignored
+    m = chair([(2, "A kitten on a sofa.")], truth, COCO).metrics
+    assert m["chair_i"] == 0.0 and m["recall"] == 1.0  # the sofa is a couch the references saw
+
+
+def test_special_cases_change_the_score():
+    # "baby elephant" is an elephant, not a hallucinated person; "toilet seat" is not a chair.
+    m = chair([(1, "a baby elephant near a toilet seat")], {1: {"elephant", "toilet"}}, COCO).metrics
+    assert (m["n_mentions"], m["n_hallucinated"]) == (2, 0)
+
+
+def test_world_vocabulary():
+    world = Vocabulary.from_lines(["circle, disk", "square", "cross, plus sign"])
+    m = chair([(1, "Two red disks and a plus sign.")], {1: {"circle"}}, world).metrics
+    assert (m["n_mentions"], m["chair_i"], m["chair_s"], m["recall"]) == (2, 0.5, 1.0, 1.0)
+
+
+def test_ground_truth_outside_the_vocabulary_is_an_error():
+    with pytest.raises(ValueError, match="'unicorn' is not a name in the vocabulary"):
+        chair([(1, "a dog")], {1: {"unicorn"}}, COCO)
+
+
+def test_nothing_to_score_is_an_error():
+    with pytest.raises(ValueError, match="1 name image ids without ground truth and 1 are empty"):
+        chair([(5, "a dog"), (1, "")], {1: {"dog"}}, COCO)
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+
+def write_instances(path, objects: dict[int, list[str]]) -> None:
+    names = sorted({n for ns in objects.values() for n in ns})
+    cat_id = {n: i + 1 for i, n in enumerate(names)}
+    io.write_json(path, {
+        "images": [{"id": i, "file_name": f"{i:06d}.png"} for i in objects],
+        "annotations": [{"id": k, "image_id": i, "category_id": cat_id[n]}
+                        for k, (i, n) in enumerate(((i, n) for i, ns in objects.items() for n in ns), start=1)],
+        "categories": [{"id": c, "name": n} for n, c in cat_id.items()],
+    })
+
+
+def test_chair_from_files_matches_in_memory(tmp_path):
+    write_instances(tmp_path / "instances.json", {1: ["dog", "person", "bicycle", "dog"], 2: ["cat"], 3: []})
+    rows = [{"image_id": i, "caption": c} for i, c in CAPTIONS]
+    rows[2] = {"image": "000002.png", "text": CAPTIONS[2][1]}  # file name and "text" are accepted
+    io.write_jsonl(tmp_path / "captions.jsonl", rows)
+    details = tmp_path / "details.jsonl"
+    metrics = chair_from_files(tmp_path / "captions.jsonl", tmp_path / "instances.json", details_out=details)
+    expected = chair(CAPTIONS, TRUTH, COCO).metrics
+    assert metrics == pytest.approx(expected)
+    lines = io.read_jsonl(details)
+    assert [d["skipped"] for d in lines] == [None, None, None, None, "unknown_image", "empty"]
+    assert lines[0]["hallucinated"][0] == {"category": "cat", "text": "cat", "start": 27, "end": 30}
+    json.dumps(metrics)  # plain numbers
+
+
+def test_chair_from_files_with_references_and_a_vocabulary_file(tmp_path):
+    write_instances(tmp_path / "instances.json", {1: ["circle"]})
+    (tmp_path / "vocab.txt").write_text("circle, disk\nsquare\ncross, plus sign\n")
+    io.write_jsonl(tmp_path / "refs.jsonl", [{"image_id": 1, "caption": "a circle and a square"}])
+    io.write_jsonl(tmp_path / "caps.jsonl", [{"image_id": "1", "caption": "A disk, a square and a plus sign."}])
+    m = chair_from_files(tmp_path / "caps.jsonl", tmp_path / "instances.json",
+                         references_jsonl=tmp_path / "refs.jsonl", vocab_file=tmp_path / "vocab.txt")
+    # Truth {circle, square} (the square from the reference); 3 mentions, the cross hallucinated.
+    assert (m["n_mentions"], m["n_hallucinated"], m["recall"]) == (3, 1, 1.0)
+
+
+@pytest.mark.parametrize("line2, message", [
+    ("{not json", "caps.jsonl:2: not valid JSON"),
+    ('{"image_id": 1}', "caps.jsonl:2: needs a string 'caption'"),
+    ('{"image_id": "one", "caption": "a dog"}', "caps.jsonl:2: 'image_id' must be an integer"),
+    ('{"caption": "a dog"}', "caps.jsonl:2: needs 'image_id'"),
+])
+def test_unparseable_captions_stop_with_file_and_line(tmp_path, line2, message):
+    write_instances(tmp_path / "instances.json", {1: ["dog"]})
+    (tmp_path / "caps.jsonl").write_text('{"image_id": 1, "caption": "a dog"}\n' + line2 + "\n")
+    with pytest.raises(ValueError, match=message):
+        chair_from_files(tmp_path / "caps.jsonl", tmp_path / "instances.json")
+
+
+def test_annotation_category_outside_the_vocabulary(tmp_path):
+    write_instances(tmp_path / "instances.json", {1: ["unicorn"]})
+    io.write_jsonl(tmp_path / "caps.jsonl", [{"image_id": 1, "caption": "a dog"}])
+    with pytest.raises(ValueError, match="instances.json: 'unicorn' is not a name"):
+        chair_from_files(tmp_path / "caps.jsonl", tmp_path / "instances.json")

@@ -43,10 +43,12 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass
-
-import inflect
+from typing import TYPE_CHECKING
 
 from fisao.benchmarks.vocab import WORD_RE, Vocabulary, words
+
+if TYPE_CHECKING:
+    import inflect
 
 _ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
 
@@ -74,7 +76,9 @@ class Mention:
 
 
 @functools.lru_cache(maxsize=1)
-def _engine() -> inflect.engine:
+def _engine() -> "inflect.engine":
+    import inflect  # imported on first use: importing inflect takes seconds
+
     return inflect.engine()
 
 

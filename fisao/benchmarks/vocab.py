@@ -38,7 +38,7 @@ def words(text: str) -> tuple[str, ...]:
     return tuple(m.group().lower() for m in WORD_RE.finditer(text))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: usable as a cache key
 class Vocabulary:
     """Canonical categories (file order) and every name, as a tuple of words, mapped to its category.
 

@@ -144,3 +144,17 @@ def test_annotation_category_outside_the_vocabulary(tmp_path):
     io.write_jsonl(tmp_path / "caps.jsonl", [{"image_id": 1, "caption": "a dog"}])
     with pytest.raises(ValueError, match="instances.json: 'unicorn' is not a name"):
         chair_from_files(tmp_path / "caps.jsonl", tmp_path / "instances.json")
+
+
+def test_the_worlds_own_captions_hallucinate_nothing(tmp_path):
+    # The world's captions name every object (plurals, synonyms, "plus signs"), and only those:
+    # against its own annotations CHAIR must be 0 and recall 1, through the world's vocab.txt.
+    from fisao.config import WorldConfig
+    from fisao.world.build import build_world
+
+    world = build_world(tmp_path / "world", WorldConfig(sizes={"train": 8, "val": 2, "test": 40}, synonym_prob=0.5),
+                        progress=False)
+    test = world / "test"
+    m = chair_from_files(test / "captions.jsonl", test / "instances.json", vocab_file=world / "vocab.txt")
+    assert m["n_captions"] == 3 * 40 and m["n_mentions"] > m["n_captions"]
+    assert (m["chair_i"], m["chair_s"], m["recall"]) == (0.0, 0.0, 1.0)

@@ -14,6 +14,7 @@ from fisao.benchmarks.mme import (
 
 @pytest.mark.parametrize("text, expected", [
     ("Yes", "yes"), ("No.", "no"), (" yes \n", "yes"),
+    ("   yes", "yes"),  # stripped first (calculation.py alone would read "   y" as other)
     ("Yes, it is.", "yes"),  # first 4 characters "yes," contain "yes"
     ("Not really", "no"),  # "not " contains "no"
     ("nope", "no"),

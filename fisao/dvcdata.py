@@ -1,0 +1,130 @@
+"""`data/` under DVC: compute DVC's hash of a directory, compare with `data.dvc`, explain mismatches.
+
+DVC 3 hashes a directory as md5 of the JSON list of its files' {"md5", "relpath"} (sorted by
+path) plus ".dir"; we compute the same value without DVC's cache, so a clean clone can check a
+regenerated world against the committed `data.dvc`. To say *which* files differ without the
+cache, the per-file hashes are committed next to it in `data.md5` (the format of `md5sum`, so
+`cd data && md5sum -c ../data.md5` checks it by hand too).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fisao import io
+
+
+def file_md5s(root: str | Path) -> dict[str, str]:
+    """relpath (posix) -> md5 of every file under `root`, skipping hidden temp files."""
+    root = Path(root)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not any(part.startswith(".") and ".tmp-" in part for part in rel.split("/")):
+            out[rel] = io.file_digest(p, "md5")
+    return out
+
+
+def dir_md5(entries: dict[str, str]) -> str:
+    """DVC 3's hash of a directory whose files have the md5s `entries` (relpath -> md5)."""
+    listing = [{"md5": md5, "relpath": rel} for rel, md5 in sorted(entries.items())]
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+@dataclass(frozen=True)
+class DvcOut:
+    md5: str
+    nfiles: int | None
+    path: str
+
+
+def read_dvc_file(path: str | Path) -> DvcOut:
+    """The (single) output recorded in a .dvc file."""
+    path = Path(path)
+    try:
+        out = yaml.safe_load(path.read_text())["outs"][0]
+        return DvcOut(str(out["md5"]), out.get("nfiles"), str(out["path"]))
+    except FileNotFoundError:
+        raise
+    except (yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path} is not a DVC file with an output md5 ({e}); restore it with `git checkout {path.name}`") from e
+
+
+def read_manifest(path: str | Path) -> dict[str, str]:
+    entries = {}
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        md5, sep, rel = line.partition("  ")
+        if not sep or len(md5) != 32:
+            raise ValueError(f"{path}:{lineno}: expected '<md5>  <path>', got {line!r}")
+        entries[rel] = md5
+    return entries
+
+
+def write_manifest(path: str | Path, entries: dict[str, str]) -> None:
+    io.atomic_write_text(path, "".join(f"{md5}  {rel}\n" for rel, md5 in sorted(entries.items())))
+
+
+def describe_difference(expected: dict[str, str], actual: dict[str, str], show: int = 8) -> str:
+    """A few lines naming added, missing and changed files."""
+    added = sorted(set(actual) - set(expected))
+    missing = sorted(set(expected) - set(actual))
+    changed = sorted(k for k in set(actual) & set(expected) if actual[k] != expected[k])
+    lines = []
+    for label, names in (("changed", changed), ("missing", missing), ("not in data.dvc", added)):
+        if names:
+            more = f" (and {len(names) - show} more)" if len(names) > show else ""
+            lines.append(f"  {label}: {', '.join(names[:show])}{more}")
+    return "\n".join(lines)
+
+
+class DataMismatch(RuntimeError):
+    """`data/` does not hash to the md5 that `data.dvc` records."""
+
+
+def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the DVC command line in `project` (analytics and update checks off)."""
+    exe = shutil.which("dvc") or str(Path(os.sys.executable).with_name("dvc"))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "true"}
+    return subprocess.run([exe, *args], cwd=project, env=env, capture_output=True, text=True)
+
+
+def has_remote(project: Path) -> bool:
+    res = dvc(project, "remote", "list")
+    return res.returncode == 0 and bool(res.stdout.strip())
+
+
+def track(project: Path, data_dir: str = "data") -> str:
+    """`dvc add` the data directory and write its manifest; returns the md5 now in `<data_dir>.dvc`."""
+    res = dvc(project, "add", data_dir)
+    if res.returncode != 0:
+        raise RuntimeError(f"`dvc add {data_dir}` failed in {project}:\n{res.stderr or res.stdout}")
+    write_manifest(project / f"{data_dir}.md5", file_md5s(project / data_dir))
+    return read_dvc_file(project / f"{data_dir}.dvc").md5
+
+
+def verify(project: Path, data_dir: str = "data") -> str:
+    """Check `data_dir` against `<data_dir>.dvc`; return its md5 or raise DataMismatch naming the files."""
+    dvc_file = project / f"{data_dir}.dvc"
+    expected = read_dvc_file(dvc_file)
+    entries = file_md5s(project / data_dir)
+    actual = dir_md5(entries)
+    if actual == expected.md5:
+        return actual
+    manifest = project / f"{data_dir}.md5"
+    detail = (describe_difference(read_manifest(manifest), entries) if manifest.is_file()
+              else f"  ({manifest.name} is missing, so the differing files cannot be named)")
+    raise DataMismatch(
+        f"{data_dir}/ hashes to {actual}, but {dvc_file.name} records {expected.md5}:\n{detail}\n"
+        f"If you changed the world on purpose, record the new version: `dvc add {data_dir}` then commit "
+        f"{dvc_file.name} and {manifest.name} (or run `fisao world build --track`). Otherwise restore the "
+        f"recorded version: `git checkout {dvc_file.name} {manifest.name}` and `dvc pull` (or `dvc checkout`)."
+    )

@@ -1,0 +1,41 @@
+"""Where a project keeps its state, and the settings that keep every tool offline.
+
+Prefect's home and results, the MLflow store and artifacts all live inside the project
+directory (git-ignored), so two checkouts never share state and nothing needs a server.
+Telemetry and update checks are off for Prefect, MLflow, DVC and the Hugging Face hub: no
+machine here reaches the internet, and a tool that tries can hang.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OFFLINE = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def local_state_env(project: str | Path) -> dict[str, str]:
+    """Environment defaults that keep Prefect and MLflow state inside `project`."""
+    project = Path(project).resolve()
+    return {
+        **OFFLINE,
+        "PREFECT_HOME": str(project / ".prefect"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(project / ".prefect" / "storage"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        "FISAO_PROJECT": str(project),
+    }
+
+
+def apply_local_state(project: str | Path) -> None:
+    """Set the defaults (variables already set win); call before importing Prefect or MLflow."""
+    for key, value in local_state_env(project).items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,29 @@
+"""Print a campaign's summary as a table people can read at a glance."""
+from __future__ import annotations
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def print_summary(summary: dict) -> None:
+    stages = summary["stages"]
+    print()
+    print(table(["stage", "seconds", "cached"], [[k, v["seconds"], "yes" if v["cached"] else "no"] for k, v in stages.items()]))
+    print()
+    print(f"world: {summary['world']['path']} ({summary['world']['action']}, data md5 {summary['world']['md5']})")
+    clip = summary["clip"]["figures"]
+    print(f"CLIP object-name AUROC: val {clip.get('val_auroc', float('nan')):.3f}, test {clip.get('test_auroc', float('nan')):.3f}")
+    print(f"base LLaVA: {summary['llava']['path']}")
+    print()
+    print("Compare runs: make mlflow-ui  (or: mlflow ui --backend-store-uri sqlite:///mlflow.db), then open http://127.0.0.1:5000")

@@ -1,0 +1,33 @@
+"""Tasks: build the base CLIP and LLaVA (cached on data md5, config and code version)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fisao import io
+from fisao.config import ClipBuildConfig, LlavaBuildConfig, config_hash
+from fisao.models import build
+from tasks.common import cached_task, is_complete, key_of
+
+
+def _ref(out: Path) -> dict:
+    log = io.read_json(out / build.TRAIN_LOG)
+    figures = {k: v for k, v in log.items() if not isinstance(v, list)}
+    return {"path": str(out), "sha256": io.tree_digest(out), "figures": figures}
+
+
+@cached_task(name="build-clip")
+def build_clip(world_dir: str, data_md5: str, cfg: ClipBuildConfig, code: str, outputs: str) -> dict:
+    """Train the tokenizer and the CLIP on the world; returns path, sha256 and figures."""
+    out = Path(outputs) / "models" / f"clip-{key_of(data_md5, config_hash(cfg), code)}"
+    if not is_complete(out, build.TRAIN_LOG):
+        build.build_clip(world_dir, cfg, out)
+    return _ref(out)
+
+
+@cached_task(name="build-llava")
+def build_llava(world_dir: str, data_md5: str, clip: dict, cfg: LlavaBuildConfig, code: str, outputs: str) -> dict:
+    """Fine-tune the LLaVA on the CLIP's vision tower; returns path, sha256 and figures."""
+    out = Path(outputs) / "models" / f"llava-{key_of(data_md5, clip['sha256'], config_hash(cfg), code)}"
+    if not is_complete(out, build.TRAIN_LOG):
+        build.build_llava(world_dir, clip["path"], cfg, out)
+    return _ref(out)

@@ -128,10 +128,13 @@ class EvalConfig(_Strict):
     """How models are evaluated (prompts follow the usual CHAIR/POPE protocols)."""
 
     caption_prompt: str = "Please describe this image in detail."
-    max_new_tokens: int = 64
-    batch_size: int = 64
-    # Evaluate on the first N images of the split (None: all of it).
-    limit: int | None = None
+    max_new_tokens: int = Field(64, ge=1)
+    # POPE and MME need only the first words of an answer.
+    pope_max_new_tokens: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=1)
+    # Evaluate on N images (None: all): the first N of a world split, a seeded sample of COCO.
+    limit: int | None = Field(None, ge=1)
+    seed: int = 0
     split: Split = "test"
 
 

@@ -14,11 +14,13 @@ from prefect import flow, get_run_logger
 from fisao.config import Config, load_config
 from fisao.versioning import code_version, package_versions
 from flows.steps import run_step
+from tasks.evaluate import evaluate
 from tasks.models import build_clip, build_llava
-from tasks.tracking import log_build
+from tasks.tracking import log_build, log_round
 from tasks.world import prepare_world
 
 MODEL_CODE = ("models", "world", "config.py", "coco.py", "io.py", "auroc.py", "generate.py")
+EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py")
 
 
 def build_base(cfg: Config, project: str) -> dict:
@@ -38,7 +40,20 @@ def build_base(cfg: Config, project: str) -> dict:
     tags = {"fisao.data_md5": world["md5"], "fisao.code": code, **{f"version.{k}": v for k, v in package_versions().items()}}
     log_build(cfg.name, "clip", clip, cfg.clip.model_dump(), tags)
     log_build(cfg.name, "llava", llava, {**cfg.llava.model_dump(), "clip_sha256": clip["sha256"]}, tags)
-    return {"world": world, "clip": clip, "llava": llava, "stages": stages}
+    return {"world": world, "clip": clip, "llava": llava, "stages": stages, "tags": tags}
+
+
+def evaluate_round(cfg: Config, project: str, campaign_name: str, round_index: int, model: dict, world: dict,
+                   tags: dict, stages: dict) -> dict:
+    """Benchmarks of one round's model, logged as that round's MLflow run."""
+    t = time.time()
+    result, cached = run_step(evaluate, model, world["path"], world["md5"], ("chair", "pope"), cfg.eval,
+                              code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir))
+    stages[f"eval-{round_index}"] = {"seconds": round(time.time() - t, 1), "cached": cached}
+    log_round(cfg.name, campaign_name, round_index, result["metrics"],
+              {"model_path": model["path"], **{f"eval.{k}": v for k, v in cfg.eval.model_dump().items()}},
+              {**tags, "fisao.model_sha256": model["sha256"]}, {"evaluation": result["path"]})
+    return result
 
 
 @flow(name="fisao-campaign")
@@ -47,4 +62,5 @@ def campaign(config_path: str | None = None, project: str = ".", overrides: dict
     cfg = load_config(config_path, overrides)
     base = build_base(cfg, project)
     get_run_logger().info("base models ready: %s", base["llava"]["path"])
-    return {"config": cfg.model_dump(mode="json"), **base}
+    rounds = [evaluate_round(cfg, project, cfg.name, 0, base["llava"], base["world"], base["tags"], base["stages"])]
+    return {"config": cfg.model_dump(mode="json"), **base, "rounds": [r["metrics"] for r in rounds]}

@@ -26,4 +26,14 @@ def print_summary(summary: dict) -> None:
     print(f"CLIP object-name AUROC: val {clip.get('val_auroc', float('nan')):.3f}, test {clip.get('test_auroc', float('nan')):.3f}")
     print(f"base LLaVA: {summary['llava']['path']}")
     print()
+    print(rounds_table(summary["rounds"]))
+    print()
     print("Compare runs: make mlflow-ui  (or: mlflow ui --backend-store-uri sqlite:///mlflow.db), then open http://127.0.0.1:5000")
+
+
+ROUND_COLUMNS = ("chair_s", "chair_i", "recall", "len", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1")
+
+
+def rounds_table(rounds: list[dict]) -> str:
+    rows = [["base" if k == 0 else f"round {k}", *[m.get(c, float("nan")) for c in ROUND_COLUMNS]] for k, m in enumerate(rounds)]
+    return table(["model", *ROUND_COLUMNS], rows)

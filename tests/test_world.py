@@ -157,16 +157,21 @@ def test_every_class_and_colour_appears(world, cfg):
 
 
 def test_pairs_cooccur_in_train_far_more_than_in_test(world, cfg):
+    # Measured with these sizes: P(partner | member) 0.91-0.95 in train, 0.69-0.72 in test.
     train = list(split_objects(world, "train").values())
     test = list(split_objects(world, "test").values())
+    either = {"train": [], "test": []}
     for a, b in cfg.pairs:
         train_cond, train_either = cooccurrence(train, a, b)
         test_cond, test_either = cooccurrence(test, a, b)
         assert train_cond >= 0.8, (a, b, train_cond)
         assert test_cond <= train_cond - 0.15, (a, b, train_cond, test_cond)
-        # `cooccurrence[split]` is the share of images holding a pair member that hold both.
-        assert train_either == pytest.approx(cfg.cooccurrence["train"], abs=0.06)
-        assert test_either == pytest.approx(cfg.cooccurrence["test"], abs=0.1)
+        either["train"].append(train_either)
+        either["test"].append(test_either)
+    # `cooccurrence[split]` is the share of images holding a pair member that hold both
+    # (averaged over the pairs: each pair alone has a few hundred images, too few to pin it).
+    assert np.mean(either["train"]) == pytest.approx(cfg.cooccurrence["train"], abs=0.04)
+    assert np.mean(either["test"]) == pytest.approx(cfg.cooccurrence["test"], abs=0.08)
     # A class outside every pair keeps company at random.
     for c in set(cfg.classes) - set(cfg.partner()):
         with_c = [s for s in train if c in s]
@@ -202,7 +207,7 @@ def test_overlap_is_limited(world, cfg):
             boxes.setdefault(a["image_id"], []).append(ShapeObject("?", "?", x, y, s))
         for objs in boxes.values():
             worst.append(max((_overlap(p, q) for i, p in enumerate(objs) for q in objs[i + 1:]), default=0.0))
-    worst = np.array(worst)
+    worst = np.array(worst)  # measured: none above max_overlap, 38% of scenes with some overlap
     assert (worst <= cfg.max_overlap + 1e-9).mean() >= 0.98
     assert worst.max() <= 0.5
     assert (worst > 0).mean() < 0.5  # most scenes have no overlap at all
@@ -245,8 +250,10 @@ def test_pixels_show_each_object_in_its_colour_at_its_box(world, cfg):
         # Everything else is one light background colour.
         background = pixels[~covered]
         assert (background == background[0]).all() and background[0].min() >= 200
-    assert min(visible_share) >= 0.4
-    assert np.mean(visible_share) >= 0.95
+    # Overlap is limited to 15% of the smaller box and shapes do not fill their boxes:
+    # measured, every object keeps >= 90% of its pixels, 99.9% on average.
+    assert min(visible_share) >= 0.8
+    assert np.mean(visible_share) >= 0.99
 
 
 def test_shapes_are_distinct_masks():

@@ -118,6 +118,22 @@ def test_a_deleted_world_is_rebuilt_and_verified(project, recorded):
     assert verify(project, "data") == recorded[1].md5
 
 
+def test_a_deleted_world_is_pulled_from_a_remote_else_rebuilt(project, recorded, tmp_path):
+    for args in (("remote", "add", "-d", "store", str(tmp_path / "store")), ("push", "-q")):
+        res = dvcdata.dvc(project, *args)
+        assert res.returncode == 0, res.stderr
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")  # only the remote has it now
+    status = ensure_world(project, "data", world_cfg(), progress=False)
+    assert (status.action, status.md5) == ("pulled", recorded[1].md5)
+    # A remote without the data: the pull fails and the world is regenerated instead.
+    assert dvcdata.dvc(project, "remote", "modify", "store", "url", str(tmp_path / "empty")).returncode == 0
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+    status = ensure_world(project, "data", world_cfg(), progress=False)
+    assert (status.action, status.md5) == ("rebuilt", recorded[1].md5)
+
+
 def test_a_world_built_from_another_config_is_replaced(project, recorded):
     from fisao.world.build import build_world
 

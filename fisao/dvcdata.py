@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +22,18 @@ import yaml
 from fisao import io
 
 
+def _is_temporary(rel: str) -> bool:
+    """Whether a relpath lies in a file or directory that fisao.io is still writing (`.name.tmp-*`)."""
+    return any(part.startswith(".") and ".tmp-" in part for part in rel.split("/"))
+
+
 def file_md5s(root: str | Path) -> dict[str, str]:
     """relpath (posix) -> md5 of every file under `root`, skipping hidden temp files."""
     root = Path(root)
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and not any(part.startswith(".") and ".tmp-" in part for part in rel.split("/")):
+        if p.is_file() and not _is_temporary(rel):
             out[rel] = io.file_digest(p, "md5")
     return out
 
@@ -92,7 +98,11 @@ class DataMismatch(RuntimeError):
 
 def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     """Run the DVC command line in `project` (analytics and update checks off)."""
-    exe = shutil.which("dvc") or str(Path(os.sys.executable).with_name("dvc"))
+    # The dvc installed with fisao (beside this Python) first: another one on PATH may hash differently.
+    beside = Path(sys.executable).with_name("dvc")
+    exe = str(beside) if beside.is_file() else shutil.which("dvc")
+    if exe is None:
+        raise FileNotFoundError(f"no `dvc` beside {sys.executable} or on PATH; install it (pip install dvc)")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "true"}
     return subprocess.run([exe, *args], cwd=project, env=env, capture_output=True, text=True)
 
@@ -103,12 +113,33 @@ def has_remote(project: Path) -> bool:
 
 
 def track(project: Path, data_dir: str = "data") -> str:
-    """`dvc add` the data directory and write its manifest; returns the md5 now in `<data_dir>.dvc`."""
+    """`dvc add` the data directory and write its manifest; returns the md5 now in `<data_dir>.dvc`.
+
+    Refuses to record what `verify` could never match: leftovers of an interrupted write (which
+    DVC would hash and `file_md5s` skips), or a DVC that hashes the files differently from
+    `dir_md5` (a .dvcignore that hides some of them, another DVC major version).
+    """
+    root = project / data_dir
+    temporary = [p.relative_to(root).as_posix() for p in root.rglob(".*") if ".tmp-" in p.name]
+    leftovers = sorted(rel for rel in temporary if not _is_temporary(rel.rpartition("/")[0]))  # outermost
+    if leftovers:
+        raise RuntimeError(
+            f"{data_dir}/ holds temporary files of an interrupted write: {', '.join(f'{data_dir}/{r}' for r in leftovers)}; "
+            f"delete them (they start with '.' and contain '.tmp-'), then record the data again"
+        )
     res = dvc(project, "add", data_dir)
     if res.returncode != 0:
         raise RuntimeError(f"`dvc add {data_dir}` failed in {project}:\n{res.stderr or res.stdout}")
-    write_manifest(project / f"{data_dir}.md5", file_md5s(project / data_dir))
-    return read_dvc_file(project / f"{data_dir}.dvc").md5
+    entries = file_md5s(root)
+    recorded = read_dvc_file(project / f"{data_dir}.dvc").md5
+    if recorded != dir_md5(entries):
+        raise RuntimeError(
+            f"`dvc add {data_dir}` recorded {recorded}, but the same {len(entries)} files hash to "
+            f"{dir_md5(entries)} here, so `verify` could never pass: check .dvcignore for patterns that hide "
+            f"files under {data_dir}/, and that DVC is 3.x (`dvc --version`)"
+        )
+    write_manifest(project / f"{data_dir}.md5", entries)
+    return recorded
 
 
 def verify(project: Path, data_dir: str = "data") -> str:

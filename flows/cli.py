@@ -21,13 +21,17 @@ def _world_build(args: argparse.Namespace) -> int:
 
     overrides = {"world.seed": args.seed} if args.seed is not None else {}
     cfg = load_config(args.config, overrides)
+    project = Path(args.project).resolve()
+    if args.track:  # checked before building: the data directory is the first part of --out
+        inside = Path(args.out).resolve()
+        if not inside.is_relative_to(project) or inside == project:
+            raise ValueError(f"--track needs --out inside the project {project} (e.g. data/world), got {args.out}")
     t = time.time()
     out = build_world(args.out, cfg.world)
     print(f"built the world (seed {cfg.world.seed}) in {out} in {time.time() - t:.1f}s")
     if args.track:
         from fisao import dvcdata
 
-        project = Path(args.project).resolve()
         data_dir = Path(args.out).resolve().relative_to(project).parts[0]
         md5 = dvcdata.track(project, data_dir)
         print(f"recorded {data_dir}/ as {md5} in {data_dir}.dvc and {data_dir}.md5: commit both")

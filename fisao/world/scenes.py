@@ -57,18 +57,23 @@ def sample_classes(rng: random.Random, cfg: WorldConfig, p_cooccur: float) -> li
             continue
         absent = [c for c in cfg.classes if c not in chosen]
         if not absent:
-            break
+            if len(chosen) >= cfg.min_objects:
+                break
+            chosen.append(rng.choice(chosen))  # every class is in: only repeats reach min_objects
+            continue
         cls = rng.choice(absent)
         mate = partner.get(cls)
         if mate is not None and mate not in chosen and rng.random() < p_cooccur:
             if len(chosen) + 2 <= cfg.max_objects:
                 chosen += [cls, mate]
                 continue
-            # No room for the pair: take a class without a partner rather than break the prior.
+            # No room for the pair: take a class without a partner rather than break the prior,
+            # or stop; only when the scene is still below min_objects does `cls` go in alone.
             unpaired = [c for c in absent if c not in partner]
-            if not unpaired:
+            if unpaired:
+                cls = rng.choice(unpaired)
+            elif len(chosen) >= cfg.min_objects:
                 break
-            cls = rng.choice(unpaired)
         chosen.append(cls)
     return chosen
 

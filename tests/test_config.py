@@ -1,0 +1,126 @@
+"""Campaign configs: typos and bad values stop with the file, the dotted key and what to do."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fisao.config import Config, WorldConfig, config_hash, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_demo_config_loads():
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert cfg.name == "demo" and cfg.eval.split == "test"
+    assert cfg.world == WorldConfig()  # the demo spells out the defaults
+    assert cfg.world_dir == Path("data") / "world"
+
+
+def test_defaults_and_dotted_overrides():
+    assert load_config(None) == Config()
+    cfg = load_config(None, {"world.seed": 7, "clip.steps": 5, "name": "x"})
+    assert (cfg.world.seed, cfg.clip.steps, cfg.name) == (7, 5, "x")
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    path = write(tmp_path, {"world": {"seed": 1, "canvas": 96}})
+    cfg = load_config(path, {"world.seed": 2})
+    assert (cfg.world.seed, cfg.world.canvas) == (2, 96)
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"world": {"colour": ["red"]}}, "world.colour"),
+    ({"clip": {"stepz": 3}}, "clip.stepz"),
+    ({"evaluation": {"split": "test"}}, "evaluation"),
+])
+def test_unknown_keys_are_named_with_the_file(tmp_path, data, key):
+    path = write(tmp_path, data)
+    with pytest.raises(ValueError) as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+    assert f"  {key}: unknown key (remove it or check the spelling)" in str(e.value)
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"world": {"canvas": "big"}}, "world.canvas"),
+    ({"clip": {"steps": "many"}}, "clip.steps"),
+    ({"eval": {"split": "dev"}}, "eval.split"),
+    ({"world": {"sizes": {"train": "lots", "val": 1, "test": 1}}}, "world.sizes.train"),
+    ({"world": {"canvas": 8}}, "world.canvas"),  # below the bound
+])
+def test_wrong_types_and_values_are_named_with_the_file(tmp_path, data, key):
+    path = write(tmp_path, data)
+    with pytest.raises(ValueError, match=rf"invalid config file {path}:\n  {key}: "):
+        load_config(path)
+
+
+def test_every_error_is_listed_at_once(tmp_path):
+    path = write(tmp_path, {"world": {"bogus": 1, "canvas": "big"}, "clip": {"stepz": 1}})
+    with pytest.raises(ValueError) as e:
+        load_config(path)
+    assert all(k in str(e.value) for k in ("world.bogus", "world.canvas", "clip.stepz"))
+
+
+def test_missing_invalid_and_non_mapping_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("world: [unclosed\n")
+    with pytest.raises(ValueError, match=f"config file {bad} is not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="must hold a mapping at the top level"):
+        load_config(bad)
+    bad.write_text("")  # an empty file is the defaults
+    assert load_config(bad) == Config()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"world.classes": ["circle", "square", "pentagon"], "world.pairs": [], "world.synonyms": {}},
+     r"world\.classes: no renderer for \['pentagon'\]"),
+    ({"world.pairs": [["circle", "unicorn"]]}, r"name classes not in world\.classes: \['unicorn'\]"),
+    ({"world.pairs": [["circle", "square"], ["square", "star"]]}, "a class may belong to one pair only"),
+    ({"world.cooccurrence": {"train": 1.5, "val": 0.5, "test": 0.5}}, r"must lie in \[0, 1\]"),
+    ({"world.cooccurrence": {"train": -0.1, "val": 0.5, "test": 0.5}}, r"must lie in \[0, 1\]"),
+    ({"world.sizes": {"train": 10, "val": 5}}, "need exactly the keys train, val, test"),
+    ({"world.cooccurrence": {"train": 0.9, "test": 0.5}}, "need exactly the keys train, val, test"),
+    ({"world.sizes": {"train": 10, "val": 0, "test": 5}}, "world.sizes must be positive"),
+    ({"world.colours": ["red", "teal"]}, r"world\.colours: unknown \['teal'\]"),
+    ({"world.classes": ["circle", "circle", "square"]}, "world.classes has duplicates"),
+    ({"world.min_objects": 4, "world.max_objects": 2}, "min_objects must not exceed"),
+    ({"world.object_size": [20, 40]}, r"object_size \(20, 40\) must satisfy"),
+    ({"world.synonyms": {"circle": []}}, "world.synonyms.circle is empty"),
+    ({"world.synonyms": {"circle": ["square"]}}, "world.synonyms.circle: 'square' is already a name of 'square'"),
+    ({"world.synonyms": {"circle": ["disk"], "moon": ["Disk"]}}, "'Disk' is already a name of 'circle'"),
+    ({"world.synonyms": {"cross": ["plus, sign"]}}, "not a usable name"),
+])
+def test_invalid_world_settings_are_explained(overrides, message):
+    with pytest.raises(ValueError, match=message) as e:
+        load_config(None, overrides)
+    assert str(e.value).startswith("invalid config (built-in defaults and overrides):\n  world")
+    assert "Value error" not in str(e.value)
+
+
+def test_invalid_world_settings_in_a_file_name_the_file(tmp_path):
+    path = write(tmp_path, {"world": {"pairs": [["circle", "square"], ["circle", "star"]]}})
+    with pytest.raises(ValueError, match=f"invalid config file {path}:\n  world.pairs: a class may belong"):
+        load_config(path)
+
+
+def test_configs_are_frozen_and_hash_stably():
+    a, b = WorldConfig(), WorldConfig()
+    assert config_hash(a) == config_hash(b) and len(config_hash(a)) == 16
+    assert config_hash(a) != config_hash(a.model_copy(update={"seed": 1}))
+    with pytest.raises(ValueError):
+        a.seed = 3  # frozen: pydantic raises a ValidationError, a ValueError
+    assert WorldConfig().partner() == {
+        "circle": "square", "square": "circle", "star": "moon", "moon": "star", "heart": "cross", "cross": "heart",
+    }

@@ -197,20 +197,26 @@ def test_object_counts_hold_with_few_or_only_paired_classes():
     assert all(len(s.objects) == 3 for s in sample_split(cfg, "train"))
 
 
-def test_overlap_is_limited(world, cfg):
-    worst = []
-    for split in SPLITS:
-        data = io.read_json(world / split / "instances.json")
-        boxes: dict[int, list[ShapeObject]] = {}
-        for a in data["annotations"]:
-            x, y, s, _ = a["bbox"]
-            boxes.setdefault(a["image_id"], []).append(ShapeObject("?", "?", x, y, s))
-        for objs in boxes.values():
-            worst.append(max((_overlap(p, q) for i, p in enumerate(objs) for q in objs[i + 1:]), default=0.0))
-    worst = np.array(worst)  # measured: none above max_overlap, 38% of scenes with some overlap
+def test_free_layout_limits_overlap():
+    cfg = world_config({"train": 300, "val": 1, "test": 1}, layout="free", object_size=[15, 22])
+    worst = np.array([max((_overlap(p, q) for i, p in enumerate(s.objects) for q in s.objects[i + 1:]), default=0.0)
+                      for s in sample_split(cfg, "train")])
     assert (worst <= cfg.max_overlap + 1e-9).mean() >= 0.98
     assert worst.max() <= 0.5
     assert (worst > 0).mean() < 0.5  # most scenes have no overlap at all
+
+
+def test_grid_layout_puts_each_object_alone_in_a_cell(world, cfg):
+    assert cfg.layout == "grid"
+    for split in SPLITS:
+        data = io.read_json(world / split / "instances.json")
+        cells: dict[int, list[tuple[int, int]]] = {}
+        for a in data["annotations"]:
+            x, y, w, h = a["bbox"]
+            cell = (x // cfg.cell, y // cfg.cell)
+            assert ((x + w - 1) // cfg.cell, (y + h - 1) // cfg.cell) == cell, f"object {a['id']} crosses a cell edge"
+            cells.setdefault(a["image_id"], []).append(cell)
+        assert all(len(set(c)) == len(c) for c in cells.values()), "two objects share a cell"
 
 
 def test_overlap_of_boxes_by_hand():

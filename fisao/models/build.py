@@ -16,15 +16,15 @@ from fisao.config import ClipBuildConfig, LlavaBuildConfig
 from fisao.models.clip import name_prompts, object_name_auroc, save_clip, train_clip
 from fisao.models.llava import CAPTION_PROMPTS, CHAT_TEMPLATE, llava_from_clip, save_llava, train_llava
 from fisao.models.tokenizer import train_bpe, wrap
-from fisao.world.build import read_world_config
+from fisao.world.build import PRETRAIN, read_world_config
 from fisao.world.data import Example, load_split
 
 TRAIN_LOG = "train_log.json"
 
 
 def tokenizer_corpus(examples: list[Example], prompts: list[str]) -> list[str]:
-    """Every text the models will read or write in the world."""
-    texts = list(prompts) + list(CAPTION_PROMPTS) + ["USER:", "ASSISTANT:"]
+    """Every text the models will read or write in the world (fixed prompts weighted up)."""
+    texts = (list(prompts) + list(CAPTION_PROMPTS) + ["USER:", "ASSISTANT:"]) * 100
     for e in examples:
         texts += e.captions
         texts += [t for qa in e.questions for t in qa]
@@ -36,9 +36,10 @@ def build_clip(world_dir: str | Path, cfg: ClipBuildConfig, out: str | Path, pro
     t0 = time.time()
     world = read_world_config(world_dir)
     train, val, test = (load_split(world_dir, s) for s in ("train", "val", "test"))
+    clip_train = load_split(world_dir, PRETRAIN) if world.pretrain_size else train
     prompts, _ = name_prompts(world)
     bpe = train_bpe(tokenizer_corpus(train, prompts), cfg.vocab_size)
-    model, processor, curves = train_clip(train, val, world, cfg, wrap(bpe, "clip"), progress=progress)
+    model, processor, curves = train_clip(clip_train, val, world, cfg, wrap(bpe, "clip"), progress=progress)
     curves["test_auroc"] = object_name_auroc(model, processor, test, world.classes)
     curves["seconds"] = round(time.time() - t0, 1)
     with io.atomic_dir(out) as tmp:

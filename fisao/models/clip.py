@@ -57,9 +57,10 @@ def embed_images(model: CLIPModel, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
 
 
-def embed_texts(model: CLIPModel, tokenizer, texts: list[str]) -> torch.Tensor:
-    """(N, D) unit-norm text embeddings."""
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
+def embed_texts(model: CLIPModel, tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """(N, D) unit-norm text embeddings; texts cut to `max_tokens` (default: the tokenizer's limit)."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens or tokenizer.model_max_length,
+                    return_tensors="pt")
     return F.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
 
 
@@ -111,7 +112,7 @@ def train_clip(
         idx = torch.randperm(len(train), generator=g)[: cfg.batch_size]
         captions = [rng.choice(train[i].captions) for i in idx.tolist()]
         img = embed_images(model, pixels[idx])
-        txt = embed_texts(model, tokenizer, captions)
+        txt = embed_texts(model, tokenizer, captions, cfg.max_text_tokens)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
         target = torch.arange(len(idx))
         loss_caption = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

@@ -19,7 +19,11 @@ PAD, BOS, IMAGE, EOS = SPECIAL_TOKENS
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE on `texts` (the special tokens take the first ids)."""
+    """Train a byte-level BPE on `texts`, repeats included: merges follow word frequencies.
+
+    The special tokens take the first ids. Training is deterministic for the same texts in the
+    same order.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -29,7 +33,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(sorted(set(texts)), trainer)
+    tok.train_from_iterator(list(texts), trainer)
     return tok
 
 

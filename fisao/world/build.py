@@ -3,11 +3,12 @@
 Layout (one directory per split)::
 
     world.json  vocab.txt
-    {train,val,test}/images/000001.png
+    {train,val,test,pretrain}/images/000001.png
                     /instances.json      COCO instances: images, annotations, categories
                     /captions.jsonl      {"image_id", "caption"}, several per image
                     /questions.jsonl     {"image_id", "question", "answer"} yes/no training questions
                     /pope_{random,popular,adversarial}.jsonl   official POPE format
+    (pretrain, the CLIP's split, has images, instances and captions only; absent when its size is 0)
 
 The same config (seed included) gives byte-identical files: every random stream is seeded by
 (seed, split, purpose), so changing one part (say, caption templates) leaves the others alone.
@@ -34,8 +35,13 @@ def _rng(cfg: WorldConfig, split: str, purpose: str) -> random.Random:
     return random.Random(f"fisao-world/{cfg.seed}/{split}/{purpose}")
 
 
+PRETRAIN = "pretrain"
+
+
 def sample_split(cfg: WorldConfig, split: str) -> list[Scene]:
     rng = _rng(cfg, split, "scenes")
+    if split == PRETRAIN:
+        return [sample_scene(rng, cfg, cfg.pretrain_cooccurrence) for _ in range(cfg.pretrain_size)]
     return [sample_scene(rng, cfg, cfg.cooccurrence[split]) for _ in range(cfg.sizes[split])]
 
 
@@ -69,6 +75,8 @@ def write_split(out: Path, cfg: WorldConfig, split: str, scenes: list[Scene], tr
         {"image_id": i, "caption": caption(rng, s, cfg)}
         for i, s in enumerate(scenes, start=1) for _ in range(CAPTIONS_PER_IMAGE)
     ))
+    if split == PRETRAIN:
+        return
     rng = _rng(cfg, split, "questions")
     io.write_jsonl(out / "questions.jsonl", (
         {"image_id": i, "question": q, "answer": a}
@@ -84,12 +92,13 @@ def write_split(out: Path, cfg: WorldConfig, split: str, scenes: list[Scene], tr
 def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Path:
     """Generate the whole world into `out` (replacing it atomically) and return `out`."""
     out = Path(out)
-    scenes = {split: sample_split(cfg, split) for split in SPLITS}
+    splits = SPLITS + ((PRETRAIN,) if cfg.pretrain_size else ())
+    scenes = {split: sample_split(cfg, split) for split in splits}
     train_stats = class_statistics([s.classes for s in scenes["train"]])
     with io.atomic_dir(out) as tmp:
         io.write_json(tmp / "world.json", {"config": cfg.model_dump(mode="json"), "format": 1})
         io.atomic_write_text(tmp / "vocab.txt", "\n".join(vocabulary_lines(cfg)) + "\n")
-        for split in SPLITS:
+        for split in splits:
             write_split(tmp / split, cfg, split, scenes[split], train_stats, progress)
     return out
 

@@ -34,7 +34,7 @@ def load_split(world_dir: str | Path, split: str, limit: int | None = None) -> l
     for row in io.read_jsonl(d / "captions.jsonl"):
         captions.setdefault(int(row["image_id"]), []).append(row["caption"])
     questions: dict[int, list[tuple[str, str]]] = {}
-    for row in io.read_jsonl(d / "questions.jsonl"):
+    for row in io.read_jsonl(d / "questions.jsonl") if (d / "questions.jsonl").exists() else ():
         questions.setdefault(int(row["image_id"]), []).append((row["question"], row["answer"]))
     ids = sorted(inst.file_names)[:limit]
     return [

@@ -7,11 +7,12 @@ ones. Rendering is a pure function of the scene: the same scene gives the same p
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from PIL import Image, ImageDraw
 
-from fisao.world.scenes import Scene
+if TYPE_CHECKING:  # scenes imports config, whose validator imports this module
+    from fisao.world.scenes import Scene
 
 RGB = tuple[int, int, int]
 
@@ -86,7 +87,7 @@ SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, int], None]] = {
 }
 
 
-def render(scene: Scene, canvas: int) -> Image.Image:
+def render(scene: "Scene", canvas: int) -> Image.Image:
     """Draw `scene` on a `canvas` x `canvas` RGB image (objects in scene order)."""
     image = Image.new("RGB", (canvas, canvas), scene.background)
     for obj in scene.objects:

@@ -78,8 +78,23 @@ def sample_classes(rng: random.Random, cfg: WorldConfig, p_cooccur: float) -> li
     return chosen
 
 
-def place(rng: random.Random, cfg: WorldConfig, classes: list[str]) -> list[ShapeObject]:
-    """Give each class a colour, a size and a position with limited overlap."""
+def place_grid(rng: random.Random, cfg: WorldConfig, classes: list[str]) -> list[ShapeObject]:
+    """Each object in its own grid cell (random cell, random offset inside it), no overlap."""
+    n = cfg.canvas // cfg.cell
+    lo, hi = cfg.object_size
+    objects = []
+    for cls, cell in zip(classes, rng.sample(range(n * n), len(classes))):
+        colour = rng.choice(cfg.colours)
+        size = rng.randint(lo, hi)
+        row, col = divmod(cell, n)
+        x = col * cfg.cell + rng.randint(0, cfg.cell - size)
+        y = row * cfg.cell + rng.randint(0, cfg.cell - size)
+        objects.append(ShapeObject(cls, colour, x, y, size))
+    return objects
+
+
+def place_free(rng: random.Random, cfg: WorldConfig, classes: list[str]) -> list[ShapeObject]:
+    """Anywhere on the canvas, with overlap limited by rejection sampling."""
     lo, hi = cfg.object_size
     objects: list[ShapeObject] = []
     for cls in classes:
@@ -99,9 +114,12 @@ def place(rng: random.Random, cfg: WorldConfig, classes: list[str]) -> list[Shap
     return objects
 
 
+LAYOUTS = {"grid": place_grid, "free": place_free}
+
+
 def sample_scene(rng: random.Random, cfg: WorldConfig, p_cooccur: float) -> Scene:
     """One scene: classes under the pair prior, placed on a light, slightly varying background."""
-    objects = place(rng, cfg, sample_classes(rng, cfg, p_cooccur))
+    objects = LAYOUTS[cfg.layout](rng, cfg, sample_classes(rng, cfg, p_cooccur))
     grey = rng.randint(215, 245)
     background = (grey + rng.randint(-8, 8), grey + rng.randint(-8, 8), grey + rng.randint(-8, 8))
     return Scene(tuple(objects), tuple(min(255, max(0, c)) for c in background))

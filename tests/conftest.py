@@ -1,0 +1,59 @@
+"""Test-wide settings: offline, no telemetry, and tiny shared fixtures.
+
+Nothing here downloads: models are built in the tests with the same classes and the same
+save_pretrained/from_pretrained path as the real checkpoints.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fisao.localstate import OFFLINE
+
+os.environ.update(OFFLINE)
+
+# A world and models small enough to build in seconds; same code path as the demo.
+TINY = {
+    "world.sizes": {"train": 48, "val": 16, "test": 12},
+    "world.pretrain_size": 32,
+    "clip.steps": 4,
+    "clip.batch_size": 16,
+    "clip.vocab_size": 320,
+    "llava.steps": 4,
+    "llava.batch_size": 8,
+    "eval.max_new_tokens": 12,
+    "eval.pope_max_new_tokens": 4,
+    "eval.batch_size": 16,
+}
+
+
+def init_project(path: Path) -> Path:
+    """A fresh git + DVC project directory (DVC analytics and update checks off)."""
+    path.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True, env=env)
+    from fisao.dvcdata import dvc
+
+    for args in (("init", "-q"), ("config", "core.analytics", "false"), ("config", "core.check_update", "false")):
+        res = dvc(path, *args)
+        assert res.returncode == 0, res.stderr
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny world, CLIP and LLaVA built once per test session."""
+    from fisao.config import load_config
+    from fisao.models.build import build_clip, build_llava
+    from fisao.world.build import build_world
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(None, TINY)
+    world = build_world(root / "world", cfg.world, progress=False)
+    build_clip(world, cfg.clip, root / "clip", progress=False)
+    build_llava(world, root / "clip", cfg.llava, root / "llava", progress=False)
+    return {"world": world, "clip": root / "clip", "llava": root / "llava", "config": cfg}

@@ -1,0 +1,87 @@
+"""End to end: the campaign flow with the real Prefect (test harness), MLflow (sqlite) and DVC.
+
+A tiny world and tiny models in a temp git + DVC project: the first run builds, evaluates and
+logs everything; the second run is served from Prefect's cache, verifies the data against
+data.dvc, and logs nothing twice.
+"""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import TINY, init_project
+
+pytestmark = pytest.mark.e2e
+
+
+def nested(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
+            yield
+
+
+def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, harness):
+    from mlflow.tracking import MlflowClient
+
+    from flows.campaign import campaign
+
+    project = init_project(tmp_path / "project")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    monkeypatch.setenv("FISAO_PROJECT", str(project))
+    config = project / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"name": "e2e", **nested(TINY)}))
+
+    first = campaign(config_path=str(config), project=str(project))
+
+    assert first["world"]["action"] == "created"
+    assert (project / "data.dvc").is_file() and (project / "data.md5").is_file()
+    assert first["world"]["md5"] in (project / "data.dvc").read_text()
+    assert not any(s["cached"] for name, s in first["stages"].items() if name != "world")
+    base = first["rounds"][0]
+    for key in ("chair_s", "chair_i", "recall", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1"):
+        assert 0.0 <= base[key] <= 1.0, key
+    assert base["chair_n_captions"] == TINY["world.sizes"]["test"]
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("e2e")
+    assert exp.artifact_location.startswith((project / "mlartifacts").as_uri())
+    runs = client.search_runs([exp.experiment_id])
+    kinds = sorted(r.data.tags["fisao.kind"] for r in runs)
+    assert kinds == ["build-clip", "build-llava", "campaign", "round"]
+    by_kind = {r.data.tags["fisao.kind"]: r for r in runs}
+    assert by_kind["build-clip"].data.tags["fisao.data_md5"] == first["world"]["md5"]
+    assert "test_auroc" in by_kind["build-clip"].data.metrics
+    assert len(client.get_metric_history(by_kind["build-llava"].info.run_id, "train/loss")) == TINY["llava.steps"]
+    assert {a.path for a in client.list_artifacts(by_kind["build-llava"].info.run_id, "llava")} >= {
+        "llava/config.json", "llava/model.safetensors", "llava/tokenizer.json", "llava/processor_config.json"}
+    rnd = by_kind["round"]
+    assert rnd.data.tags["mlflow.parentRunId"] == by_kind["campaign"].info.run_id
+    assert rnd.data.metrics["chair_i"] == pytest.approx(base["chair_i"])
+    evaluation = {a.path for a in client.list_artifacts(rnd.info.run_id, "evaluation")}
+    assert {"evaluation/captions.jsonl", "evaluation/chair_details.jsonl", "evaluation/metrics.json"} <= evaluation
+    local = client.download_artifacts(rnd.info.run_id, "evaluation/captions.jsonl", str(tmp_path))
+    assert len(open(local).read().splitlines()) == base["chair_n_captions"]
+
+    second = campaign(config_path=str(config), project=str(project))
+
+    assert second["world"]["action"] == "verified"
+    assert all(s["cached"] for name, s in second["stages"].items() if name != "world")
+    assert second["rounds"] == first["rounds"]
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    parent = by_kind["campaign"].info.run_id
+    assert [m.step for m in client.get_metric_history(parent, "chair_i")] == [0]

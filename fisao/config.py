@@ -143,12 +143,16 @@ class ClipBuildConfig(_Strict):
     # Captions are cut to this many tokens in CLIP training (the first objects of a caption carry
     # its content; the text tower's cost grows with length). Name prompts are far shorter.
     max_text_tokens: int = Field(40, ge=8, le=77)
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
     # Weight of the multi-label image <-> object-name loss against the caption InfoNCE loss.
     name_loss_weight: float = 1.0
+    # The caption InfoNCE runs on the first `caption_batch_size` images of each batch: the text
+    # tower over whole captions is the costly part of a step, and the verifier scores names.
+    caption_loss_weight: float = Field(0.1, ge=0)
+    caption_batch_size: int = Field(16, ge=2)
     seed: int = 0
 
 

@@ -15,6 +15,8 @@ def prepare_world(project: str, data_dir: str, world: WorldConfig) -> dict:
     status = ensure_world(project, data_dir, world)
     log = get_run_logger()
     log.info("world %s: %s (data md5 %s)", status.action, status.path, status.md5)
+    if status.note:
+        log.warning("%s", status.note)
     if status.action == "created":
         log.warning("recorded a new data version: commit %s.dvc and %s.md5", data_dir, data_dir)
     return asdict(status)

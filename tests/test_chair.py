@@ -152,7 +152,7 @@ def test_the_worlds_own_captions_hallucinate_nothing(tmp_path):
     from fisao.config import WorldConfig
     from fisao.world.build import build_world
 
-    world = build_world(tmp_path / "world", WorldConfig(sizes={"train": 8, "val": 2, "test": 40}, synonym_prob=0.5),
+    world = build_world(tmp_path / "world", WorldConfig(sizes={"train": 8, "val": 2, "test": 40}, pretrain_size=0, synonym_prob=0.5),
                         progress=False)
     test = world / "test"
     m = chair_from_files(test / "captions.jsonl", test / "instances.json", vocab_file=world / "vocab.txt")

@@ -24,7 +24,7 @@ def project_env(tmp_path, monkeypatch):
 
 def write_config(tmp_path: Path, world: dict) -> Path:
     path = tmp_path / "small.yaml"
-    path.write_text(yaml.safe_dump({"name": "small", "world": world}))
+    path.write_text(yaml.safe_dump({"name": "small", "world": {"pretrain_size": 0, **world}}))
     return path
 
 

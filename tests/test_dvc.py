@@ -27,7 +27,7 @@ def offline(monkeypatch):
 
 
 def world_cfg(seed: int = 0):
-    return load_config(None, {"world.sizes": SIZES, "world.seed": seed}).world
+    return load_config(None, {"world.sizes": SIZES, "world.pretrain_size": 3, "world.seed": seed}).world
 
 
 def init_project(path: Path, git: bool = True) -> Path:
@@ -140,6 +140,7 @@ def test_a_world_built_from_another_config_is_replaced(project, recorded):
     build_world(project / "data" / "world", world_cfg(seed=9), progress=False)
     status = ensure_world(project, "data", world_cfg(), progress=False)
     assert (status.action, status.md5) == ("rebuilt", recorded[1].md5)
+    assert "another world config" in status.note
 
 
 def flip_byte(path: Path) -> None:
@@ -171,6 +172,8 @@ def test_ensure_world_repairs_a_corrupted_file(project, recorded):
     status = ensure_world(project, "data", world_cfg(), progress=False)
     assert (status.action, status.md5) == ("rebuilt", recorded[1].md5)
     assert image.read_bytes() == good
+    # The repair is reported with the file that differed, never silent.
+    assert "did not match data.dvc" in status.note and "changed: world/train/images/000002.png" in status.note
 
 
 def test_ensure_world_stops_on_a_stray_file_it_cannot_regenerate(project):
@@ -183,7 +186,7 @@ def test_another_seed_than_the_recorded_one_is_a_mismatch(project):
     with pytest.raises(DataMismatch) as e:
         ensure_world(project, "data", world_cfg(seed=1), progress=False)
     message = str(e.value)
-    assert "changed: world/test/captions.jsonl, world/test/images/000001.png" in message
+    assert "changed: world/pretrain/captions.jsonl, world/pretrain/images/000001.png" in message
     assert "world/world.json" in message or "more)" in message
     assert "record the new version: `dvc add data`" in message
 

@@ -22,6 +22,7 @@ from fisao.config import SPLITS, WorldConfig, load_config
 from fisao.dvcdata import file_md5s
 from fisao.world import build as world_build
 from fisao.world.build import build_world, read_world_config, sample_split
+from fisao.world.data import load_split
 from fisao.world.pope import STRATEGIES
 from fisao.world.render import PALETTE, SHAPES
 from fisao.world.scenes import ShapeObject, _overlap
@@ -31,6 +32,7 @@ QUESTION_RE = re.compile(r"^Is there an? (.+) in the image\?$")
 
 
 def world_config(sizes: dict, **world) -> WorldConfig:
+    world.setdefault("pretrain_size", 5)
     return load_config(None, {"world.sizes": sizes, **{f"world.{k}": v for k, v in world.items()}}).world
 
 
@@ -67,7 +69,8 @@ def test_same_seed_same_bytes_other_seed_other_world(tmp_path):
     a = file_md5s(build_world(tmp_path / "a" / "world", cfg, progress=False))
     b = file_md5s(build_world(tmp_path / "b" / "world", cfg, progress=False))
     assert a == b
-    assert len(a) == 2 + 3 * 6 + sum(TINY.values())  # world.json, vocab.txt; 6 files and the images per split
+    # world.json, vocab.txt; 6 files and the images per split; pretrain: 2 files and its images
+    assert len(a) == 2 + 3 * 6 + sum(TINY.values()) + 2 + cfg.pretrain_size
 
     c = file_md5s(build_world(tmp_path / "c" / "world", cfg.model_copy(update={"seed": 6}), progress=False))
     assert c.keys() == a.keys()
@@ -84,7 +87,7 @@ def test_each_part_has_its_own_random_stream(tmp_path):
     a = file_md5s(build_world(tmp_path / "a", world_config(TINY, synonym_prob=0.0), progress=False))
     b = file_md5s(build_world(tmp_path / "b", world_config(TINY, synonym_prob=1.0), progress=False))
     differ = {k for k in a if a[k] != b[k]}
-    assert differ == {"world.json"} | {f"{s}/captions.jsonl" for s in SPLITS}
+    assert differ == {"world.json"} | {f"{s}/captions.jsonl" for s in (*SPLITS, "pretrain")}
 
 
 def test_build_replaces_the_world_and_leaves_no_temporary_directories(tmp_path):
@@ -371,3 +374,13 @@ def test_scenes_resample_identically_without_the_global_random_state(world, cfg)
     assert random.getstate() == rng_state  # the generator never touches the global random state
     objects = split_objects(world, "test")
     assert [set(s.classes) for s in again] == [objects[f"{i:06d}.png"] for i in range(1, len(again) + 1)]
+
+
+def test_the_pretrain_split_is_the_clips_alone(tmp_path):
+    # Images, instances and captions with its own (weak) pair prior; no questions, no POPE files.
+    world = build_world(tmp_path / "w", world_config(TINY, pretrain_size=7), progress=False)
+    names = sorted(p.name for p in (world / "pretrain").iterdir())
+    assert names == ["captions.jsonl", "images", "instances.json"]
+    examples = load_split(world, "pretrain")
+    assert len(examples) == 7 and all(e.captions and not e.questions for e in examples)
+    assert not (build_world(tmp_path / "n", world_config(TINY, pretrain_size=0), progress=False) / "pretrain").exists()

@@ -6,7 +6,10 @@ Two losses, both on cosine similarities of projected, normalised embeddings:
   ("a photo of a {name}.", synonyms included), label = the object is in the image.
 The second one is what the verifier uses at reward time: it teaches the cosine of an image and
 a name prompt to separate present from absent objects, which InfoNCE on captions alone does only
-slowly (the feasibility run stalled near 0.9 AUROC).
+slowly (the feasibility run stalled near 0.9 AUROC). The caption loss is weighted down (0.1) and
+runs on 16 images of each batch: at equal weight it crowds the names out of the 64-d embedding
+(measured on the default world, 1200 steps, val object AUROC: caption weight 1.0 -> 0.84,
+0.1 -> 0.98, 0 -> 0.998).
 """
 from __future__ import annotations
 
@@ -110,22 +113,25 @@ def train_clip(
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.steps, cfg.lr)
         idx = torch.randperm(len(train), generator=g)[: cfg.batch_size]
-        captions = [rng.choice(train[i].captions) for i in idx.tolist()]
         img = embed_images(model, pixels[idx])
-        txt = embed_texts(model, tokenizer, captions, cfg.max_text_tokens)
-        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-        target = torch.arange(len(idx))
-        loss_caption = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss_caption = torch.zeros(())
+        if cfg.caption_loss_weight:
+            sub = idx[: cfg.caption_batch_size]
+            captions = [rng.choice(train[i].captions) for i in sub.tolist()]
+            txt = embed_texts(model, tokenizer, captions, cfg.max_text_tokens)
+            logits = model.logit_scale.exp().clamp(max=100) * img[: len(sub)] @ txt.T
+            target = torch.arange(len(sub))
+            loss_caption = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         names = F.normalize(model.get_text_features(**name_enc).pooler_output, dim=-1)
         name_logits = name_scale.exp() * img @ names.T + name_bias
         loss_names = F.binary_cross_entropy_with_logits(name_logits, presence[idx])
-        loss = loss_caption + cfg.name_loss_weight * loss_names
+        loss = cfg.caption_loss_weight * loss_caption + cfg.name_loss_weight * loss_names
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         for key, value in (("loss", loss), ("loss_caption", loss_caption), ("loss_names", loss_names)):
-            curves[key].append(round(float(value), 5))
+            curves[key].append(round(float(value.detach()), 5))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}")
     curves["val_auroc"] = object_name_auroc(model, processor, val, world.classes)

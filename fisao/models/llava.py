@@ -128,7 +128,7 @@ def train_llava(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        curve.append(round(float(loss), 5))
+        curve.append(round(float(loss.detach()), 5))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}")
     model.eval()

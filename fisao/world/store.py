@@ -23,6 +23,8 @@ class WorldStatus:
     path: str  # the world directory
     md5: str  # DVC md5 of the whole data directory
     action: Action
+    # Why a world on disk was not trusted (what differed), when it was regenerated; else "".
+    note: str = ""
 
 
 def _same_config(world_dir: Path, cfg: WorldConfig) -> bool:
@@ -43,13 +45,16 @@ def ensure_world(project: str | Path, data_dir: str, cfg: WorldConfig, progress:
         if not _same_config(world_dir, cfg):
             build_world(world_dir, cfg, progress=progress)
         return WorldStatus(str(world_dir), dvcdata.track(project, data_dir), "created")
+    note = ""
     if _same_config(world_dir, cfg):
         try:
             return WorldStatus(str(world_dir), dvcdata.verify(project, data_dir), "verified")
-        except dvcdata.DataMismatch:
-            pass  # corrupt or stale: regenerate below, then check again
+        except dvcdata.DataMismatch as e:  # corrupt or edited: regenerate below, then check again
+            note = f"the world on disk did not match {dvc_file.name}, so it was regenerated: {e}"
+    elif world_dir.exists():
+        note = f"{world_dir / 'world.json'} was built with another world config; regenerated"
     elif not world_dir.exists() and dvcdata.has_remote(project):
         if dvcdata.dvc(project, "pull", dvc_file.name).returncode == 0 and _same_config(world_dir, cfg):
             return WorldStatus(str(world_dir), dvcdata.verify(project, data_dir), "pulled")
     build_world(world_dir, cfg, progress=progress)
-    return WorldStatus(str(world_dir), dvcdata.verify(project, data_dir), "rebuilt")
+    return WorldStatus(str(world_dir), dvcdata.verify(project, data_dir), "rebuilt", note)

@@ -39,10 +39,11 @@ class WorldConfig(_Strict):
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
     # Pairs whose members co-occur with probability `cooccurrence[split]`: the language prior.
     # Precisely, p is P(both | at least one present); P(partner | a given member) comes out higher
-    # (measured with the defaults: 0.92 for p = 0.85, 0.71 for p = 0.5), as a partner can also be
-    # drawn on its own.
+    # (measured: 0.92 for p = 0.85, 0.71 for p = 0.5), as a partner can also be drawn on its own.
+    # The defaults give a base LLaVA that names an absent partner often enough to measure
+    # (measured: CHAIR_i 0.21 on test with 0.95/0.3; 0.06 with 0.85/0.5).
     pairs: tuple[tuple[str, str], ...] = (("circle", "square"), ("star", "moon"), ("heart", "cross"))
-    cooccurrence: dict[Split, float] = {"train": 0.85, "val": 0.5, "test": 0.5}
+    cooccurrence: dict[Split, float] = {"train": 0.95, "val": 0.3, "test": 0.3}
     sizes: dict[Split, int] = {"train": 2000, "val": 200, "test": 500}
     # A larger split for the CLIP alone (images, instances, captions; no questions, no POPE), with
     # a weak pair prior: a verifier that learnt the prior would reward the hallucinations it
@@ -162,12 +163,12 @@ class LlavaBuildConfig(_Strict):
     width: int = 128
     layers: int = 2
     heads: int = 4
-    steps: int = 300
+    steps: int = 800
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
     # Share of training examples that are yes/no questions (the rest are detailed captions).
-    question_share: float = Field(0.4, ge=0, le=1)
+    question_share: float = Field(0.5, ge=0, le=1)
     seed: int = 0
 
 

@@ -57,11 +57,6 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def select(self, rows: Tensor) -> "Rollouts":
-        """The rollouts at `rows` (a 1-D long tensor)."""
-        return Rollouts(self.image_index[rows], self.prompt, self.response_ids[rows], self.mask[rows],
-                        self.logprobs[rows], [self.texts[i] for i in rows.tolist()])
-
 
 def encode_prompts(processor, images: Sequence[Image.Image], prompt: str, device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """The processor's inputs (input_ids, attention_mask, pixel_values, …) for one prompt per image."""

@@ -186,6 +186,66 @@ class EvalConfig(_Strict):
     split: Split = "test"
 
 
+class RolloutConfig(_Strict):
+    """Sampling the policy's answers on training images, once per round."""
+
+    images_per_round: int = Field(128, ge=1)
+    n_per_image: int = Field(4, ge=1)
+    # The logged log-probs are the policy's own (temperature 1, full softmax): with temperature 1
+    # and top_p 1 the rollouts are exactly on-policy for PPO; other values sample from a warped
+    # policy and the importance ratio ignores the difference (see fisao/align/rollout.py).
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+    prompt: str = "Describe this image in detail."
+    seed: int = 0
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters on the language model (the vision tower is the verifier and stays frozen)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Module names inside the language model only (a regex built from them keeps the vision
+    # tower's projections of the same names out).
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Also adapt the vision-to-language projector (LoRA on its linear layers).
+    train_projector: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoraConfig":
+        if not self.target_modules or not all(n.isidentifier() for n in self.target_modules):
+            raise ValueError(f"lora.target_modules must be module names such as q_proj, got {list(self.target_modules)}")
+        return self
+
+
+class PPOConfig(_Strict):
+    """The policy update: PPO-clip over tokens with the per-token reward r_t − β·KL_t."""
+
+    lr: float = Field(1e-4, gt=0)
+    beta_kl: float = Field(0.05, ge=0)
+    clip: float = Field(0.2, gt=0, lt=1)
+    value_clip: float = Field(0.2, gt=0)
+    # Weight of the value loss (shares the LoRA backbone with the policy); "gae" only.
+    value_coef: float = Field(0.1, ge=0)
+    # gamma and lam are used by "gae" only; "critic_free" is gamma = 0 by definition.
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    advantage: Literal["gae", "critic_free"] = "critic_free"
+    whiten: bool = True
+    epochs: int = Field(2, ge=1)
+    # Rows per forward pass; one optimizer step covers minibatch_size * grad_accum rows.
+    minibatch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # "base": the model with adapters disabled; "previous": the policy that sampled this round.
+    reference: Literal["base", "previous"] = "base"
+    rounds: int = Field(3, ge=1)
+    seed: int = 0
+
+
 class Config(_Strict):
     """A whole campaign: world, base models, evaluation."""
 
@@ -196,6 +256,9 @@ class Config(_Strict):
     clip: ClipBuildConfig = ClipBuildConfig()
     llava: LlavaBuildConfig = LlavaBuildConfig()
     eval: EvalConfig = EvalConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    lora: LoraConfig = LoraConfig()
+    ppo: PPOConfig = PPOConfig()
 
     @property
     def world_dir(self) -> Path:

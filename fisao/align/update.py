@@ -1,0 +1,334 @@
+"""The policy update: LoRA adapters on the language model, trained by token-level PPO.
+
+`add_lora` puts adapters on the language model's attention projections (optionally also on the
+vision-to-language projector) and nowhere else: the vision tower is the verifier's image encoder
+and stays frozen, bit for bit. The reference policy is the same model with its adapters disabled
+(`model.disable_adapter()`), so no second copy is ever held in memory.
+
+`ppo_update` runs one round's update, top to bottom:
+1. reference log-probs (config `ppo.reference`: "base" = adapters disabled; "previous" = the
+   policy that sampled the rollouts, whose log-probs the rollouts already hold) and, for GAE,
+   the value head's values at sampling time;
+2. shaped rewards r_t − β·KL_t, advantages (`ppo.ADVANTAGES[cfg.advantage]`), optional whitening
+   over the whole batch of rollouts;
+3. `epochs` passes over a seeded permutation of the rollouts; each optimizer step takes
+   `minibatch_size × grad_accum` answers in `grad_accum` forward/backward passes (accelerate's
+   gradient accumulation), with losses normalised by the step's valid tokens so the split does not
+   change the gradient; grad-norm clipping; AdamW, whose state starts afresh each call (round).
+   Answers left over after an epoch's last full step sit that epoch out; every epoch draws a new
+   permutation from `generator`.
+The value head (GAE only) is a linear layer on the language model's last hidden state; it shares
+the LoRA backbone with the policy and is owned by the caller, so it survives across rounds.
+Round k continues round k−1's adapters: keep the PeftModel, or reload it with
+`load_policy_with_adapter(..., is_trainable=True)`; `merge_and_save` writes a round's checkpoint
+as a plain Hugging Face directory for evaluation.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import peft
+import torch
+from accelerate import Accelerator
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fisao import io
+from fisao.align.ppo import ADVANTAGES, kl_per_token, masked_mean, masked_whiten, ppo_loss, shaped_rewards, value_loss
+from fisao.align.rollout import Rollouts, encode_prompts, response_hidden, token_logprobs
+from fisao.config import LoraConfig, PPOConfig
+from fisao.generate import load_policy
+
+VALUE_HEAD = "value_head.safetensors"
+
+
+def lora_target_regex(cfg: LoraConfig) -> str:
+    """A regex (peft matches it against full module names) for the language model's projections."""
+    names = "|".join(re.escape(n) for n in cfg.target_modules)
+    pattern = rf".*language_model\..*\.({names})"
+    if cfg.train_projector:
+        pattern += r"|.*multi_modal_projector\.(linear_1|linear_2)"
+    return pattern
+
+
+def add_lora(model, cfg: LoraConfig) -> peft.PeftModel:
+    """Wrap `model` with fresh LoRA adapters; only the adapters are trainable afterwards."""
+    peft_cfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                               target_modules=lora_target_regex(cfg), bias="none")
+    try:
+        wrapped = peft.get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise ValueError(f"lora.target_modules {list(cfg.target_modules)} match no module of the language model; "
+                         "use its projection names (q_proj, k_proj, v_proj, o_proj for Llama)") from e
+    vision = wrapped.get_base_model().model.vision_tower
+    vision.requires_grad_(False)
+    assert not any("lora_" in n for n, _ in vision.named_parameters()), "LoRA reached the vision tower"
+    return wrapped
+
+
+class ValueHead(nn.Module):
+    """V(s_t) from the language model's last hidden state: (N, T, H) -> (N, T). Starts at 0."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    @classmethod
+    def for_model(cls, model) -> "ValueHead":
+        hf = model.get_base_model() if isinstance(model, peft.PeftModel) else model
+        head = cls(hf.config.get_text_config().hidden_size)
+        return head.to(device=next(hf.parameters()).device)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+class ActorCritic(nn.Module):
+    """Policy and optional value head behind one forward, so accelerate can wrap them together."""
+
+    def __init__(self, policy: peft.PeftModel, value_head: ValueHead | None):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, inputs: dict[str, Tensor], response_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(log π of each response token, values or None), both (N, T), 0 on padding."""
+        hidden = response_hidden(self.policy, inputs, response_ids, mask)
+        logp = token_logprobs(self.policy, hidden, response_ids, mask)
+        values = None if self.value_head is None else self.value_head(hidden) * mask
+        return logp, values
+
+
+def _micro_batch(processor, images, rollouts: Rollouts, rows: Tensor, device) -> tuple[dict, Tensor, Tensor]:
+    """Prompt inputs and the responses of `rows`, cut to their longest answer."""
+    width = int(rollouts.mask[rows].sum(1).max())
+    inputs = encode_prompts(processor, [images[i] for i in rollouts.image_index[rows].tolist()], rollouts.prompt, device)
+    return inputs, rollouts.response_ids[rows, :width].to(device), rollouts.mask[rows, :width].to(device)
+
+
+def _pad_to(x: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+@torch.no_grad()
+def _score_rollouts(actor: ActorCritic, processor, images, rollouts: Rollouts, batch_size: int, device,
+                    use_adapters: bool) -> tuple[Tensor, Tensor | None]:
+    """(log-probs, values) of every rollout under the current model, adapters on or off -> (N, T)."""
+    logps, values = [], []
+    for start in range(0, len(rollouts), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(rollouts)))
+        inputs, ids, mask = _micro_batch(processor, images, rollouts, rows, device)
+        if use_adapters:
+            lp, v = actor(inputs, ids, mask)
+        else:
+            with actor.policy.disable_adapter():
+                lp, v = actor(inputs, ids, mask)
+        width = rollouts.mask.shape[1]
+        logps.append(_pad_to(lp.float().cpu(), width))
+        values.append(None if v is None else _pad_to(v.float().cpu(), width))
+    return torch.cat(logps), (None if values[0] is None else torch.cat(values))
+
+
+def _reference_logprobs(actor, processor, images, rollouts, cfg: PPOConfig, device) -> Tensor:
+    """(N, T) log-probs of the reference. "previous" is the policy that sampled the rollouts (the
+    previous round's final policy), so the KL term of the reward is 0 by construction and only the
+    clip bounds how far a round moves; "base" is the model with adapters disabled."""
+    if cfg.reference == "previous":
+        return rollouts.logprobs.clone()
+    return _score_rollouts(actor, processor, images, rollouts, cfg.minibatch_size, device, use_adapters=False)[0]
+
+
+def ppo_update(
+    model: peft.PeftModel,
+    processor,
+    images: Sequence[Image.Image],
+    rollouts: Rollouts,
+    token_rewards: Tensor,
+    cfg: PPOConfig,
+    accelerator: Accelerator,
+    generator: torch.Generator,
+    value_head: ValueHead | None = None,
+) -> dict[str, float]:
+    """Train `model`'s adapters (and `value_head`) in place on one round's rollouts; return stats.
+
+    images: the list `rollouts.image_index` points into; token_rewards (N, T) aligned with
+    `rollouts.response_ids` (0 on tokens without a reward). `generator` drives the shuffling and
+    seeds dropout (inside a forked RNG). Stats are plain floats: reward_mean (per answer, summed
+    over its tokens), kl (per answer, k1, against the reference), policy_loss, value_loss, loss,
+    clipfrac, approx_kl, ratio, grad_norm, … averaged over the update.
+    """
+    _check_inputs(model, rollouts, token_rewards, cfg, accelerator, value_head)
+    device = accelerator.device
+    actor = ActorCritic(model, value_head)
+    mask = rollouts.mask
+    model.eval()
+    ref_logp = _reference_logprobs(actor, processor, images, rollouts, cfg, device)
+    old_values = None
+    if value_head is not None:
+        old_values = _score_rollouts(actor, processor, images, rollouts, cfg.minibatch_size, device, use_adapters=True)[1]
+    rewards = shaped_rewards(token_rewards.float(), rollouts.logprobs, ref_logp, cfg.beta_kl, mask)
+    advantages, returns = ADVANTAGES[cfg.advantage](rewards=rewards, values=old_values, mask=mask, gamma=cfg.gamma, lam=cfg.lam)
+    stats = _rollout_stats(token_rewards, rollouts.logprobs, ref_logp, rewards, advantages, mask)
+    if cfg.whiten:
+        advantages = masked_whiten(advantages, mask)
+
+    params = [p for p in actor.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    actor, optimizer = accelerator.prepare(actor, optimizer)
+    step_rows = cfg.minibatch_size * cfg.grad_accum
+    history: dict[str, list[float]] = {}
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(rollouts), generator=generator)
+            for start in range(0, len(rollouts) - step_rows + 1, step_rows):
+                step = order[start : start + step_rows]
+                tokens_per_micro = float(mask[step].sum()) / cfg.grad_accum
+                for rows in step.split(cfg.minibatch_size):
+                    with accelerator.accumulate(actor):
+                        micro = _train_micro_batch(actor, processor, images, rollouts, rows, advantages, returns,
+                                                   old_values, cfg, tokens_per_micro, device, accelerator)
+                        if accelerator.sync_gradients:
+                            micro["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    for k, v in micro.items():
+                        history.setdefault(k, []).append(v)
+    model.eval()
+    stats.update({k: sum(v) / len(v) for k, v in history.items()})
+    stats["optimizer_steps"] = float(cfg.epochs * (len(rollouts) // step_rows))
+    return stats
+
+
+def _train_micro_batch(actor, processor, images, rollouts, rows, advantages, returns, old_values, cfg, num_tokens,
+                       device, accelerator) -> dict[str, float]:
+    """One forward/backward on `rows`; returns its stats."""
+    inputs, ids, mask = _micro_batch(processor, images, rollouts, rows, device)
+    width = ids.shape[1]
+
+    def cut(x: Tensor) -> Tensor:
+        return x[rows, :width].to(device)
+
+    logp, values = actor(inputs, ids, mask)
+    pg_loss, out = ppo_loss(logp, cut(rollouts.logprobs), cut(advantages), mask, cfg.clip, num_tokens)
+    loss = pg_loss
+    out = {k: float(v) for k, v in out.items()}
+    out["policy_loss"] = float(pg_loss.detach())
+    if values is not None:
+        v_loss, v_stats = value_loss(values, cut(old_values), cut(returns), mask, cfg.value_clip, num_tokens)
+        loss = pg_loss + cfg.value_coef * v_loss
+        out.update(value_loss=float(v_loss.detach()), vf_clipfrac=float(v_stats["vf_clipfrac"]))
+    accelerator.backward(loss)
+    out["loss"] = float(loss.detach())
+    return out
+
+
+def _rollout_stats(token_rewards, logp, ref_logp, shaped, advantages, mask) -> dict[str, float]:
+    """Figures of the batch before any update (per-answer sums, token means)."""
+    per_answer = lambda x: float((x * mask).sum(1).mean())  # noqa: E731
+    return {
+        "reward_mean": per_answer(token_rewards),
+        "kl": per_answer(kl_per_token(logp, ref_logp)),
+        "kl_token": float(masked_mean(kl_per_token(logp, ref_logp), mask)),
+        "shaped_reward_mean": per_answer(shaped),
+        "advantage_mean": float(masked_mean(advantages, mask)),
+        "advantage_std": float(masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt()),
+        "response_length": float(mask.sum(1).float().mean()),
+    }
+
+
+def _check_inputs(model, rollouts, token_rewards, cfg: PPOConfig, accelerator, value_head) -> None:
+    if not isinstance(model, peft.PeftModel):
+        raise ValueError("ppo_update trains LoRA adapters: wrap the model with add_lora(model, cfg.lora) first")
+    if token_rewards.shape != rollouts.mask.shape:
+        raise ValueError(f"token_rewards has shape {tuple(token_rewards.shape)}, rollouts {tuple(rollouts.mask.shape)}: "
+                         "give one reward per response token")
+    if (cfg.advantage == "gae") != (value_head is not None):
+        raise ValueError(f"ppo.advantage {cfg.advantage!r} {'needs' if cfg.advantage == 'gae' else 'takes no'} value head: "
+                         "pass value_head=ValueHead.for_model(model) for 'gae', None for 'critic_free'")
+    if accelerator.gradient_accumulation_steps != cfg.grad_accum:
+        raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} steps but ppo.grad_accum "
+                         f"is {cfg.grad_accum}: build it with make_accelerator(cfg)")
+    if len(rollouts) < cfg.minibatch_size * cfg.grad_accum:
+        raise ValueError(f"{len(rollouts)} rollouts are fewer than one optimizer step "
+                         f"(ppo.minibatch_size × ppo.grad_accum = {cfg.minibatch_size * cfg.grad_accum})")
+
+
+def make_accelerator(cfg: PPOConfig, cpu: bool = False, mixed_precision: str = "no") -> Accelerator:
+    """An Accelerator that accumulates `cfg.grad_accum` micro-batches per optimizer step."""
+    return Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed_precision)
+
+
+def save_adapter(model: peft.PeftModel, out: str | Path, value_head: ValueHead | None = None) -> Path:
+    """Write the adapters (peft's safetensors + adapter_config.json) and the value head, if any."""
+    with io.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if value_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / VALUE_HEAD))
+    return Path(out)
+
+
+def load_policy_with_adapter(base_dir: str | Path, adapter_dir: str | Path, merge: bool = False, device: str = "cpu",
+                             is_trainable: bool = False):
+    """(model, processor): the base model from `base_dir` with the adapters from `adapter_dir`.
+
+    By default a PeftModel: the reference (adapters disabled) stays available, and with
+    `is_trainable=True` training continues where it stopped. `merge=True` folds the adapters into
+    the weights and returns a plain transformers model (faster inference, no reference).
+    """
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a directory written by save_adapter")
+    base, processor = load_policy(base_dir, device=device)
+    model = peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    if merge:
+        model = model.merge_and_unload()
+    return model.eval(), processor
+
+
+def load_value_head(adapter_dir: str | Path, model) -> ValueHead | None:
+    """The value head saved next to the adapters, or None when there is none."""
+    path = Path(adapter_dir) / VALUE_HEAD
+    if not path.is_file():
+        return None
+    head = ValueHead.for_model(model)
+    head.load_state_dict(load_file(str(path)))
+    return head
+
+
+def merged_state_dict(model: peft.PeftModel) -> dict[str, Tensor]:
+    """The base model's state dict with every LoRA delta added to its weight; the model is unchanged."""
+    hf = model.get_base_model()
+    adapter = model.active_adapter
+    merged = {}
+    for name, module in hf.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            merged[f"{name}.weight"] = (base.weight + module.get_delta_weight(adapter).to(base.weight.dtype)).detach()
+            if base.bias is not None:
+                merged[f"{name}.bias"] = base.bias.detach()
+    out = {}
+    for key, value in hf.state_dict().items():
+        if "lora_" in key:
+            continue
+        clean = key.replace(".base_layer.", ".")
+        out[clean] = merged.get(clean, value)
+    return out
+
+
+def merge_and_save(model: peft.PeftModel, processor, out: str | Path) -> Path:
+    """A full Hugging Face directory with the adapters merged, loadable with `fisao.generate.load_policy`.
+
+    Merges out of place (the training model keeps its adapters and its exact weights).
+    """
+    with torch.no_grad():
+        state = merged_state_dict(model)
+    with io.atomic_dir(out) as tmp:
+        model.get_base_model().save_pretrained(tmp, state_dict=state)
+        processor.save_pretrained(tmp)
+    return Path(out)

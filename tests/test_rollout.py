@@ -1,0 +1,108 @@
+"""Rollouts on the tiny LLaVA: seeded, correctly masked, and with the policy's own log-probs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fisao.align.rollout import (
+    Rollouts, encode_prompts, load_rollouts, response_mask, sample_rollouts, save_rollouts, sequence_logprobs,
+)
+from fisao.coco import load_image
+from fisao.generate import banned_token_ids, chat_prompt, load_policy
+
+PROMPT = "Describe this image in detail."
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_models):
+    model, processor = load_policy(tiny_models["llava"])
+    images = [load_image(tiny_models["world"] / "train" / "images" / f"{i:06d}.png") for i in (1, 2, 3)]
+    return model, processor, images
+
+
+@pytest.fixture(scope="module")
+def rollouts(policy) -> Rollouts:
+    model, processor, images = policy
+    return sample_rollouts(model, processor, images, PROMPT, n_per_image=4, max_new_tokens=16, batch_size=5,
+                           seed=3, progress=False)
+
+
+def test_response_mask_by_hand():
+    ids = torch.tensor([[5, 3, 0, 0], [5, 6, 7, 8], [3, 0, 0, 0], [5, 3, 3, 0]])
+    assert response_mask(ids, eos_id=3).int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+
+
+def test_same_seed_same_rollouts_and_global_rng_untouched(policy, rollouts):
+    model, processor, images = policy
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    again = sample_rollouts(model, processor, images, PROMPT, n_per_image=4, max_new_tokens=16, batch_size=5,
+                            seed=3, progress=False)
+    assert torch.equal(torch.rand(3), expected_next)  # sampling forked the RNG
+    assert torch.equal(again.response_ids, rollouts.response_ids) and torch.equal(again.mask, rollouts.mask)
+    assert torch.equal(again.logprobs, rollouts.logprobs) and again.texts == rollouts.texts
+    other = sample_rollouts(model, processor, images, PROMPT, n_per_image=4, max_new_tokens=16, batch_size=5,
+                            seed=4, progress=False)
+    assert not torch.equal(other.response_ids[:, :4], rollouts.response_ids[:, :4])
+
+
+def test_rows_are_image_major_and_masks_cover_generated_tokens_through_eos(policy, rollouts):
+    _, processor, _ = policy
+    tok = processor.tokenizer
+    r = rollouts
+    assert r.image_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    n, t = r.response_ids.shape
+    assert n == 12 and t <= 16 and r.mask.dtype == torch.bool and r.logprobs.dtype == torch.float32
+    lengths = r.mask.sum(1)
+    ended = lengths < t
+    assert ended.any() and (~ended).any(), "fixture should give both finished and truncated answers"
+    for row in range(n):
+        k = int(lengths[row])
+        assert r.mask[row, :k].all() and not r.mask[row, k:].any()  # right-padded
+        assert (r.response_ids[row, k:] == tok.pad_token_id).all()
+        eos = (r.response_ids[row, :k] == tok.eos_token_id).nonzero().flatten().tolist()
+        assert eos == [k - 1] if k < t else eos in ([], [t - 1])  # stops at the first EOS, or truncated
+        assert not set(r.response_ids[row, :k].tolist()) & set(banned_token_ids(processor))
+        assert (r.logprobs[row, :k] < 0).all() and (r.logprobs[row, k:] == 0).all()
+        assert r.texts[row] == processor.decode(r.response_ids[row, :k], skip_special_tokens=True).strip()
+
+
+def test_logprobs_equal_generate_logits_with_left_padding(policy):
+    """The teacher-forced forward reproduces generate's own logits, for prompts of unequal length."""
+    model, processor, images = policy
+    prompts = [chat_prompt(processor, q) for q in (PROMPT, "What is in this image?")]
+    inputs = processor(images=images[:2], text=prompts, return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any(), "the prompts should need left padding"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=True, top_k=0, max_new_tokens=12, suppress_tokens=banned_token_ids(processor),
+                             pad_token_id=processor.tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
+        response = out.sequences[:, inputs["input_ids"].shape[1]:]
+        mask = response_mask(response, processor.tokenizer.eos_token_id)
+        ours = sequence_logprobs(model, inputs, response, mask)
+    theirs = torch.stack(out.logits, 1).log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1) * mask
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_logprobs_do_not_depend_on_batching_or_padding(policy, rollouts):
+    model, processor, images = policy
+    for row in (0, 5, 11):
+        k = int(rollouts.mask[row].sum())
+        inputs = encode_prompts(processor, [images[int(rollouts.image_index[row])]], PROMPT)
+        with torch.no_grad():
+            alone = sequence_logprobs(model, inputs, rollouts.response_ids[row : row + 1, :k], rollouts.mask[row : row + 1, :k])
+        assert torch.allclose(alone[0], rollouts.logprobs[row, :k], atol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path, rollouts):
+    extra = {"image_id": [f"img{i}" for i in rollouts.image_index.tolist()], "reward": [[0.5, -1.0]] * len(rollouts)}
+    save_rollouts(tmp_path / "r", rollouts, extra)
+    back, back_extra = load_rollouts(tmp_path / "r")
+    assert back.prompt == PROMPT and back.texts == rollouts.texts and back_extra == extra
+    for name in ("image_index", "response_ids", "mask", "logprobs"):
+        assert torch.equal(getattr(back, name), getattr(rollouts, name)) and getattr(back, name).dtype == getattr(rollouts, name).dtype
+    with pytest.raises(ValueError, match="reward"):
+        save_rollouts(tmp_path / "bad", rollouts, {"reward": [1.0]})
+    with pytest.raises(FileNotFoundError, match="save_rollouts"):
+        load_rollouts(tmp_path / "missing")

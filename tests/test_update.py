@@ -1,0 +1,193 @@
+"""The policy update on the tiny LLaVA: LoRA placement, frozen vision tower, exact reference,
+accumulation invariance, and checkpoints that load through the ordinary path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fisao.align.rollout import encode_prompts, sample_rollouts, sequence_logprobs
+from fisao.align.update import (
+    ValueHead, add_lora, load_policy_with_adapter, load_value_head, make_accelerator, merge_and_save, ppo_update,
+    save_adapter,
+)
+from fisao.coco import load_image
+from fisao.config import LoraConfig, PPOConfig
+from fisao.generate import answer, load_policy
+
+PROMPT = "Describe this image in detail."
+LORA = LoraConfig(r=4, alpha=8)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
+    """Base directory, processor, two images and 8 rollouts sampled from the base model."""
+    model, processor = load_policy(tiny_models["llava"])
+    images = [load_image(tiny_models["world"] / "train" / "images" / f"{i:06d}.png") for i in (1, 2)]
+    rollouts = sample_rollouts(model, processor, images, PROMPT, n_per_image=4, max_new_tokens=8, batch_size=8,
+                               seed=0, progress=False)
+    # +1 on every token of image 0's answers, −1 on image 1's
+    rewards = torch.where(rollouts.image_index[:, None] == 0, 1.0, -1.0) * rollouts.mask
+    return {"base": tiny_models["llava"], "processor": processor, "images": images, "rollouts": rollouts, "rewards": rewards}
+
+
+def fresh_policy(base, lora: LoraConfig = LORA):
+    model, _ = load_policy(base)
+    torch.manual_seed(0)  # LoRA A matrices are drawn at random
+    return add_lora(model, lora)
+
+
+def logprobs(model, setup):
+    r = setup["rollouts"]
+    inputs = encode_prompts(setup["processor"], [setup["images"][i] for i in r.image_index.tolist()], PROMPT)
+    with torch.no_grad():
+        return sequence_logprobs(model, inputs, r.response_ids, r.mask)
+
+
+def update(model, setup, cfg: PPOConfig, value_head=None, rollouts=None):
+    return ppo_update(model, setup["processor"], setup["images"], rollouts or setup["rollouts"], setup["rewards"], cfg,
+                      make_accelerator(cfg, cpu=True), torch.Generator().manual_seed(0), value_head=value_head)
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    model = fresh_policy(setup["base"])
+    vision_before = {k: v.clone() for k, v in model.get_base_model().model.vision_tower.state_dict().items()}
+    before = logprobs(model, setup)
+    stats = update(model, setup, PPOConfig(lr=1e-2, minibatch_size=4, epochs=2))
+    return {"model": model, "vision_before": vision_before, "before": before, "stats": stats}
+
+
+def lora_modules(model) -> set[str]:
+    return {n.split(".lora_A")[0].removeprefix("base_model.model.") for n, _ in model.named_parameters() if ".lora_A." in n}
+
+
+def test_lora_sits_on_the_language_model_projections_only(setup):
+    model = fresh_policy(setup["base"])
+    names = lora_modules(model)
+    assert len(names) == 2 * 4  # 2 layers × q, k, v, o
+    assert all(n.startswith("model.language_model.layers.") and n.split(".")[-1] in LORA.target_modules for n in names)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert not any(p.requires_grad for p in model.get_base_model().model.vision_tower.parameters())
+    with_projector = lora_modules(fresh_policy(setup["base"], LoraConfig(r=4, train_projector=True)))
+    assert with_projector - names == {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"}
+    with pytest.raises(ValueError, match="q_proj"):
+        fresh_policy(setup["base"], LoraConfig(target_modules=("no_such_proj",)))
+
+
+def test_update_follows_the_rewards_and_leaves_the_vision_tower_bit_for_bit(setup, trained):
+    model, stats = trained["model"], trained["stats"]
+    after = model.get_base_model().model.vision_tower.state_dict()
+    assert after.keys() == trained["vision_before"].keys()
+    assert all(torch.equal(after[k], v) for k, v in trained["vision_before"].items())
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)  # B starts at 0
+    mask, image = setup["rollouts"].mask, setup["rollouts"].image_index
+    change = (logprobs(model, setup) - trained["before"]) * mask
+    gain = [float(change[image == i].sum() / mask[image == i].sum()) for i in (0, 1)]  # mean per token
+    assert gain[0] > 0.02 and gain[1] < -0.02, gain  # rewarded answers became likelier, penalised ones less
+    assert stats["kl"] == 0.0  # sampled by the base model, which is the reference
+    assert stats["reward_mean"] == pytest.approx(float(setup["rewards"].sum(1).mean()))
+    assert 0 <= stats["clipfrac"] <= 1 and stats["approx_kl"] > 0 and stats["ratio"] != 1.0
+    assert stats["optimizer_steps"] == 4 and stats["grad_norm"] > 0 and "value_loss" not in stats
+
+
+def test_reference_is_the_base_model_exactly(setup, trained):
+    base, processor = load_policy(setup["base"])
+    inputs = encode_prompts(processor, setup["images"], PROMPT)
+    with torch.no_grad():
+        expected = base(**inputs).logits
+        with trained["model"].disable_adapter():
+            disabled = trained["model"](**inputs).logits
+        enabled = trained["model"](**inputs).logits
+    assert torch.equal(disabled, expected)
+    assert not torch.allclose(enabled, expected, atol=1e-4)
+    with trained["model"].disable_adapter():  # the path ppo_update takes for the reference log-probs
+        assert torch.equal(logprobs(trained["model"], setup), logprobs(base, setup))
+
+
+def test_reference_previous_is_the_sampling_policy(setup, trained):
+    model = trained["model"]
+    r = sample_rollouts(model, setup["processor"], setup["images"], PROMPT, n_per_image=4, max_new_tokens=8,
+                        batch_size=8, seed=1, progress=False)
+    copy = fresh_policy(setup["base"])
+    copy.load_state_dict(model.state_dict())
+    rewards = torch.zeros_like(r.logprobs)
+    cfg = PPOConfig(lr=1e-3, minibatch_size=8, epochs=1)
+    kw = dict(accelerator=make_accelerator(cfg, cpu=True), generator=torch.Generator().manual_seed(0))
+    to_base = ppo_update(copy, setup["processor"], setup["images"], r, rewards, cfg, **kw)
+    to_previous = ppo_update(copy, setup["processor"], setup["images"], r, rewards, cfg.model_copy(update={"reference": "previous"}), **kw)
+    assert to_base["kl"] > 0 and to_previous["kl"] == 0.0
+
+
+def test_gae_trains_the_value_head_and_bad_inputs_are_named(setup):
+    model = fresh_policy(setup["base"])
+    cfg = PPOConfig(lr=1e-2, minibatch_size=4, epochs=1, advantage="gae")
+    head = ValueHead.for_model(model)
+    stats = update(model, setup, cfg, value_head=head)
+    assert head.linear.weight.abs().sum() > 0 and stats["value_loss"] > 0
+    with pytest.raises(ValueError, match="value head"):
+        update(model, setup, cfg)
+    with pytest.raises(ValueError, match="one reward per response token"):
+        ppo_update(model, setup["processor"], setup["images"], setup["rollouts"], setup["rewards"][:, :3], cfg,
+                   make_accelerator(cfg, cpu=True), torch.Generator(), value_head=head)
+    with pytest.raises(ValueError, match="grad_accum"):
+        ppo_update(model, setup["processor"], setup["images"], setup["rollouts"], setup["rewards"], cfg,
+                   make_accelerator(cfg.model_copy(update={"grad_accum": 2}), cpu=True), torch.Generator(), value_head=head)
+    with pytest.raises(ValueError, match="add_lora"):
+        update(model.get_base_model(), setup, cfg, value_head=head)
+
+
+def trainable_state(model, head) -> dict[str, torch.Tensor]:
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return state | {f"value.{n}": p.detach().clone() for n, p in head.named_parameters()}
+
+
+def test_minibatch_4_equals_minibatch_2_with_2_accumulation_steps(setup):
+    """One optimizer step over 4 answers gives the same weights however it is split (trl-style)."""
+    results = {}
+    for mb, accum in ((4, 1), (2, 2), (2, 1)):
+        model = fresh_policy(setup["base"])
+        head = ValueHead.for_model(model)
+        start = trainable_state(model, head)
+        cfg = PPOConfig(lr=1e-2, minibatch_size=mb, grad_accum=accum, epochs=2, advantage="gae", max_grad_norm=0.5)
+        update(model, setup, cfg, value_head=head)
+        results[(mb, accum)] = trainable_state(model, head)
+    one, split, smaller = results[(4, 1)], results[(2, 2)], results[(2, 1)]
+    assert any(not torch.equal(one[k], start[k]) for k in one)
+    assert all(torch.allclose(one[k], split[k], atol=1e-5, rtol=0) for k in one)  # measured: 8e-7
+    assert not all(torch.allclose(one[k], smaller[k], atol=1e-4) for k in one)  # a different step size does differ
+
+
+def test_saved_adapter_and_merged_checkpoint_reproduce_the_trained_policy(setup, trained, tmp_path):
+    model, processor, images = trained["model"], setup["processor"], setup["images"]
+    head = ValueHead.for_model(model)
+    torch.nn.init.normal_(head.linear.weight)
+    save_adapter(model, tmp_path / "adapter", value_head=head)
+    merge_and_save(model, processor, tmp_path / "merged")
+    inputs = encode_prompts(processor, images, PROMPT)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        reloaded, _ = load_policy_with_adapter(setup["base"], tmp_path / "adapter")
+        assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-6)
+        folded, _ = load_policy_with_adapter(setup["base"], tmp_path / "adapter", merge=True)
+        assert torch.allclose(folded(**inputs).logits, expected, atol=1e-5)
+        merged, merged_processor = load_policy(tmp_path / "merged")
+        assert torch.allclose(merged(**inputs).logits, expected, atol=1e-5)
+        assert torch.equal(model(**inputs).logits, expected)  # merging left the trained model alone
+    assert torch.equal(load_value_head(tmp_path / "adapter", model).linear.weight, head.linear.weight)
+    assert load_value_head(tmp_path / "merged", model) is None
+    questions = [PROMPT, "Is there a circle in the image?"]
+    greedy = answer(model, processor, images, questions, max_new_tokens=10, progress=False)
+    assert answer(merged, merged_processor, images, questions, max_new_tokens=10, progress=False) == greedy
+    base, _ = load_policy(setup["base"])
+    assert answer(base, processor, images, questions, max_new_tokens=10, progress=False) != greedy  # training mattered
+    with pytest.raises(FileNotFoundError, match="save_adapter"):
+        load_policy_with_adapter(setup["base"], tmp_path / "merged")
+
+
+def test_config_sections_validate():
+    with pytest.raises(ValueError, match="target_modules"):
+        LoraConfig(target_modules=("q_proj", "a.b"))
+    with pytest.raises(ValueError):
+        PPOConfig(advantage="reinforce")
+    assert PPOConfig().advantage in ("gae", "critic_free")

@@ -10,10 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from fisao.localstate import OFFLINE
 
 os.environ.update(OFFLINE)
+# One thread: the machines have 2 cores, often shared; a second torch thread makes the tiny
+# models' small matrix products ~30x slower under contention (measured by a helper session).
+torch.set_num_threads(1)
 
 # A world and models small enough to build in seconds; same code path as the demo.
 TINY = {
@@ -22,7 +26,7 @@ TINY = {
     "clip.steps": 4,
     "clip.batch_size": 16,
     "clip.vocab_size": 320,
-    "llava.steps": 4,
+    "llava.steps": 40,
     "llava.batch_size": 8,
     "eval.max_new_tokens": 12,
     "eval.pope_max_new_tokens": 4,

@@ -133,7 +133,7 @@ def train_clip(
         for key, value in (("loss", loss), ("loss_caption", loss_caption), ("loss_names", loss_names)):
             curves[key].append(round(float(value.detach()), 5))
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     curves["val_auroc"] = object_name_auroc(model, processor, val, world.classes)
     return model, processor, curves
 

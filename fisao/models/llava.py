@@ -130,7 +130,7 @@ def train_llava(
         sched.step()
         curve.append(round(float(loss.detach()), 5))
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     model.eval()
     return {"loss": curve}
 

@@ -189,6 +189,10 @@ class EvalConfig(_Strict):
 class RolloutConfig(_Strict):
     """Sampling the policy's answers on training images, once per round."""
 
+    # The image pool: FiSAO needs images only (ground truth is used for the audit, never for the
+    # reward). "pretrain" has the weak pair prior of unseen images; on "train", whose prior the
+    # policy learnt, it rarely hallucinates (measured: 5.7% of rollout mentions against 24% on val).
+    split: Literal["train", "pretrain"] = "pretrain"
     images_per_round: int = Field(128, ge=1)
     n_per_image: int = Field(4, ge=1)
     # The logged log-probs are the policy's own (temperature 1, full softmax): with temperature 1
@@ -246,6 +250,30 @@ class PPOConfig(_Strict):
     seed: int = 0
 
 
+class RewardConfig(_Strict):
+    """How the verifier's scores become rewards (see fisao/align/rewards.py)."""
+
+    # "token": each mention's reward on its tokens; "sentence": one score of the whole answer
+    # on its last token (the ablation).
+    level: Literal["token", "sentence"] = "token"
+    # "continuous": clamp((s - b) / w, -1, 1); "binary": sign(s - b).
+    shape: Literal["continuous", "binary"] = "continuous"
+    per_class: bool = False
+    template: str = "a photo of a {}."
+    # Stop (instead of warning) when the policy's vision tower is not the verifier's vision model.
+    require_same_vision: bool = True
+    # Calibration: the base policy's answers on this split, `calibration_answers` per image.
+    calibration_split: Split = "val"
+    calibration_images: int = Field(200, ge=1)
+    calibration_answers: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardConfig":
+        if "{}" not in self.template:
+            raise ValueError(f"reward.template must hold '{{}}' where the object name goes, got {self.template!r}")
+        return self
+
+
 class Config(_Strict):
     """A whole campaign: world, base models, evaluation."""
 
@@ -259,6 +287,7 @@ class Config(_Strict):
     rollout: RolloutConfig = RolloutConfig()
     lora: LoraConfig = LoraConfig()
     ppo: PPOConfig = PPOConfig()
+    reward: RewardConfig = RewardConfig()
 
     @property
     def world_dir(self) -> Path:

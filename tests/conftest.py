@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 TINY = {
     "world.sizes": {"train": 48, "val": 16, "test": 12},
     "world.pretrain_size": 32,
-    "clip.steps": 4,
+    "clip.steps": 60,
     "clip.batch_size": 16,
     "clip.vocab_size": 320,
     "llava.steps": 40,

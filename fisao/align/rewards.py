@@ -1,0 +1,80 @@
+"""Token rewards from verifier scores: where each mention's reward goes, and how big it is.
+
+A mention's reward is r(m) = clamp((s − b) / w, −1, 1) ("continuous") or sign(s − b)
+("binary"), with b and w from the calibration (fisao/align/calibration.py). It sits on every
+answer token whose characters overlap the mention; all other tokens get 0. When one token
+overlaps two mentions it takes the lower reward (a hallucination is never masked by a
+neighbour). The sentence-level variant for the ablation puts one normalised score of the whole
+answer on its last token.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def continuous(s: Tensor, b: Tensor | float, w: Tensor | float) -> Tensor:
+    """clamp((s − b) / w, −1, 1), elementwise; w > 0."""
+    return ((s - b) / w).clamp(-1.0, 1.0)
+
+
+def binary(s: Tensor, b: Tensor | float, w: Tensor | float) -> Tensor:
+    """sign(s − b), elementwise (0 exactly at the baseline)."""
+    return torch.sign(s - b)
+
+
+SHAPES: dict[str, Callable[[Tensor, Tensor | float, Tensor | float], Tensor]] = {
+    "continuous": continuous, "binary": binary,
+}
+
+
+def token_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text of `token_ids` and each token's (start, end) character span in it.
+
+    Decodes prefix by prefix (special tokens skipped), so spans follow the generated ids exactly;
+    a token that completes a multi-byte character owns it, and a special token (or an incomplete
+    byte) gets an empty span.
+    """
+    offsets, previous = [], ""
+    for i in range(len(token_ids)):
+        text = tokenizer.decode(list(token_ids[: i + 1]), skip_special_tokens=True)
+        if not text.startswith(previous) or text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
+            offsets.append((len(previous), len(previous)))
+            continue
+        offsets.append((len(previous), len(text)))
+        previous = text
+    return previous, offsets
+
+
+def place_rewards(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]], rewards: Sequence[float],
+                  length: int | None = None) -> Tensor:
+    """(T,) token rewards: each mention's reward on the tokens overlapping its span, else 0.
+
+    offsets: (T,) character spans of the tokens; spans, rewards: one per mention. `length` pads
+    with zeros to T' >= T (rollouts are right-padded). Overlap means start_tok < end_m and
+    end_tok > start_m; a token overlapping several mentions takes the lowest reward.
+    """
+    if len(spans) != len(rewards):
+        raise ValueError(f"{len(spans)} mention spans but {len(rewards)} rewards")
+    out = torch.zeros(length if length is not None else len(offsets))
+    if len(out) < len(offsets):
+        raise ValueError(f"length {length} is shorter than the {len(offsets)} tokens")
+    taken = torch.zeros(len(out), dtype=torch.bool)
+    for (m_start, m_end), r in zip(spans, rewards):
+        for t, (start, end) in enumerate(offsets):
+            if start < m_end and end > m_start:
+                out[t] = min(out[t].item(), r) if taken[t] else r
+                taken[t] = True
+    return out
+
+
+def last_token_reward(mask: Tensor, reward: Tensor) -> Tensor:
+    """(N, T) rewards with `reward` (N,) on each row's last valid token (mask (N, T) bool, right-padded)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    has = mask.any(-1)
+    last = mask.long().cumsum(-1).argmax(-1)  # index of the last True
+    rows = torch.arange(len(mask))[has]
+    out[rows, last[has]] = reward[has].float()
+    return out

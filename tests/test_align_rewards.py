@@ -1,0 +1,154 @@
+"""Rewards and calibration: hand-computed values, naive references, and the shared parser."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
+from fisao.align.rewards import SHAPES, binary, continuous, last_token_reward, place_rewards, token_offsets
+from fisao.benchmarks.mentions import parse_mentions
+from fisao.benchmarks.vocab import Vocabulary
+
+VOCAB = Vocabulary.from_lines(["circle, disk", "square", "cross, plus sign", "moon, crescent"])
+
+
+def test_continuous_and_binary_by_hand():
+    s = torch.tensor([0.9, 0.5, 0.4, 0.3, -1.0])
+    # b = 0.5, w = 0.2: (s - b) / w = 2, 0, -0.5, -1, -7.5 -> clamped
+    assert continuous(s, 0.5, 0.2).tolist() == pytest.approx([1.0, 0.0, -0.5, -1.0, -1.0])
+    assert binary(s, 0.5, 0.2).tolist() == [1.0, 0.0, -1.0, -1.0, -1.0]
+    assert set(SHAPES) == {"continuous", "binary"}
+
+
+def test_place_rewards_by_hand():
+    # tokens:  "a"(0,1) " red"(1,5) " plus"(5,10) " sign"(10,15) " and"(15,19) " disk"(19,24)
+    offsets = [(0, 1), (1, 5), (5, 10), (10, 15), (15, 19), (19, 24)]
+    out = place_rewards(offsets, [(6, 15), (20, 24)], [-0.5, 0.75], length=8)
+    assert out.tolist() == [0, 0, -0.5, -0.5, 0, 0.75, 0, 0]
+
+
+def test_a_token_on_two_mentions_takes_the_lower_reward():
+    out = place_rewards([(0, 10)], [(0, 4), (5, 10)], [0.8, -0.3])
+    assert out.tolist() == pytest.approx([-0.3])
+    out = place_rewards([(0, 10)], [(0, 4), (5, 10)], [-0.9, 0.4])
+    assert out.tolist() == pytest.approx([-0.9])
+
+
+def test_place_rewards_matches_a_naive_character_loop():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cuts = np.sort(rng.choice(np.arange(1, 60), size=12, replace=False))
+        bounds = [0, *cuts.tolist()]
+        offsets = list(zip(bounds[:-1], bounds[1:]))
+        spans, rewards = [], []
+        for _ in range(rng.integers(0, 4)):
+            a = int(rng.integers(0, 55))
+            spans.append((a, a + int(rng.integers(1, 6))))
+            rewards.append(float(rng.uniform(-1, 1)))
+        got = place_rewards(offsets, spans, rewards)
+        for t, (s, e) in enumerate(offsets):
+            chars = set(range(s, e))
+            hits = [r for (ms, me), r in zip(spans, rewards) if chars & set(range(ms, me))]
+            assert got[t].item() == pytest.approx(min(hits) if hits else 0.0)
+
+
+def test_bad_reward_input():
+    with pytest.raises(ValueError, match="2 mention spans but 1 rewards"):
+        place_rewards([(0, 1)], [(0, 1), (1, 2)], [0.5])
+    with pytest.raises(ValueError, match="shorter"):
+        place_rewards([(0, 1), (1, 2)], [], [], length=1)
+
+
+def test_last_token_reward_by_hand():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    out = last_token_reward(mask, torch.tensor([0.5, -1.0, 0.7]))
+    assert out.tolist() == [[0, 0, 0.5, 0], [-1.0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+class ByteTokenizer:
+    """A stand-in with the `decode` of a byte-level tokenizer: each id is one byte."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def test_token_offsets_follow_the_ids_and_survive_split_characters():
+    text = "a crème disk"
+    ids = list(text.encode()) + [300]  # 300: a special token (skipped when decoding)
+    decoded, offsets = token_offsets(ByteTokenizer(), ids)
+    assert decoded == text
+    assert len(offsets) == len(ids)
+    e_grave = text.encode().index(0xC3)
+    assert offsets[e_grave] == (4, 4)  # first byte of "è": no character yet
+    assert offsets[e_grave + 1] == (4, 5)  # the second byte completes it
+    assert offsets[-1][0] == offsets[-1][1]  # the special token has no characters
+    # Every mention's tokens decode to a string that holds the mention.
+    for m in parse_mentions(decoded, VOCAB):
+        rows = [t for t, (s, e) in enumerate(offsets) if s < m.end and e > m.start]
+        assert m.text in ByteTokenizer().decode([ids[t] for t in rows])
+
+
+def test_token_offsets_on_a_real_tokenizer(tiny_models):
+    from transformers import AutoProcessor
+
+    tok = AutoProcessor.from_pretrained(tiny_models["llava"]).tokenizer
+    text = "There are two red circles and a plus sign in the image."
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    decoded, offsets = token_offsets(tok, ids)
+    assert decoded == text
+    mentions = parse_mentions(decoded, VOCAB)
+    assert [m.category for m in mentions] == ["circle", "cross"]
+    rewards = place_rewards(offsets, [(m.start, m.end) for m in mentions], [0.5, -1.0])
+    for m, r in zip(mentions, (0.5, -1.0)):
+        rows = [t for t in range(len(ids)) if rewards[t] == r]
+        assert rows and m.text in tok.decode([ids[t] for t in rows])
+    assert rewards[-1] == 0  # EOS
+
+
+def test_calibrate_by_hand():
+    scores = [0.6, 0.8, 0.2, 0.4]
+    halluc = [False, False, True, True]
+    cal = calibrate(scores, halluc)
+    # s_c = 0.7, s_h = 0.3 -> b = 0.5, w = 0.2; perfect separation
+    assert (cal.mean_correct, cal.mean_hallucinated) == pytest.approx((0.7, 0.3))
+    assert (cal.baseline, cal.width) == pytest.approx((0.5, 0.2))
+    assert cal.auroc == 1.0 and (cal.n_correct, cal.n_hallucinated) == (2, 2)
+    assert cal.thresholds("circle") == pytest.approx((0.5, 0.2))
+    assert Calibration.from_json(cal.to_json()) == cal
+
+
+def test_per_class_calibration_falls_back_to_global():
+    scores = [0.9, 0.7, 0.5, 0.3, 0.6]
+    halluc = [False, True, False, True, False]
+    cats = ["circle", "circle", "square", "square", "moon"]
+    cal = calibrate(scores, halluc, cats, per_class=True)
+    assert cal.thresholds("circle") == pytest.approx((0.8, 0.1))
+    assert cal.thresholds("square") == pytest.approx((0.4, 0.1))
+    assert cal.thresholds("moon") == pytest.approx((cal.baseline, cal.width))  # only correct mentions
+    assert "moon" not in cal.per_class
+
+
+def test_calibration_refuses_what_it_cannot_use():
+    with pytest.raises(ValueError, match="correct and hallucinated mentions, got 2 and 0"):
+        calibrate([0.1, 0.2], [False, False])
+    with pytest.raises(ValueError, match="cannot tell them apart"):
+        calibrate([0.1, 0.9], [False, True])
+    with pytest.raises(ValueError, match="3 scores but 2 labels"):
+        calibrate([0.1, 0.2, 0.3], [False, True])
+
+
+def test_label_mentions_uses_the_shared_parser():
+    labelled = label_mentions(["two disks and a plus sign", "a crescent"], [{"circle"}, {"square"}], VOCAB)
+    assert [(i, m.category, h) for i, m, h in labelled] == [(0, "circle", False), (0, "cross", True), (1, "moon", True)]
+
+
+def test_histogram_is_a_png(tmp_path):
+    cal = calibrate([0.6, 0.8, 0.2, 0.4], [False, False, True, True])
+    path = histogram_png([0.6, 0.8, 0.2, 0.4], [False, False, True, True], cal, tmp_path / "h.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (600, 350)

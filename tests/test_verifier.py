@@ -1,0 +1,83 @@
+"""The verifier on the tiny CLIP, and one FiSAO round's stages on the tiny models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fisao.align import stages
+from fisao.align.verifier import Verifier, check_vision_tower
+from fisao.benchmarks.vocab import Vocabulary
+from fisao.coco import load_image
+from fisao.config import load_config
+from fisao.generate import load_policy
+from fisao.world.data import load_split
+
+
+@pytest.fixture(scope="module")
+def verifier(tiny_models):
+    return Verifier.from_pretrained(tiny_models["clip"], Vocabulary.from_file(tiny_models["world"] / "vocab.txt"))
+
+
+def test_text_embeddings_are_computed_once(tiny_models, monkeypatch):
+    vocab = Vocabulary.from_file(tiny_models["world"] / "vocab.txt")
+    v = Verifier.from_pretrained(tiny_models["clip"], vocab)
+    calls = []
+    original = v.model.get_text_features
+    monkeypatch.setattr(v.model, "get_text_features", lambda **kw: calls.append(1) or original(**kw))
+    images = [load_image(e.image) for e in load_split(tiny_models["world"], "test", limit=3)]
+    emb = v.image_embeddings(images)
+    assert emb.shape == (3, v.text_embeddings.shape[1])
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    s = v.score(emb[0], ["circle", "moon", "circle"])
+    assert s.shape == (3,) and s[0] == s[2]
+    assert torch.allclose(v.category_scores(emb)[0, vocab.categories.index("moon")], s[1])
+    assert calls == []  # scoring mentions never runs the text tower again
+    with pytest.raises(ValueError, match="not in the verifier's vocabulary"):
+        v.score(emb[0], ["zebra"])
+
+
+def test_the_tiny_policy_sees_with_the_verifiers_eyes(tiny_models, verifier):
+    policy, _ = load_policy(tiny_models["llava"])
+    assert check_vision_tower(policy, verifier, require_equal=True, names=("llava", "clip"))
+    with torch.no_grad():
+        next(policy.model.vision_tower.parameters()).add_(1e-3)
+    with pytest.warns(UserWarning, match="first differing tensor"):
+        assert not check_vision_tower(policy, verifier, require_equal=False, names=("llava", "clip"))
+    with pytest.raises(ValueError, match="llava is not the vision model of the verifier clip"):
+        check_vision_tower(policy, verifier, require_equal=True, names=("llava", "clip"))
+
+
+def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
+    cfg = load_config(None, {"rollout.images_per_round": 6, "rollout.n_per_image": 2, "rollout.max_new_tokens": 16,
+                             "reward.calibration_images": 16, "reward.calibration_answers": 4, "ppo.minibatch_size": 4})
+    world, clip, llava = tiny_models["world"], tiny_models["clip"], tiny_models["llava"]
+    cal = stages.calibration_stage(llava, clip, world, cfg.reward, cfg.rollout, tmp_path / "cal", progress=False)
+    assert (tmp_path / "cal" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert 0 <= cal["auroc"] <= 1
+
+    r = stages.rollout_stage(llava, world, cfg.rollout, 1, tmp_path / "rollouts", progress=False)
+    assert r["rollouts"] == 12 and r["split"] == "pretrain"
+    s = stages.score_stage(tmp_path / "rollouts", llava, clip, tmp_path / "cal", world, cfg.reward, tmp_path / "scores")
+    rewards = load_file(str(tmp_path / "scores" / stages.TOKEN_REWARDS))["token_rewards"]
+    rows = [json.loads(line) for line in (tmp_path / "scores" / stages.REWARDS).read_text().splitlines()]
+    assert rewards.shape[0] == 12 and len(rows) == 12
+    n_mentions = sum(len(row["mentions"]) for row in rows)
+    assert s["mentions"] == n_mentions
+    for row, token_row in zip(rows, rewards):
+        for m in row["mentions"]:
+            assert row["text"][m["start"]:m["end"]] == m["text"] and -1 <= m["reward"] <= 1
+            assert m["reward"] == 0 or ((token_row - m["reward"]).abs() < 1e-4).any()
+        if not row["mentions"]:
+            assert not token_row.any()
+
+    before = {k: v.clone() for k, v in load_policy(llava)[0].model.vision_tower.state_dict().items()}
+    u = stages.update_stage(llava, None, tmp_path / "rollouts", tmp_path / "scores", world, cfg.lora, cfg.ppo, 1,
+                            tmp_path / "update")
+    assert u["optimizer_steps"] > 0
+    merged, _ = load_policy(tmp_path / "update" / "model")
+    after = merged.model.vision_tower.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the verifier's eyes never move
+    assert (tmp_path / "update" / "adapter" / "adapter_config.json").is_file()

@@ -1,8 +1,9 @@
-"""The campaign flow: world and base models, then their evaluation, in one flow run.
+"""The campaign flow: world and base models, calibration, then FiSAO rounds, in one flow run.
 
-One flow run per campaign (Prefect's ephemeral API costs seconds per process); every step is
-a task whose cache key holds the data md5, its config section and the code version, so a second
-run skips finished work and says so.
+Round 0 is the base model. Round k: rollouts with round k−1's policy -> verifier scores ->
+PPO/LoRA update -> evaluation. One flow run per campaign (Prefect's ephemeral API costs seconds
+per process); every step is a task whose cache key holds the hashes of its inputs, its config
+section and the code version, so a second run skips finished work and says so.
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from fisao import io
 from fisao.config import Config, load_config
 from fisao.versioning import code_version, package_versions
 from flows.steps import run_step
+from tasks.align import calibrate, rollouts, score, update
 from tasks.evaluate import evaluate
 from tasks.models import build_clip, build_llava
 from tasks.tracking import log_build, log_round
@@ -21,6 +24,8 @@ from tasks.world import prepare_world
 
 MODEL_CODE = ("models", "world", "config.py", "coco.py", "io.py", "auroc.py", "generate.py")
 EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py")
+ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py", "config.py", "io.py", "auroc.py",
+              "world/data.py")
 
 
 def build_base(cfg: Config, project: str) -> dict:
@@ -44,23 +49,87 @@ def build_base(cfg: Config, project: str) -> dict:
 
 
 def evaluate_round(cfg: Config, project: str, campaign_name: str, round_index: int, model: dict, world: dict,
-                   tags: dict, stages: dict) -> dict:
-    """Benchmarks of one round's model, logged as that round's MLflow run."""
+                   tags: dict, stages: dict, extra_metrics: dict | None = None, artifacts: dict | None = None) -> dict:
+    """Benchmarks of one round's model, logged with the round's other figures as its MLflow run."""
     t = time.time()
     result, cached = run_step(evaluate, model, world["path"], world["md5"], ("chair", "pope"), cfg.eval,
                               code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir))
     stages[f"eval-{round_index}"] = {"seconds": round(time.time() - t, 1), "cached": cached}
-    log_round(cfg.name, campaign_name, round_index, result["metrics"],
-              {"model_path": model["path"], **{f"eval.{k}": v for k, v in cfg.eval.model_dump().items()}},
-              {**tags, "fisao.model_sha256": model["sha256"]}, {"evaluation": result["path"]})
+    metrics = {**result["metrics"], **(extra_metrics or {})}
+    params = {"model_path": model["path"], **{f"eval.{k}": v for k, v in cfg.eval.model_dump().items()}}
+    if round_index:
+        for section in ("rollout", "reward", "lora", "ppo"):
+            params.update({f"{section}.{k}": v for k, v in getattr(cfg, section).model_dump().items()})
+    log_round(cfg.name, campaign_name, round_index, metrics, params,
+              {**tags, "fisao.model_sha256": model["sha256"]}, {"evaluation": result["path"], **(artifacts or {})})
+    return {**result, "metrics": metrics}
+
+
+def _timed(stages: dict, name: str, task, *args) -> dict:
+    t = time.time()
+    result, cached = run_step(task, *args)
+    stages[name] = {"seconds": round(time.time() - t, 1), "cached": cached}
     return result
+
+
+ROUND_FIGURES = {
+    "rollouts": ("tokens", "tokens_per_second"),
+    "score": ("reward_mean", "answer_reward_mean", "share_positive", "share_negative", "mentions",
+              "rollout_hallucination_share", "verifier_agreement"),
+    "update": ("kl", "loss", "policy_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm"),
+}
+
+
+def fisao_round(cfg: Config, project: str, k: int, base: dict, policy: dict, previous: dict | None,
+                calibration: dict) -> tuple[dict, dict, dict]:
+    """Round k's rollouts, scores and update; returns (new policy, round figures, artifacts)."""
+    outputs, code, world = str(Path(project) / cfg.outputs_dir), code_version(*ALIGN_CODE), base["world"]
+    stages = base["stages"]
+    samples = _timed(stages, f"rollouts-{k}", rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code, outputs)
+    scores = _timed(stages, f"score-{k}", score, samples, policy, base["clip"], calibration, world["path"],
+                    world["md5"], cfg.reward, code, outputs)
+    new = _timed(stages, f"update-{k}", update, base["llava"], previous, samples, scores, world["path"], world["md5"],
+                 cfg.lora, cfg.ppo, k, code, outputs)
+    figures = {}
+    for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
+        figures.update({f"{stage}/{name}": ref["figures"][name] for name in ROUND_FIGURES[stage] if name in ref["figures"]})
+    # What the stages took when they ran (a cached rerun reports the same figures).
+    for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
+        figures[f"seconds/{stage}"] = ref["figures"]["seconds"]
+    figures["seconds/round"] = round(sum(figures[f"seconds/{s}"] for s in ("rollouts", "score", "update")), 2)
+    artifacts = {"adapter": new["adapter"], "rollouts": str(Path(scores["path"]) / "rewards.jsonl")}
+    return new, figures, artifacts
 
 
 @flow(name="fisao-campaign")
 def campaign(config_path: str | None = None, project: str = ".", overrides: dict | None = None) -> dict:
     """Run the campaign described by `config_path` inside `project`; returns its summary."""
+    t0 = time.time()
     cfg = load_config(config_path, overrides)
+    log = get_run_logger()
     base = build_base(cfg, project)
-    get_run_logger().info("base models ready: %s", base["llava"]["path"])
-    rounds = [evaluate_round(cfg, project, cfg.name, 0, base["llava"], base["world"], base["tags"], base["stages"])]
-    return {"config": cfg.model_dump(mode="json"), **base, "rounds": [r["metrics"] for r in rounds]}
+    log.info("base models ready: %s", base["llava"]["path"])
+    world, stages = base["world"], base["stages"]
+    rounds = [evaluate_round(cfg, project, cfg.name, 0, base["llava"], world, base["tags"], stages)["metrics"]]
+    outputs = str(Path(project) / cfg.outputs_dir)
+    cal = _timed(stages, "calibrate", calibrate, base["llava"], base["clip"], world["path"], world["md5"], cfg.reward,
+                 cfg.rollout, code_version(*ALIGN_CODE), outputs)
+    log.info("verifier calibration: AUROC %.3f, baseline %.4f, width %.4f", cal["figures"]["auroc"],
+             cal["figures"]["baseline"], cal["figures"]["width"])
+    policy, previous = base["llava"], None
+    checkpoints = [base["llava"]["path"]]
+    for k in range(1, cfg.ppo.rounds + 1):
+        policy, figures, artifacts = fisao_round(cfg, project, k, base, policy, previous, cal)
+        previous = policy
+        artifacts["calibration"] = cal["path"]
+        rounds.append(evaluate_round(cfg, project, cfg.name, k, policy, world, base["tags"], stages, figures,
+                                     artifacts)["metrics"])
+        checkpoints.append(policy["path"])
+        log.info("round %d: CHAIR_i %.3f, recall %.3f", k, rounds[-1].get("chair_i", float("nan")),
+                 rounds[-1].get("recall", float("nan")))
+    summary = {"name": cfg.name, "config": cfg.model_dump(mode="json"), **base, "calibration": cal,
+               "rounds": rounds, "checkpoints": checkpoints, "seconds": round(time.time() - t0, 1)}
+    summary_path = Path(outputs) / "campaigns" / cfg.name / "summary.json"
+    io.write_json(summary_path, summary)
+    summary["summary_path"] = str(summary_path)
+    return summary

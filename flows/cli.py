@@ -72,6 +72,8 @@ def _run(args: argparse.Namespace) -> int:
     from flows.report import print_summary
 
     overrides = {"name": args.run_name} if args.run_name else {}
+    if args.rounds is not None:
+        overrides["ppo.rounds"] = args.rounds
     summary = campaign(config_path=args.config, project=str(Path(args.project).resolve()), overrides=overrides)
     print_summary(summary)
     return 0
@@ -113,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
     mo.set_defaults(func=_eval_model)
 
-    run = sub.add_parser("run", help="run a campaign: world, base models, evaluation")
+    run = sub.add_parser("run", help="run a campaign: world, base models, calibration, FiSAO rounds, evaluation")
     run.add_argument("--config", default="configs/demo.yaml")
     run.add_argument("--run-name", default=None, help="name of the campaign (default: the config's name)")
+    run.add_argument("--rounds", type=int, default=None, help="FiSAO rounds (default: the config's ppo.rounds)")
     run.set_defaults(func=_run)
     return p
 

@@ -25,15 +25,27 @@ def print_summary(summary: dict) -> None:
     clip = summary["clip"]["figures"]
     print(f"CLIP object-name AUROC: val {clip.get('val_auroc', float('nan')):.3f}, test {clip.get('test_auroc', float('nan')):.3f}")
     print(f"base LLaVA: {summary['llava']['path']}")
+    cal = summary.get("calibration")
+    if cal:
+        f = cal["figures"]
+        print(f"verifier on the base model's own mentions: AUROC {f['auroc']:.3f} "
+              f"({f['mentions']} mentions, {f['hallucinated_share']:.0%} hallucinated); histogram {cal['path']}/scores.png")
     print()
     print(rounds_table(summary["rounds"]))
+    print()
+    for k, path in enumerate(summary.get("checkpoints", [])):
+        print(f"{'base' if k == 0 else f'round {k}'} checkpoint: {path}")
+    if "summary_path" in summary:
+        print(f"summary (machine-readable): {summary['summary_path']}   total {summary['seconds']:.0f}s")
     print()
     print("Compare runs: make mlflow-ui  (or: mlflow ui --backend-store-uri sqlite:///mlflow.db), then open http://127.0.0.1:5000")
 
 
-ROUND_COLUMNS = ("chair_s", "chair_i", "recall", "len", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1")
+ROUND_COLUMNS = ("chair_s", "chair_i", "recall", "len", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
+                 "score/reward_mean", "update/kl", "seconds/round")
+HEADERS = {"score/reward_mean": "reward", "update/kl": "kl", "seconds/round": "train_s"}
 
 
 def rounds_table(rounds: list[dict]) -> str:
-    rows = [["base" if k == 0 else f"round {k}", *[m.get(c, float("nan")) for c in ROUND_COLUMNS]] for k, m in enumerate(rounds)]
-    return table(["model", *ROUND_COLUMNS], rows)
+    rows = [["base" if k == 0 else f"round {k}", *[m.get(c, "-") for c in ROUND_COLUMNS]] for k, m in enumerate(rounds)]
+    return table(["model", *[HEADERS.get(c, c) for c in ROUND_COLUMNS]], rows)

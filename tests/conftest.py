@@ -31,6 +31,13 @@ TINY = {
     "eval.max_new_tokens": 12,
     "eval.pope_max_new_tokens": 4,
     "eval.batch_size": 16,
+    "rollout.images_per_round": 6,
+    "rollout.n_per_image": 2,
+    "rollout.max_new_tokens": 16,
+    "reward.calibration_images": 16,
+    "reward.calibration_answers": 4,
+    "ppo.minibatch_size": 4,
+    "ppo.rounds": 2,
 }
 
 

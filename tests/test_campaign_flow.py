@@ -62,8 +62,9 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
     assert exp.artifact_location.startswith((project / "mlartifacts").as_uri())
     runs = client.search_runs([exp.experiment_id])
     kinds = sorted(r.data.tags["fisao.kind"] for r in runs)
-    assert kinds == ["build-clip", "build-llava", "campaign", "round"]
-    by_kind = {r.data.tags["fisao.kind"]: r for r in runs}
+    assert kinds == ["build-clip", "build-llava", "campaign", "round", "round", "round"]
+    by_kind = {r.data.tags["fisao.kind"]: r for r in runs if r.data.tags.get("fisao.round", "0") == "0"}
+    by_round = {int(r.data.tags["fisao.round"]): r for r in runs if r.data.tags["fisao.kind"] == "round"}
     assert by_kind["build-clip"].data.tags["fisao.data_md5"] == first["world"]["md5"]
     assert "test_auroc" in by_kind["build-clip"].data.metrics
     assert len(client.get_metric_history(by_kind["build-llava"].info.run_id, "train/loss")) == TINY["llava.steps"]
@@ -77,6 +78,22 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
     local = client.download_artifacts(rnd.info.run_id, "evaluation/captions.jsonl", str(tmp_path))
     assert len(open(local).read().splitlines()) == base["chair_n_captions"]
 
+    # FiSAO rounds: each its own checkpoint, nested run with reward/KL figures, adapter and rollouts.
+    assert len(first["rounds"]) == 3 and len(set(first["checkpoints"])) == 3
+    for k in (1, 2):
+        run = by_round[k]
+        assert run.data.tags["mlflow.parentRunId"] == by_kind["campaign"].info.run_id
+        for key in ("chair_i", "score/reward_mean", "score/share_negative", "update/kl", "update/loss"):
+            assert run.data.metrics[key] == pytest.approx(first["rounds"][k][key]), (k, key)
+        assert run.data.params["ppo.rounds"] == "2"
+        names = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+        assert "adapter/adapter_config.json" in names
+        rows = client.download_artifacts(run.info.run_id, "rollouts/rewards.jsonl", str(tmp_path / f"r{k}"))
+        assert len(open(rows).read().splitlines()) == TINY["rollout.images_per_round"] * TINY["rollout.n_per_image"]
+    from fisao import io
+
+    assert io.read_json(first["summary_path"])["rounds"] == first["rounds"]
+
     second = campaign(config_path=str(config), project=str(project))
 
     assert second["world"]["action"] == "verified"
@@ -84,4 +101,5 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
     assert second["rounds"] == first["rounds"]
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
     parent = by_kind["campaign"].info.run_id
-    assert [m.step for m in client.get_metric_history(parent, "chair_i")] == [0]
+    assert [m.step for m in client.get_metric_history(parent, "chair_i")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(parent, "update/kl")] == [1, 2]

@@ -175,7 +175,9 @@ def ppo_update(
     advantages, returns = ADVANTAGES[cfg.advantage](rewards=rewards, values=old_values, mask=mask, gamma=cfg.gamma, lam=cfg.lam)
     stats = _rollout_stats(token_rewards, rollouts.logprobs, ref_logp, rewards, advantages, mask)
     if cfg.whiten:
-        advantages = masked_whiten(advantages, mask)
+        # Critic-free: scale only, so a token without a reward keeps advantage 0; shifting the mean
+        # would push down every neutral token (measured: the policy collapsed into "a The The The").
+        advantages = masked_whiten(advantages, mask, shift_mean=cfg.advantage == "gae")
 
     params = [p for p in actor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

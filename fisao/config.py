@@ -228,7 +228,10 @@ class LoraConfig(_Strict):
 class PPOConfig(_Strict):
     """The policy update: PPO-clip over tokens with the per-token reward r_t − β·KL_t."""
 
-    lr: float = Field(1e-4, gt=0)
+    # Measured on the demo (3 rounds, 128 images x 4 answers): 1e-3 cut CHAIR_i 0.211 -> 0.171 at
+    # KL 0.4; 2e-3 with 256 images reached 0.153 but lost 8 points of recall and the KL blew up (8.2);
+    # 3e-3 collapsed the policy within one round.
+    lr: float = Field(1e-3, gt=0)
     beta_kl: float = Field(0.05, ge=0)
     clip: float = Field(0.2, gt=0, lt=1)
     value_clip: float = Field(0.2, gt=0)

@@ -124,3 +124,18 @@ def test_configs_are_frozen_and_hash_stably():
     assert WorldConfig().partner() == {
         "circle": "square", "square": "circle", "star": "moon", "moon": "star", "heart": "cross", "cross": "heart",
     }
+
+
+def test_demo_is_the_defaults_and_each_ablation_changes_one_thing():
+    import glob
+
+    from fisao.config import Config
+
+    demo = load_config("configs/demo.yaml").model_dump(exclude={"name"})
+    assert demo == Config().model_dump(exclude={"name"})
+    paths = sorted(glob.glob("configs/ablation-*.yaml"))
+    assert len(paths) == 4
+    for path in paths:
+        other = load_config(path).model_dump(exclude={"name"})
+        changed = [(s, k) for s in demo for k in demo[s] if demo[s][k] != other[s][k]]
+        assert len(changed) == 1, (path, changed)

@@ -1,0 +1,94 @@
+"""One FiSAO round, timed: per-stage wall time, rollout tokens per second and peak memory.
+
+    python bench/round.py [--config configs/demo.yaml] [--set rollout.images_per_round=64 ...]
+
+    python bench/round.py --world data/world --clip outputs/models/clip-<key> --llava outputs/models/llava-<key>
+
+Builds the world and base models in a temp directory unless given (`make run` prints their
+paths). Prints one line per stage and a JSON object; nothing is asserted: speed is reported,
+never tested.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fisao.localstate import OFFLINE  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = json.loads(value) if value[:1] in "0123456789-[{tf\"" else value
+    return out
+
+
+def main() -> int:
+    import os
+
+    os.environ.update(OFFLINE)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--world", default=None, help="world directory (default: build one in a temp dir)")
+    p.add_argument("--clip", default=None, help="CLIP directory (default: build)")
+    p.add_argument("--llava", default=None, help="base LLaVA directory (default: build)")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides, dotted.key=value")
+    args = p.parse_args()
+
+    from fisao.align import stages
+    from fisao.config import load_config
+    from fisao.models.build import build_clip, build_llava
+    from fisao.world.build import build_world
+
+    cfg = load_config(args.config, parse_set(args.set))
+    work = Path(tempfile.mkdtemp(prefix="fisao-bench-"))
+    times: dict[str, float] = {}
+
+    def timed(name, fn, *a, **kw):
+        t = time.perf_counter()
+        result = fn(*a, **kw)
+        times[name] = round(time.perf_counter() - t, 2)
+        print(f"{name:<12} {times[name]:8.2f} s   peak RSS {peak_rss_mb():7.0f} MB", flush=True)
+        return result
+
+    world = Path(args.world) if args.world else timed("world", build_world, work / "world", cfg.world, progress=False)
+    clip, llava = args.clip, args.llava
+    if clip is None:
+        clip = work / "clip"
+        timed("clip", build_clip, world, cfg.clip, clip, progress=False)
+    if llava is None:
+        llava = work / "llava"
+        timed("llava", build_llava, world, clip, cfg.llava, llava, progress=False)
+    timed("calibrate", stages.calibration_stage, llava, clip, world, cfg.reward, cfg.rollout, work / "cal", progress=False)
+    rollouts = timed("rollouts", stages.rollout_stage, llava, world, cfg.rollout, 1, work / "rollouts", progress=False)
+    timed("score", stages.score_stage, work / "rollouts", llava, clip, work / "cal", world, cfg.reward, work / "scores")
+    timed("update", stages.update_stage, llava, None, work / "rollouts", work / "scores", world, cfg.lora, cfg.ppo, 1,
+          work / "update")
+    from fisao.evaluate import evaluate_model
+
+    timed("evaluate", evaluate_model, work / "update" / "model", world, ("chair", "pope"), cfg.eval, work / "eval",
+          progress=False)
+    round_seconds = sum(times[k] for k in ("rollouts", "score", "update", "evaluate"))
+    print(json.dumps({
+        "stage_seconds": times, "round_seconds": round(round_seconds, 2),
+        "rollouts": rollouts["rollouts"], "rollout_tokens": rollouts["tokens"],
+        "rollout_tokens_per_second": rollouts["tokens_per_second"], "peak_rss_mb": round(peak_rss_mb()),
+        "workdir": str(work),
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,11 +131,13 @@ def test_demo_is_the_defaults_and_each_ablation_changes_one_thing():
 
     from fisao.config import Config
 
-    demo = load_config("configs/demo.yaml").model_dump(exclude={"name"})
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    demo = load_config(configs / "demo.yaml").model_dump(exclude={"name"})
     assert demo == Config().model_dump(exclude={"name"})
-    paths = sorted(glob.glob("configs/ablation-*.yaml"))
+    paths = sorted(glob.glob(str(configs / "ablation-*.yaml")))
     assert len(paths) == 4
     for path in paths:
         other = load_config(path).model_dump(exclude={"name"})
-        changed = [(s, k) for s in demo for k in demo[s] if demo[s][k] != other[s][k]]
+        changed = [(s, k) for s in demo if isinstance(demo[s], dict) for k in demo[s] if demo[s][k] != other[s][k]]
+        changed += [s for s in demo if not isinstance(demo[s], dict) and demo[s] != other[s]]
         assert len(changed) == 1, (path, changed)

@@ -261,6 +261,10 @@ class RewardConfig(_Strict):
     level: Literal["token", "sentence"] = "token"
     # "continuous": clamp((s - b) / w, -1, 1); "binary": sign(s - b).
     shape: Literal["continuous", "binary"] = "continuous"
+    # Which tokens carry a mention's reward: "mention", its name's; "phrase", also the words that
+    # led to it since the previous mention, at most `span_words` of them ("and a blue square").
+    span: Literal["mention", "phrase"] = "mention"
+    span_words: int = Field(3, ge=0)
     per_class: bool = False
     template: str = "a photo of a {}."
     # Stop (instead of warning) when the policy's vision tower is not the verifier's vision model.

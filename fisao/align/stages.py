@@ -22,7 +22,7 @@ from transformers import AutoProcessor
 
 from fisao import io
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
-from fisao.align.rewards import SHAPES, last_token_reward, place_rewards, token_offsets
+from fisao.align.rewards import SHAPES, SPANS, last_token_reward, place_rewards, token_offsets
 from fisao.align.rollout import load_rollouts, sample_rollouts, save_rollouts
 from fisao.align.update import (
     ValueHead, add_lora, load_policy_with_adapter, load_value_head, make_accelerator, merge_and_save, ppo_update,
@@ -132,7 +132,8 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
             b, w = mention_cal.thresholds(m.category)
             rewards.append(float(shape(s, b, w)))
         if reward.level == "token":
-            token_rewards[r] = place_rewards(offsets, [(m.start, m.end) for m in mentions], rewards, width)
+            spans = SPANS[reward.span](text, [(m.start, m.end) for m in mentions], reward.span_words)
+            token_rewards[r] = place_rewards(offsets, spans, rewards, width)
         records = []
         for m, s, rw in zip(mentions, scores.tolist(), rewards):
             hallucinated = m.category not in truth

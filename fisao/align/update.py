@@ -42,29 +42,32 @@ from fisao.align.ppo import ADVANTAGES, kl_per_token, masked_mean, masked_whiten
 from fisao.align.rollout import Rollouts, encode_prompts, response_hidden, token_logprobs
 from fisao.config import LoraConfig, PPOConfig
 from fisao.generate import load_policy
+from fisao.models.families import LLAVA, Family, family_of
 
 VALUE_HEAD = "value_head.safetensors"
 
 
-def lora_target_regex(cfg: LoraConfig) -> str:
-    """A regex (peft matches it against full module names) for the language model's projections."""
+def lora_target_regex(cfg: LoraConfig, family: Family = LLAVA) -> str:
+    """A regex (peft matches it against full module names) for the language model's projections
+    (and the family's vision-to-language projector with `train_projector`)."""
     names = "|".join(re.escape(n) for n in cfg.target_modules)
     pattern = rf".*language_model\..*\.({names})"
     if cfg.train_projector:
-        pattern += r"|.*multi_modal_projector\.(linear_1|linear_2)"
+        pattern += "|" + family.projector_regex
     return pattern
 
 
 def add_lora(model, cfg: LoraConfig) -> peft.PeftModel:
     """Wrap `model` with fresh LoRA adapters; only the adapters are trainable afterwards."""
+    family = family_of(model)
     peft_cfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=lora_target_regex(cfg), bias="none")
+                               target_modules=lora_target_regex(cfg, family), bias="none")
     try:
         wrapped = peft.get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ValueError(f"lora.target_modules {list(cfg.target_modules)} match no module of the language model; "
                          "use its projection names (q_proj, k_proj, v_proj, o_proj for Llama)") from e
-    vision = wrapped.get_base_model().model.vision_tower
+    vision = family.vision_tower(wrapped.get_base_model())
     vision.requires_grad_(False)
     assert not any("lora_" in n for n, _ in vision.named_parameters()), "LoRA reached the vision tower"
     return wrapped

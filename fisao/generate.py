@@ -40,7 +40,9 @@ def chat_prompt(processor, question: str) -> str:
 def banned_token_ids(processor) -> list[int]:
     """Tokens a rollout must never emit: the image placeholder, padding and <s>."""
     tok = processor.tokenizer
-    ids = {tok.convert_tokens_to_ids(getattr(processor, "image_token", None) or "<image>"), tok.pad_token_id, tok.bos_token_id}
+    image = getattr(processor, "image_token", None) or "<image>"
+    image = getattr(image, "content", image)  # InstructBLIP's processor holds an AddedToken
+    ids = {tok.convert_tokens_to_ids(image), tok.pad_token_id, tok.bos_token_id}
     ids.discard(None)
     ids.discard(tok.unk_token_id if tok.unk_token_id is not None else -1)
     return sorted(i for i in ids if i is not None and i != tok.eos_token_id)

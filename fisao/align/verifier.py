@@ -20,11 +20,17 @@ from transformers import CLIPModel, CLIPProcessor
 
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.models.clip import PROMPT_TEMPLATE
+from fisao.models.eva_clip import is_eva_clip_dir, load_eva_clip
 from fisao.models.families import family_of, vision_tower
 
 
 class Verifier:
-    """Scores of images against object categories and against whole answers."""
+    """Scores of images against object categories and against whole answers.
+
+    `model` is a transformers CLIPModel or anything with its `get_image_features`,
+    `get_text_features`, `vision_model` and `config.text_config` (the EVA-CLIP of
+    fisao/models/eva_clip.py); `processor` has `.tokenizer` and `.image_processor`.
+    """
 
     def __init__(self, model: CLIPModel, processor: CLIPProcessor, vocab: Vocabulary,
                  template: str = PROMPT_TEMPLATE, source: str = "<memory>"):
@@ -38,6 +44,11 @@ class Verifier:
     @classmethod
     def from_pretrained(cls, clip_dir: str | Path, vocab: Vocabulary, template: str = PROMPT_TEMPLATE,
                         device: str = "cpu", trust_remote_code: bool = False) -> "Verifier":
+        """A transformers CLIP directory or hub id, or an EVA-CLIP directory (InstructBLIP's verifier,
+        see fisao/models/eva_clip.py)."""
+        if is_eva_clip_dir(clip_dir):
+            model, processor = load_eva_clip(clip_dir, device)
+            return cls(model, processor, vocab, template, source=str(clip_dir))
         model = CLIPModel.from_pretrained(str(clip_dir), trust_remote_code=trust_remote_code).to(device)
         processor = CLIPProcessor.from_pretrained(str(clip_dir), trust_remote_code=trust_remote_code)
         return cls(model, processor, vocab, template, source=str(clip_dir))

@@ -90,7 +90,8 @@ def tokenizers():
     names = [" ".join(n.split()) for c in Vocabulary.coco().categories for n in Vocabulary.coco().names_of(c)]
     corpus = (list(PROMPTS) + ["USER:", "ASSISTANT:", "[INST]", "[/INST]", "Is there a", "in the image?"]) * 20
     corpus += [f"There is a {n} and a {m}." for n, m in zip(names, names[1:])]
-    bpe = train_bpe(corpus, 400)
+    corpus += [f"a {w} and a {w}" for w in OBJECT_WORDS] * 20
+    bpe = train_bpe(corpus, 600)
     llava = wrap(bpe, "llava")
     llava.padding_side = "left"
     return llava, wrap(bpe, "clip")
@@ -101,6 +102,23 @@ def _llama(tok, width: int = WIDTH) -> LlamaConfig:
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                        tie_word_embeddings=False)
+
+
+OBJECT_WORDS = ("dog", "cat", "car", "chair", "person", "bottle", "zebra", "pizza", "horse", "train")
+
+
+@torch.no_grad()
+def steer_to_objects(model, tok, scale: float = 40.0) -> None:
+    """Make a random model name objects: the output rows of COCO words (and of EOS) are scaled up, the
+    others zeroed, so sampled answers are runs of object names, some present and some not — what
+    calibration needs (correct and hallucinated mentions) without training anything."""
+    head = model.get_output_embeddings().weight
+    keep = [tok.convert_tokens_to_ids("\u0120" + w) for w in OBJECT_WORDS] + [tok.eos_token_id]
+    keep = [i for i in keep if i is not None and i != tok.unk_token_id]
+    assert len(keep) > 6, keep
+    rows = head[keep].clone()
+    head.zero_()
+    head[keep] = rows * scale
 
 
 def _generation_ids(model, tok) -> None:
@@ -136,6 +154,7 @@ def llava(tok, clip: CLIPModel, out: Path) -> Path:
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     _generation_ids(model, tok)
+    steer_to_objects(model, tok)
     processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": IMAGE},
                                                                      crop_size={"height": IMAGE, "width": IMAGE}),
                                tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
@@ -154,6 +173,7 @@ def llava_next(tok, clip: CLIPModel, out: Path) -> Path:
     model = LlavaNextForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     _generation_ids(model, tok)
+    steer_to_objects(model, tok)
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
                                                  image_grid_pinpoints=grid)
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
@@ -200,6 +220,7 @@ def instructblip(tok, clip_tok, out: Path, verifier_out: Path) -> tuple[Path, Pa
     assert set(missing) == {"post_layernorm.weight", "post_layernorm.bias"} and not unexpected
     _generation_ids(model, tok)
     _generation_ids(model.language_model, tok)
+    steer_to_objects(model, tok)
     processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tok, qformer_tokenizer=clip_tok,
                                       num_query_tokens=4)
     model.save_pretrained(out)

@@ -88,6 +88,28 @@ def example_truth(data_dir: str | Path, examples: list[Example], vocab: Vocabula
     return [truth.get(e.image_id) if e.objects is not None else None for e in examples]
 
 
+def coco_fingerprint(root: str | Path) -> str:
+    """A content id of a COCO directory: DVC's md5 from `<root>.dvc` when the user versioned it
+    (`dvc add data/coco`), else the md5 of the annotation files and the list of image names and sizes
+    (cheap; a changed image of the same size goes unnoticed: `dvc add` for the real guarantee)."""
+    import hashlib
+
+    import yaml
+
+    root = Path(root)
+    dvc_file = root.parent / f"{root.name}.dvc"
+    if dvc_file.is_file():
+        return str(yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"])
+    h = hashlib.md5()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(root).as_posix()
+            h.update(f"{rel}\0{p.stat().st_size}\0".encode())
+            if p.suffix == ".json":
+                h.update(io.file_digest(p, "md5").encode())
+    return h.hexdigest() + ".fingerprint"
+
+
 def load_examples(data_dir: str | Path, split: str, limit: int | None = None, need_objects: bool = False) -> list[Example]:
     """The examples of `split` in a world or COCO directory (see the module docstring)."""
     if is_world(data_dir):

@@ -19,13 +19,15 @@ from flows.steps import run_step
 from tasks.align import calibrate, rollouts, score, update
 from tasks.evaluate import evaluate
 from tasks.models import build_clip, build_llava
+from tasks.realdata import memory_check, real_models
 from tasks.tracking import log_build, log_round
 from tasks.world import prepare_world
 
 MODEL_CODE = ("models", "world", "config.py", "coco.py", "io.py", "auroc.py", "generate.py")
-EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py")
+EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py",
+             "runtime.py", "models/families.py")
 ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py", "config.py", "io.py", "auroc.py",
-              "world/data.py")
+              "world/data.py", "examples.py", "runtime.py", "models/families.py", "models/eva_clip.py")
 
 
 def build_base(cfg: Config, project: str) -> dict:
@@ -48,12 +50,21 @@ def build_base(cfg: Config, project: str) -> dict:
     return {"world": world, "clip": clip, "llava": llava, "stages": stages, "tags": tags}
 
 
+def real_base(cfg: Config, project: str) -> dict:
+    """Policy, verifier and COCO as the config names them (nothing built), after the memory check."""
+    refs = real_models(cfg)
+    memory_check(cfg, refs["policy"]["path"])
+    tags = {"fisao.data_md5": refs["data"]["md5"], "fisao.policy": cfg.model.policy,
+            **{f"version.{k}": v for k, v in package_versions().items()}}
+    return {"world": refs["data"], "clip": refs["verifier"], "llava": refs["policy"], "stages": {}, "tags": tags}
+
+
 def evaluate_round(cfg: Config, project: str, campaign_name: str, round_index: int, model: dict, world: dict,
                    tags: dict, stages: dict, extra_metrics: dict | None = None, artifacts: dict | None = None) -> dict:
     """Benchmarks of one round's model, logged with the round's other figures as its MLflow run."""
     t = time.time()
     result, cached = run_step(evaluate, model, world["path"], world["md5"], ("chair", "pope"), cfg.eval,
-                              code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir))
+                              code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir), runtime=cfg.model)
     stages[f"eval-{round_index}"] = {"seconds": round(time.time() - t, 1), "cached": cached}
     metrics = {**result["metrics"], **(extra_metrics or {})}
     params = {"model_path": model["path"], **{f"eval.{k}": v for k, v in cfg.eval.model_dump().items()}}
@@ -85,11 +96,13 @@ def fisao_round(cfg: Config, project: str, k: int, base: dict, policy: dict, pre
     """Round k's rollouts, scores and update; returns (new policy, round figures, artifacts)."""
     outputs, code, world = str(Path(project) / cfg.outputs_dir), code_version(*ALIGN_CODE), base["world"]
     stages = base["stages"]
-    samples = _timed(stages, f"rollouts-{k}", rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code, outputs)
+    rt, scale = cfg.model, cfg.scale
+    samples = _timed(stages, f"rollouts-{k}", rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code, outputs,
+                     rt, scale.rollout_shards, scale.rollout_backend)
     scores = _timed(stages, f"score-{k}", score, samples, policy, base["clip"], calibration, world["path"],
-                    world["md5"], cfg.reward, code, outputs)
+                    world["md5"], cfg.reward, code, outputs, rt)
     new = _timed(stages, f"update-{k}", update, base["llava"], previous, samples, scores, world["path"], world["md5"],
-                 cfg.lora, cfg.ppo, k, code, outputs)
+                 cfg.lora, cfg.ppo, k, code, outputs, rt, scale.processes)
     figures = {}
     for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
         figures.update({f"{stage}/{name}": ref["figures"][name] for name in ROUND_FIGURES[stage] if name in ref["figures"]})
@@ -107,13 +120,13 @@ def campaign(config_path: str | None = None, project: str = ".", overrides: dict
     t0 = time.time()
     cfg = load_config(config_path, overrides)
     log = get_run_logger()
-    base = build_base(cfg, project)
+    base = build_base(cfg, project) if cfg.model is None else real_base(cfg, project)
     log.info("base models ready: %s", base["llava"]["path"])
     world, stages = base["world"], base["stages"]
     rounds = [evaluate_round(cfg, project, cfg.name, 0, base["llava"], world, base["tags"], stages)["metrics"]]
     outputs = str(Path(project) / cfg.outputs_dir)
     cal = _timed(stages, "calibrate", calibrate, base["llava"], base["clip"], world["path"], world["md5"], cfg.reward,
-                 cfg.rollout, code_version(*ALIGN_CODE), outputs)
+                 cfg.rollout, code_version(*ALIGN_CODE), outputs, cfg.model)
     log.info("verifier calibration: AUROC %.3f, baseline %.4f, width %.4f", cal["figures"]["auroc"],
              cal["figures"]["baseline"], cal["figures"]["width"])
     policy, previous = base["llava"], None

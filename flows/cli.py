@@ -67,6 +67,26 @@ def _eval_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    from fisao.config import load_config
+    from fisao.memory import VERIFIER_PARAMS, available_memory, check_fits, estimate, policy_config, report
+    from fisao.runtime import runtime_device
+
+    cfg = load_config(args.config)
+    if cfg.model is None:
+        raise ValueError(f"{args.config} has no model section: the estimate is for real checkpoints")
+    est = estimate(policy_config(cfg.model.policy, cfg.model.trust_remote_code), cfg.lora, cfg.ppo, cfg.rollout,
+                   cfg.model.dtype, cfg.model.gradient_checkpointing, VERIFIER_PARAMS.get(cfg.model.verifier, 0))
+    if args.memory_gib or cfg.model.memory_gib:
+        gib = args.memory_gib or cfg.model.memory_gib
+        available, where = int(gib * 1024 ** 3), f"the given budget ({gib} GiB)"
+    else:
+        available, where = available_memory(runtime_device(cfg.model))
+    print(report(est, where, available))
+    check_fits(est, available, where)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from flows.campaign import campaign
     from flows.report import print_summary
@@ -114,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--out", default=None, help="where answers and details go")
     mo.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
     mo.set_defaults(func=_eval_model)
+
+    es = sub.add_parser("estimate", help="parameters and memory a real-model campaign needs; refuses what cannot fit")
+    es.add_argument("--config", required=True)
+    es.add_argument("--memory-gib", type=float, default=None, help="check against this budget instead of the device")
+    es.set_defaults(func=_estimate)
 
     run = sub.add_parser("run", help="run a campaign: world, base models, calibration, FiSAO rounds, evaluation")
     run.add_argument("--config", default="configs/demo.yaml")

@@ -68,3 +68,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     build_clip(world, cfg.clip, root / "clip", progress=False)
     build_llava(world, root / "clip", cfg.llava, root / "llava", progress=False)
     return {"world": world, "clip": root / "clip", "llava": root / "llava", "config": cfg}
+
+
+@pytest.fixture(scope="session")
+def real_models(tmp_path_factory) -> dict:
+    """Tiny random LLaVA, LLaVA-NeXT and InstructBLIP (with their verifiers) and a COCO-layout fixture."""
+    from tests.realmodels import build_all, coco_fixture
+
+    root = tmp_path_factory.mktemp("real")
+    return {"coco": coco_fixture(root / "coco"), "models": build_all(root)}

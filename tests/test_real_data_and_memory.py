@@ -1,0 +1,78 @@
+"""COCO-layout loaders on a fixture in the real formats, the shipped POPE files, the real-model
+config sections, and the memory estimate (7B counted on the meta device) and its refusal."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fisao import io
+from fisao.benchmarks.vocab import Vocabulary
+from fisao.config import load_config
+from fisao.evaluate import eval_data, shipped_pope
+from fisao.examples import example_truth, load_examples
+from fisao.memory import GIB, VERIFIER_PARAMS, check_fits, estimate, known_config, report
+from tests.realmodels import TRAIN, VAL, coco_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_coco_layout_loaders(tmp_path):
+    root = coco_fixture(tmp_path / "coco")
+    train = load_examples(root, "train")
+    assert [e.image_id for e in train] == sorted(TRAIN) and all(e.objects is None for e in train)
+    assert train[0].image.name == "COCO_train2014_000000000009.jpg"
+    val = load_examples(root, "val", limit=3, need_objects=True)
+    assert [e.image_id for e in val] == sorted(VAL)[:3] and val[0].objects == ("dog", "chair")
+    truth = example_truth(root, val, Vocabulary.coco())
+    assert truth[0] == {"dog", "chair", "couch"}  # "sofa" in a reference caption counts, as in CHAIR
+    assert example_truth(root, train[:1], Vocabulary.coco()) == [None]
+    with pytest.raises(FileNotFoundError, match="instances_train2014.json"):
+        load_examples(root, "train", need_objects=True)
+    with pytest.raises(ValueError, match="rollout.split: train"):
+        load_examples(root, "pretrain")
+    data = eval_data(root)
+    assert data.images_dir == root / "val2014" and data.references == root / "annotations" / "captions_val2014.json"
+    assert data.pope["random"] == root / "pope" / "coco_pope_random.json"
+    for d in ("pope",):
+        for f in (root / d).iterdir():
+            f.unlink()
+    assert eval_data(root).pope["adversarial"] == shipped_pope("adversarial")
+
+
+def test_the_official_pope_files_ship_with_their_licence():
+    for strategy in ("random", "popular", "adversarial"):
+        rows = io.read_jsonl(shipped_pope(strategy))
+        assert len(rows) == 3000 and {r["label"] for r in rows} == {"yes", "no"}
+        assert len({r["image"] for r in rows}) == 500 and rows[0]["image"].startswith("COCO_val2014_")
+    assert "MIT License" in (shipped_pope("random").parent / "LICENSE").read_text()
+
+
+def test_real_model_configs_load_and_sections_go_together(tmp_path):
+    for size in ("7b", "13b"):
+        cfg = load_config(ROOT / "configs" / f"llava-1.5-{size}.yaml")
+        assert cfg.model.policy == f"llava-hf/llava-1.5-{size}-hf" and cfg.model.dtype == "bfloat16"
+        assert cfg.model.verifier == "openai/clip-vit-large-patch14-336" and not cfg.model.trust_remote_code
+        assert cfg.eval.limit == 500 and cfg.eval.max_new_tokens == 512 and cfg.data.kind == "coco"
+    with pytest.raises(ValueError, match="model and data go together"):
+        load_config(None, {"model": {"policy": "x", "verifier": "y"}})
+    with pytest.raises(ValueError, match="on COCO rollouts use train"):
+        load_config(None, {"model": {"policy": "x", "verifier": "y"}, "data": {"root": "d"}})
+
+
+def test_llava_7b_estimate_and_refusal():
+    cfg = load_config(ROOT / "configs" / "llava-1.5-7b.yaml")
+    est = estimate(known_config(cfg.model.policy), cfg.lora, cfg.ppo, cfg.rollout,
+                   verifier_params=VERIFIER_PARAMS[cfg.model.verifier])
+    assert est.params["total"] == 7_063_427_072  # llava-hf/llava-1.5-7b-hf's parameter count
+    assert est.params["vision"] == 303_507_456
+    assert est.lora_params == 32 * 4 * cfg.lora.r * (4096 + 4096)  # q, k, v, o of 32 layers
+    assert est.weights == 2 * est.params["total"] and est.rollout_tokens == 512 * 4 * 512
+    assert 14 * GIB < est.peak < 40 * GIB
+    check_fits(est, 80 * GIB, "an 80 GiB GPU")  # fits
+    with pytest.raises(ValueError, match=r"needs about .* GiB at its calibration stage but a 16 GiB GPU is 16.0 GiB"):
+        check_fits(est, 16 * GIB, "a 16 GiB GPU")
+    text = report(est, "a 16 GiB GPU", 16 * GIB)
+    assert "parameters: 7.06 B" in text and "LoRA 67.1 M" in text
+    no_ckpt = estimate(known_config(cfg.model.policy), cfg.lora, cfg.ppo, cfg.rollout, gradient_checkpointing=False)
+    assert no_ckpt.update_activations > est.update_activations

@@ -265,6 +265,8 @@ class RewardConfig(_Strict):
     # led to it since the previous mention, at most `span_words` of them ("and a blue square").
     span: Literal["mention", "phrase"] = "mention"
     span_words: int = Field(3, ge=0)
+    # "each": every mention keeps its reward; "first": a repeated category earns at most 0.
+    repeats: Literal["each", "first"] = "each"
     per_class: bool = False
     template: str = "a photo of a {}."
     # Stop (instead of warning) when the policy's vision tower is not the verifier's vision model.

@@ -9,7 +9,8 @@ import torch
 
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
 from fisao.align.rewards import (
-    SHAPES, SPANS, binary, continuous, last_token_reward, mention_spans, phrase_spans, place_rewards, token_offsets,
+    REPEATS, SHAPES, SPANS, binary, continuous, every_mention, first_mention, last_token_reward, mention_spans,
+    phrase_spans, place_rewards, token_offsets,
 )
 from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.vocab import Vocabulary
@@ -62,6 +63,18 @@ def test_phrase_spans_never_overlap_and_always_hold_their_mention():
             assert not _SENTENCE_END_IN(text[ps:ms])
         assert all(a[1] <= b[0] for a, b in zip(phrases, phrases[1:]))
     assert phrase_spans("", []) == []
+
+
+def test_repeats_by_hand():
+    cats = ["circle", "square", "circle", "square", "moon", "circle"]
+    rewards = [0.8, -0.5, 0.8, -0.5, 0.2, 0.8]
+    assert every_mention(cats, rewards) == rewards
+    # Repeats of a rewarded object earn nothing; a repeated hallucination is penalised again.
+    assert first_mention(cats, rewards) == [0.8, -0.5, 0.0, -0.5, 0.2, 0.0]
+    assert first_mention([], []) == []
+    assert set(REPEATS) == {"each", "first"}
+    with pytest.raises(ValueError, match="2 categories but 1 rewards"):
+        first_mention(["a", "b"], [1.0])
 
 
 def _SENTENCE_END_IN(chunk: str) -> bool:

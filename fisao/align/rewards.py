@@ -77,6 +77,34 @@ SPANS: dict[str, Callable[[str, Sequence[tuple[int, int]], int], list[tuple[int,
 }
 
 
+def every_mention(categories: Sequence[str], rewards: Sequence[float]) -> list[float]:
+    """Each mention keeps its reward, repeats included."""
+    return list(rewards)
+
+
+def first_mention(categories: Sequence[str], rewards: Sequence[float]) -> list[float]:
+    """A category's first mention keeps its reward; a repeat keeps only a penalty: min(r, 0).
+
+    Rewarding every repeat pays the policy to name the objects it is sure of again and again
+    instead of the others (seen on the world: mentions per caption stayed at 3.6 while distinct
+    objects fell from 2.4 to 1.7 and recall lost 13 points); a hallucination named twice is
+    still two hallucinations, as CHAIR counts it.
+    """
+    if len(categories) != len(rewards):
+        raise ValueError(f"{len(categories)} categories but {len(rewards)} rewards")
+    seen: set[str] = set()
+    out = []
+    for category, r in zip(categories, rewards):
+        out.append(min(r, 0.0) if category in seen else r)
+        seen.add(category)
+    return out
+
+
+REPEATS: dict[str, Callable[[Sequence[str], Sequence[float]], list[float]]] = {
+    "each": every_mention, "first": first_mention,
+}
+
+
 def token_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
     """The decoded text of `token_ids` and each token's (start, end) character span in it.
 

@@ -22,7 +22,7 @@ from transformers import AutoProcessor
 
 from fisao import io
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
-from fisao.align.rewards import SHAPES, SPANS, last_token_reward, place_rewards, token_offsets
+from fisao.align.rewards import REPEATS, SHAPES, SPANS, last_token_reward, place_rewards, token_offsets
 from fisao.align.backends import BACKENDS
 from fisao.align.rollout import Rollouts, batch_seed, load_rollouts, sample_rollouts, save_rollouts
 from fisao.align.update import (
@@ -137,6 +137,7 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
         for m, s in zip(mentions, scores):
             b, w = mention_cal.thresholds(m.category)
             rewards.append(float(shape(s, b, w)))
+        rewards = REPEATS[reward.repeats]([m.category for m in mentions], rewards)
         if reward.level == "token":
             spans = SPANS[reward.span](text, [(m.start, m.end) for m in mentions], reward.span_words)
             token_rewards[r] = place_rewards(offsets, spans, rewards, width)

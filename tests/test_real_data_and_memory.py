@@ -76,3 +76,21 @@ def test_llava_7b_estimate_and_refusal():
     assert "parameters: 7.06 B" in text and "LoRA 67.1 M" in text
     no_ckpt = estimate(known_config(cfg.model.policy), cfg.lora, cfg.ppo, cfg.rollout, gradient_checkpointing=False)
     assert no_ckpt.update_activations > est.update_activations
+
+
+def test_the_coco_world_fixture_speaks_coco(tmp_path):
+    """tests/cocoworld.py: every renamed caption names exactly its image's objects in COCO-80 (so
+    CHAIR's and calibration's labels are the world's truth), and the loaders read it as COCO."""
+    from fisao.benchmarks.mentions import parse_mentions
+    from fisao.world.build import build_world
+    from tests.cocoworld import WORLD, _as_coco
+
+    examples = _as_coco(build_world(tmp_path / "world", WORLD, progress=False), tmp_path / "coco")
+    coco = Vocabulary.coco()
+    for split in examples.values():
+        for e in split:
+            assert all({m.category for m in parse_mentions(c, coco)} == set(e.objects) for c in e.captions), e
+    val = load_examples(tmp_path / "coco", "val", need_objects=True)
+    assert [e.image_id for e in val] == sorted(e.image_id for s in ("val", "test") for e in examples[s])
+    assert {o for e in val for o in e.objects} == {"clock", "book", "cake", "banana"}
+    assert len(io.read_jsonl(eval_data(tmp_path / "coco").pope["adversarial"])) > 0

@@ -98,7 +98,7 @@ def fisao_round(cfg: Config, project: str, k: int, base: dict, policy: dict, pre
     stages = base["stages"]
     rt, scale = cfg.model, cfg.scale
     samples = _timed(stages, f"rollouts-{k}", rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code, outputs,
-                     rt, scale.rollout_shards, scale.rollout_backend)
+                     rt, scale.shards, scale.rollout_backend, scale.processes)
     scores = _timed(stages, f"score-{k}", score, samples, policy, base["clip"], calibration, world["path"],
                     world["md5"], cfg.reward, code, outputs, rt)
     new = _timed(stages, f"update-{k}", update, base["llava"], previous, samples, scores, world["path"], world["md5"],

@@ -4,13 +4,15 @@ The policy is a tiny `LlavaForConditionalGeneration` and the verifier its `CLIPM
 to directories and named by path, as a user names llava-hf/llava-1.5-7b-hf; the data is a COCO
 layout (train2014/, val2014/, annotations/, pope/) versioned with `dvc add`. One round runs:
 memory check -> base evaluation -> calibration on val2014 -> rollouts on train2014 -> scores ->
-update -> evaluation (CHAIR + POPE), with the real Prefect (test harness), MLflow (sqlite) and DVC.
+update -> evaluation (CHAIR + POPE), with the real Prefect (test harness), MLflow (sqlite) and DVC;
+rollouts and update run on 2 processes under `accelerate launch` (gloo on CPU), as on a GPU node.
 The images are the shapes world under COCO names (tests/cocoworld.py), so the verifier really
 separates correct from hallucinated mentions and calibration runs as it would on COCO.
 """
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -36,6 +38,7 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     coco_md5 = read_dvc_file(project / "data" / "coco.dvc").md5
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     monkeypatch.setenv("FISAO_PROJECT", str(project))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on two shared cores
     config = project / "coco.yaml"
     config.write_text(yaml.safe_dump({
         "name": "coco-e2e",
@@ -46,6 +49,7 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
         "reward": {"calibration_images": 40, "calibration_answers": 2},
         "eval": {"limit": 16, "max_new_tokens": 24, "pope_max_new_tokens": 4, "batch_size": 32},
         "ppo": {"rounds": 1, "minibatch_size": 4, "epochs": 1},
+        "scale": {"processes": 2},
     }))
 
     summary = campaign(config_path=str(config), project=str(project))
@@ -71,6 +75,10 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     assert 0 <= after["score/rollout_hallucination_share"] <= 1  # train2014 has instances here: audited
     assert after["update/kl"] == pytest.approx(0.0, abs=1e-6)  # round 1 starts at the reference
     assert summary["checkpoints"][0] == str(coco_world["llava"]) and summary["checkpoints"][1] != summary["checkpoints"][0]
+    # Both stages ran on the two processes: one rollout shard each, and the update's steps shared.
+    shards = sorted((project / "outputs" / "rollouts").glob("*-shard*"))
+    assert [io.read_json(d / "figures.json")["process"] for d in shards] == [[0, 2], [1, 2]]
+    assert io.read_json(Path(summary["checkpoints"][1]).parent / "figures.json")["processes"] == 2
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("coco-e2e")

@@ -23,7 +23,11 @@ from tasks.realdata import memory_check, real_models
 from tasks.tracking import log_build, log_round
 from tasks.world import prepare_world
 
-MODEL_CODE = ("models", "world", "config.py", "coco.py", "io.py", "auroc.py", "generate.py")
+# The world's base-model builds: the files they run (not the real-model parts of fisao/models/,
+# such as eva_clip.py and known.py, whose changes must not rebuild the world's models).
+MODEL_CODE = ("models/__init__.py", "models/build.py", "models/clip.py", "models/llava.py", "models/tokenizer.py",
+              "models/images.py", "models/families.py", "world", "config.py", "coco.py", "io.py", "auroc.py",
+              "generate.py")
 EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py",
              "runtime.py", "models/families.py")
 ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py", "config.py", "io.py", "auroc.py",

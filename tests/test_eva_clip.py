@@ -178,23 +178,35 @@ def test_the_converted_forward_is_evas_forward_as_timm_and_open_clip_write_it():
     assert ours.shape == (3, EMBED) and torch.allclose(ours, theirs, atol=1e-5)
 
 
-def test_a_converted_verifier_saves_loads_and_scores(tmp_path):
+def test_fisao_convert_eva_clip_writes_a_verifier_that_loads_and_scores(tmp_path, monkeypatch):
+    """`fisao convert eva-clip` on a torch.save'd state dict, a saved CLIP tokenizer and the policy's
+    image processor; the directory loads as a Verifier whose image embedding is the reference one."""
+    import os
+
     from transformers import BlipImageProcessorPil
 
     from fisao.align.verifier import Verifier
     from fisao.benchmarks.vocab import Vocabulary
-    from fisao.models.eva_clip import save_eva_clip
+    from flows.cli import main
     from tests.realmodels import _image, tokenizers
 
     _, tok = tokenizers()
     sd = open_clip_eva_state(vocab=len(tok), seed=3)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "open_clip_model.pt")
+    tok.save_pretrained(tmp_path / "tokenizer")
     processor = BlipImageProcessorPil(size={"height": IMAGE, "width": IMAGE})
-    save_eva_clip(convert(sd, eos=tok.eos_token_id), processor, tok, tmp_path / "eva")
+    processor.save_pretrained(tmp_path / "policy")
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the CLI sets project defaults; keep them here
+    assert main(["--project", str(tmp_path), "convert", "eva-clip", "--state-dict", str(tmp_path / "open_clip_model.pt"),
+                 "--tokenizer", str(tmp_path / "tokenizer"), "--image-processor", str(tmp_path / "policy"),
+                 "--out", str(tmp_path / "eva"), "--vision-heads", str(HEADS), "--text-heads", str(T_HEADS),
+                 "--image-size", str(IMAGE)]) == 0
     verifier = Verifier.from_pretrained(tmp_path / "eva", Vocabulary.coco())
     images = [_image(1), _image(2)]
     embeddings = verifier.image_embeddings(images)
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     assert torch.allclose(embeddings, F.normalize(reference_image_embedding(sd, pixels), dim=-1), atol=1e-5)
+    assert verifier.model.text.config.eos_token_id == tok.eos_token_id
     scores = verifier.score(embeddings[0], ["dog", "cat", "car"])
     assert scores.shape == (3,) and bool(((scores >= -1) & (scores <= 1)).all())
 

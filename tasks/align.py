@@ -57,14 +57,13 @@ def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, ro
     extra = () if shards == 1 and backend == "hf" else (shards, backend)
     out = Path(outputs) / "rollouts" / key_of(policy["sha256"], data_md5, config_hash(cfg), round_index, code,
                                                *_rt(runtime), *extra)
-    if is_complete(out, stages.FIGURES):
-        pass
-    elif processes > 1:
+    done = is_complete(out, stages.FIGURES)
+    if not done and processes > 1:
         accelerate_launch("rollouts", out, processes, policy_dir=policy["path"], world_dir=world_dir, cfg=cfg,
                           round_index=round_index, shards=shards, runtime=runtime, backend=backend)
-    elif shards == 1:
+    elif not done and shards == 1:
         stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
-    else:
+    elif not done:
         parts = stages.shard_dirs(out, shards)
         for i, part in enumerate(parts):
             if not is_complete(part, stages.FIGURES):

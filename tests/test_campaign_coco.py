@@ -6,6 +6,7 @@ layout (train2014/, val2014/, annotations/, pope/) versioned with `dvc add`. One
 memory check -> base evaluation -> calibration on val2014 -> rollouts on train2014 -> scores ->
 update -> evaluation (CHAIR + POPE), with the real Prefect (test harness), MLflow (sqlite) and DVC;
 rollouts and update run on 2 processes under `accelerate launch` (gloo on CPU), as on a GPU node.
+A second run is served from the cache.
 The images are the shapes world under COCO names (tests/cocoworld.py), so the verifier really
 separates correct from hallucinated mentions and calibration runs as it would on COCO.
 """
@@ -106,3 +107,10 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     assert len(io.read_jsonl(rows)) == ROLLOUTS["images_per_round"] * ROLLOUTS["n_per_image"]
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "chair_i")] == [0, 1]
     assert io.read_json(summary["summary_path"])["rounds"] == summary["rounds"]
+
+    # A second run (say, after a crash) is served from Prefect's cache and logs nothing twice.
+    again = campaign(config_path=str(config), project=str(project))
+    assert all(stage["cached"] for stage in again["stages"].values())
+    assert again["rounds"] == summary["rounds"] and again["checkpoints"] == summary["checkpoints"]
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "chair_i")] == [0, 1]

@@ -77,7 +77,8 @@ def test_one_round_on_coco_through_the_config(real_models, family, tmp_path):
     rt, coco = cfg.model, real_models["coco"]
     policy, verifier = cfg.model.policy, cfg.model.verifier
     # A random verifier cannot be calibrated (it does not separate correct from hallucinated
-    # mentions, and calibration says so); the round's stages take a written calibration.
+    # mentions, and calibration says so); the round's stages take a written calibration. Calibration
+    # on COCO runs in tests/test_campaign_coco.py, on models trained to see their images.
     cal = Calibration(0.1, -0.1, 0.0, 0.1, 0.5, 1, 1)
     io.write_json(tmp_path / "cal" / stages.CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
 

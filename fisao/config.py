@@ -317,12 +317,27 @@ class DataConfig(_Strict):
 class ScaleConfig(_Strict):
     """Scale-out: processes for `accelerate launch`, rollout shards, the rollout backend."""
 
-    # Processes the policy update (and rollout generation) runs on; > 1 starts `accelerate launch`.
+    # Processes the policy update and rollout generation run on; > 1 starts `accelerate launch`.
     processes: int = Field(1, ge=1)
-    # Rollouts are sampled in this many shards (Prefect task runs, or one per process) and gathered.
-    rollout_shards: int = Field(1, ge=1)
+    # Rollouts are sampled in this many shards and gathered; None: one per process. On one process
+    # the shards run one after another; on P processes each samples rollout_shards / P of them
+    # (fisao/align/launch.py). The rollouts depend on the shard count only, never on `processes`.
+    rollout_shards: int | None = Field(None, ge=1)
     # "hf": transformers' generate with the KV cache (fisao/align/backends.py; a vLLM backend plugs in there).
     rollout_backend: Literal["hf"] = "hf"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScaleConfig":
+        if self.shards % self.processes:
+            raise ValueError(f"scale.rollout_shards ({self.rollout_shards}) must be a multiple of scale.processes "
+                             f"({self.processes}), so that every process samples as many shards; leave it unset "
+                             "for one shard per process")
+        return self
+
+    @property
+    def shards(self) -> int:
+        """How many shards a round's rollouts are sampled in."""
+        return self.processes if self.rollout_shards is None else self.rollout_shards
 
 
 class Config(_Strict):

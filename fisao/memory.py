@@ -2,8 +2,10 @@
 
 `estimate(hf_config, ...)` counts parameters on the meta device (nothing allocated, nothing
 downloaded) and estimates the peak memory of each stage; `check_fits` refuses early, with what
-to change, when the peak exceeds the memory of the device. `known_config("llava-hf/llava-1.5-7b-hf")`
-gives the exact configurations of the LLaVA-1.5 checkpoints without the hub.
+to change, when the peak exceeds the memory of the device. `campaign_estimate(cfg)` does it for a
+campaign config: the policy's configuration and the verifier's size come from
+fisao/models/known.py when the checkpoints are not on disk (LLaVA-1.5 7B/13B, LLaVA-NeXT
+Vicuna-7B, InstructBLIP Vicuna-7B).
 
 The model, in bytes (b = bytes per weight of the dtype; B = rows per micro-batch; L = prompt +
 answer tokens; H, layers, V = the language model's width, depth and vocabulary):
@@ -24,51 +26,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fisao.config import LoraConfig, PPOConfig, RolloutConfig
+from fisao.config import Config, LoraConfig, PPOConfig, RolloutConfig
+from fisao.models.known import VERIFIER_PARAMS, known_config, policy_config, verifier_parameters  # noqa: F401
 
 GIB = 1024 ** 3
 OVERHEAD = 1.2
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# config.json of the llava-hf LLaVA-1.5 checkpoints (the keys that differ from transformers' defaults).
-_LLAVA_15 = {
-    "model_type": "llava", "image_token_index": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu",
-    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "tie_word_embeddings": False,
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
-                      "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-                      "patch_size": 14, "projection_dim": 768},
-}
-KNOWN = {
-    "llava-hf/llava-1.5-7b-hf": {**_LLAVA_15, "text_config": {
-        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096, "vocab_size": 32064,
-        "rms_norm_eps": 1e-5}},
-    "llava-hf/llava-1.5-13b-hf": {**_LLAVA_15, "text_config": {
-        "model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-        "num_attention_heads": 40, "num_key_value_heads": 40, "max_position_embeddings": 4096, "vocab_size": 32064,
-        "rms_norm_eps": 1e-5}},
-}
-# openai/clip-vit-large-patch14-336: 427,944,193 parameters (vision 303.5M + text 123.1M + projections).
-VERIFIER_PARAMS = {"openai/clip-vit-large-patch14-336": 427_944_193}
-
-
-def known_config(model_id: str):
-    """The transformers config of a known checkpoint, built locally (no download)."""
-    from transformers import LlavaConfig
-
-    if model_id not in KNOWN:
-        raise ValueError(f"no built-in config for {model_id!r}; known: {sorted(KNOWN)} (or pass a local directory)")
-    return LlavaConfig(**{k: v for k, v in KNOWN[model_id].items() if k != "model_type"})
-
-
-def policy_config(policy: str, trust_remote_code: bool = False):
-    """The config of `policy` (a directory, a cached hub id, or a known id), without downloading."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(policy, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return known_config(policy)
 
 
 @dataclass(frozen=True)
@@ -85,6 +49,7 @@ class Estimate:
     rollout_tokens: int  # answer tokens sampled per round at most (images × answers × max new tokens)
     prompt_tokens: int
     peaks: dict[str, int]  # rollouts, calibration, update: peak bytes with the overhead factor
+    verifier: str = ""  # where the verifier's size comes from
 
     @property
     def peak(self) -> int:
@@ -126,7 +91,7 @@ def prompt_token_count(config, prompt_text_tokens: int = 48) -> int:
 
 
 def estimate(config, lora: LoraConfig, ppo: PPOConfig, rollout: RolloutConfig, dtype: str = "bfloat16",
-             gradient_checkpointing: bool = True, verifier_params: int = 0) -> Estimate:
+             gradient_checkpointing: bool = True, verifier_params: int = 0, verifier_source: str = "") -> Estimate:
     """The memory a campaign of `config` needs (see the module docstring for the model)."""
     from fisao.models.families import count_parameters
 
@@ -155,7 +120,19 @@ def estimate(config, lora: LoraConfig, ppo: PPOConfig, rollout: RolloutConfig, d
         "update": int(OVERHEAD * (weights + lora_bytes + acts + logits)),
     }
     return Estimate(params, lora_params, weights, verifier, lora_bytes, acts + logits, kv,
-                    rollout.images_per_round * rollout.n_per_image * rollout.max_new_tokens, prompt, peaks)
+                    rollout.images_per_round * rollout.n_per_image * rollout.max_new_tokens, prompt, peaks, verifier_source)
+
+
+def campaign_estimate(cfg: Config, policy_path: str | None = None) -> Estimate:
+    """The estimate of a campaign with a `model` section (nothing downloaded, nothing loaded).
+
+    policy_path: where the policy already is (its config is read there), if known."""
+    if cfg.model is None:
+        raise ValueError("the memory estimate is for real checkpoints: the config has no model section")
+    m = cfg.model
+    verifier_params, source = verifier_parameters(m.verifier, m.policy)
+    return estimate(policy_config(policy_path or m.policy, m.trust_remote_code), cfg.lora, cfg.ppo, cfg.rollout, m.dtype,
+                    m.gradient_checkpointing, verifier_params, source)
 
 
 def available_memory(device: str) -> tuple[int, str]:
@@ -189,7 +166,7 @@ def report(est: Estimate, where: str | None = None, available: int | None = None
         f"parameters: {p['total'] / 1e9:.2f} B (vision {p['vision'] / 1e6:.0f} M, language {p['language'] / 1e9:.2f} B, "
         f"other {p['other'] / 1e6:.0f} M); LoRA {est.lora_params / 1e6:.1f} M",
         f"weights              {gib(est.weights)}",
-        f"verifier weights     {gib(est.verifier_weights)}",
+        f"verifier weights     {gib(est.verifier_weights)}" + (f"   ({est.verifier})" if est.verifier else ""),
         f"LoRA + grads + AdamW {gib(est.lora_and_optimizer)}",
         f"update activations   {gib(est.update_activations)}",
         f"rollout KV cache     {gib(est.rollout_kv_cache)}",

@@ -43,5 +43,5 @@ def prepare_for_training(model, runtime: ModelConfig | None) -> None:
     if runtime is None or not runtime.gradient_checkpointing:
         return
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     hf.enable_input_require_grads()

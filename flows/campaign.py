@@ -23,7 +23,11 @@ from tasks.realdata import memory_check, real_models
 from tasks.tracking import log_build, log_round
 from tasks.world import prepare_world
 
-MODEL_CODE = ("models", "world", "config.py", "coco.py", "io.py", "auroc.py", "generate.py")
+# The world's base-model builds: the files they run (not the real-model parts of fisao/models/,
+# such as eva_clip.py and known.py, whose changes must not rebuild the world's models).
+MODEL_CODE = ("models/__init__.py", "models/build.py", "models/clip.py", "models/llava.py", "models/tokenizer.py",
+              "models/images.py", "models/families.py", "world", "config.py", "coco.py", "io.py", "auroc.py",
+              "generate.py")
 EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py",
              "runtime.py", "models/families.py")
 ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py", "config.py", "io.py", "auroc.py",
@@ -98,7 +102,7 @@ def fisao_round(cfg: Config, project: str, k: int, base: dict, policy: dict, pre
     stages = base["stages"]
     rt, scale = cfg.model, cfg.scale
     samples = _timed(stages, f"rollouts-{k}", rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code, outputs,
-                     rt, scale.rollout_shards, scale.rollout_backend)
+                     rt, scale.shards, scale.rollout_backend, scale.processes)
     scores = _timed(stages, f"score-{k}", score, samples, policy, base["clip"], calibration, world["path"],
                     world["md5"], cfg.reward, code, outputs, rt)
     new = _timed(stages, f"update-{k}", update, base["llava"], previous, samples, scores, world["path"], world["md5"],

@@ -69,14 +69,13 @@ def _eval_model(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> int:
     from fisao.config import load_config
-    from fisao.memory import VERIFIER_PARAMS, available_memory, check_fits, estimate, policy_config, report
+    from fisao.memory import available_memory, campaign_estimate, check_fits, report
     from fisao.runtime import runtime_device
 
     cfg = load_config(args.config)
     if cfg.model is None:
         raise ValueError(f"{args.config} has no model section: the estimate is for real checkpoints")
-    est = estimate(policy_config(cfg.model.policy, cfg.model.trust_remote_code), cfg.lora, cfg.ppo, cfg.rollout,
-                   cfg.model.dtype, cfg.model.gradient_checkpointing, VERIFIER_PARAMS.get(cfg.model.verifier, 0))
+    est = campaign_estimate(cfg)
     if args.memory_gib or cfg.model.memory_gib:
         gib = args.memory_gib or cfg.model.memory_gib
         available, where = int(gib * 1024 ** 3), f"the given budget ({gib} GiB)"
@@ -84,6 +83,15 @@ def _estimate(args: argparse.Namespace) -> int:
         available, where = available_memory(runtime_device(cfg.model))
     print(report(est, where, available))
     check_fits(est, available, where)
+    return 0
+
+
+def _convert_eva_clip(args: argparse.Namespace) -> int:
+    from fisao.models.eva_clip import convert_open_clip_checkpoint
+
+    out = convert_open_clip_checkpoint(args.state_dict, args.tokenizer, args.image_processor, args.out,
+                                       (args.vision_heads, args.text_heads), args.image_size)
+    print(f"EVA-CLIP verifier written to {out}: set model.verifier: {out}")
     return 0
 
 
@@ -139,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--config", required=True)
     es.add_argument("--memory-gib", type=float, default=None, help="check against this budget instead of the device")
     es.set_defaults(func=_estimate)
+
+    cv = sub.add_parser("convert", help="make a verifier directory").add_subparsers(dest="convert_command", required=True)
+    eva = cv.add_parser("eva-clip", help="an open_clip EVA01 checkpoint -> InstructBLIP's verifier (fisao/models/eva_clip.py)")
+    eva.add_argument("--state-dict", required=True, help="open_clip state dict (.bin/.pt or .safetensors)")
+    eva.add_argument("--tokenizer", required=True, help="CLIP tokenizer, e.g. openai/clip-vit-large-patch14-336")
+    eva.add_argument("--image-processor", required=True, help="the policy's, e.g. Salesforce/instructblip-vicuna-7b")
+    eva.add_argument("--out", required=True)
+    eva.add_argument("--vision-heads", type=int, default=16, help="EVA01-g-14: 16")
+    eva.add_argument("--text-heads", type=int, default=12, help="EVA01-g-14: 12")
+    eva.add_argument("--image-size", type=int, default=224)
+    eva.set_defaults(func=_convert_eva_clip)
 
     run = sub.add_parser("run", help="run a campaign: world, base models, calibration, FiSAO rounds, evaluation")
     run.add_argument("--config", default="configs/demo.yaml")

@@ -6,10 +6,9 @@ sha256 of the directory, and the stage's figures.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import subprocess
 import sys
+from pathlib import Path
 
 from fisao import io
 from fisao.align.launch import write_args
@@ -38,23 +37,39 @@ def calibrate(policy: dict, clip: dict, world_dir: str, data_md5: str, reward: R
     return _ref(out)
 
 
+def accelerate_launch(stage: str, out: Path, processes: int, **kwargs) -> None:
+    """Run `stage` on `processes` processes (fisao/align/launch.py); its arguments go in a file beside `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args = write_args(out.parent / f".{out.name}.{stage}.json", stage, out=out, **kwargs)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "-m", "fisao.align.launch", str(args)]
+    subprocess.run(cmd, check=True)
+
+
 @cached_task(name="rollouts")
 def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, round_index: int, code: str,
-             outputs: str, runtime: ModelConfig | None = None, shards: int = 1, backend: str = "hf") -> dict:
-    """Sample the round's answers with the current policy (in `shards` parts, then gathered)."""
+             outputs: str, runtime: ModelConfig | None = None, shards: int = 1, backend: str = "hf",
+             processes: int = 1) -> dict:
+    """Sample the round's answers with the current policy (in `shards` parts, then gathered).
+
+    With `processes` > 1 the shards are sampled side by side under `accelerate launch`; the
+    rollouts are the same as on one process, so `processes` is not part of the key."""
     extra = () if shards == 1 and backend == "hf" else (shards, backend)
     out = Path(outputs) / "rollouts" / key_of(policy["sha256"], data_md5, config_hash(cfg), round_index, code,
                                                *_rt(runtime), *extra)
-    if not is_complete(out, stages.FIGURES):
-        if shards == 1:
-            stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
-        else:
-            parts = [out.parent / f"{out.name}-shard{i}" for i in range(shards)]
-            for i, part in enumerate(parts):
-                if not is_complete(part, stages.FIGURES):
-                    stages.rollout_stage(policy["path"], world_dir, cfg, round_index, part, runtime=runtime,
-                                         shard=(i, shards), backend=backend)
-            stages.merge_rollout_shards(parts, out)
+    done = is_complete(out, stages.FIGURES)
+    if not done and processes > 1:
+        accelerate_launch("rollouts", out, processes, policy_dir=policy["path"], world_dir=world_dir, cfg=cfg,
+                          round_index=round_index, shards=shards, runtime=runtime, backend=backend)
+    elif not done and shards == 1:
+        stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
+    elif not done:
+        parts = stages.shard_dirs(out, shards)
+        for i, part in enumerate(parts):
+            if not is_complete(part, stages.FIGURES):
+                stages.rollout_stage(policy["path"], world_dir, cfg, round_index, part, runtime=runtime,
+                                     shard=(i, shards), backend=backend)
+        stages.merge_rollout_shards(parts, out)
     return _ref(out)
 
 
@@ -81,16 +96,12 @@ def update(base: dict, previous: dict | None, samples: dict, scores: dict, world
                                              scores["sha256"], data_md5, config_hash(lora), config_hash(ppo),
                                              round_index, code, *_rt(runtime))
     args = dict(base_dir=base["path"], adapter_in=previous and previous["adapter"], rollouts_dir=samples["path"],
-                scores_dir=scores["path"], world_dir=world_dir, lora=lora, cfg=ppo, round_index=round_index, out=out,
+                scores_dir=scores["path"], world_dir=world_dir, lora=lora, cfg=ppo, round_index=round_index,
                 runtime=runtime)
     if not is_complete(out, stages.FIGURES) and processes == 1:
-        stages.update_stage(**args)
+        stages.update_stage(**args, out=out)
     elif not is_complete(out, stages.FIGURES):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        launch = write_args(out.parent / f".{out.name}.update.json", **args)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "-m", "fisao.align.launch", str(launch)]
-        subprocess.run(cmd, check=True)
+        accelerate_launch("update", out, processes, **args)
     model = out / "model"
     return {"path": str(model), "sha256": io.tree_digest(model), "adapter": str(out / "adapter"),
             "figures": io.read_json(out / stages.FIGURES)}

@@ -37,12 +37,11 @@ def real_models(cfg: Config) -> dict:
 @task(name="memory-check")
 def memory_check(cfg: Config, policy_dir: str) -> dict:
     """Print what the campaign needs; stop before loading anything when it cannot fit."""
-    from fisao.memory import VERIFIER_PARAMS, available_memory, check_fits, estimate, policy_config, report
+    from fisao.memory import available_memory, campaign_estimate, check_fits, report
     from fisao.runtime import runtime_device
 
     m = cfg.model
-    est = estimate(policy_config(policy_dir, m.trust_remote_code), cfg.lora, cfg.ppo, cfg.rollout, m.dtype,
-                   m.gradient_checkpointing, VERIFIER_PARAMS.get(m.verifier, 0))
+    est = campaign_estimate(cfg, policy_dir)
     available, where = ((int(m.memory_gib * 1024 ** 3), f"model.memory_gib ({m.memory_gib})") if m.memory_gib
                         else available_memory(runtime_device(m)))
     get_run_logger().info("what this campaign needs:\n%s", report(est, where, available))

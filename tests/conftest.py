@@ -77,3 +77,22 @@ def real_models(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("real")
     return {"coco": coco_fixture(root / "coco"), "models": build_all(root)}
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory):
+    """Prefect's test harness (a temporary API and database), started once for every e2e test."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
+            yield
+
+
+@pytest.fixture(scope="session")
+def coco_world(tmp_path_factory) -> dict[str, Path]:
+    """A COCO-layout directory of renamed shapes and a tiny CLIP + LLaVA trained on it (tests/cocoworld.py)."""
+    from tests.cocoworld import build_coco_world
+
+    return build_coco_world(tmp_path_factory.mktemp("cocoworld"))

@@ -25,16 +25,6 @@ def nested(flat: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
-            yield
-
-
 def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, harness):
     from mlflow.tracking import MlflowClient
 

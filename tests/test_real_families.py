@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fisao import io
 from fisao.align import stages
@@ -76,7 +77,8 @@ def test_one_round_on_coco_through_the_config(real_models, family, tmp_path):
     rt, coco = cfg.model, real_models["coco"]
     policy, verifier = cfg.model.policy, cfg.model.verifier
     # A random verifier cannot be calibrated (it does not separate correct from hallucinated
-    # mentions, and calibration says so); the round's stages take a written calibration.
+    # mentions, and calibration says so); the round's stages take a written calibration. Calibration
+    # on COCO runs in tests/test_campaign_coco.py, on models trained to see their images.
     cal = Calibration(0.1, -0.1, 0.0, 0.1, 0.5, 1, 1)
     io.write_json(tmp_path / "cal" / stages.CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
 
@@ -105,3 +107,46 @@ def test_one_round_on_coco_through_the_config(real_models, family, tmp_path):
         assert len(answers) == 8  # every question of the fixture's file, as the POPE protocol
         assert 0 <= metrics[f"pope_{strategy}_f1"] <= 1
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["data"] == "coco"
+
+
+def test_later_rounds_keep_the_runtime_dtype(real_models, tmp_path):
+    """bf16 (the real configs' dtype) through two rounds: round 2 reloads the base in bf16 with round
+    1's adapters (float32, trainable) and continues them; `load_policy_with_adapter` with the runtime
+    rebuilds each round's merged checkpoint from base + adapters, in bf16."""
+    from safetensors import safe_open
+
+    from fisao.align.update import load_policy_with_adapter
+    from fisao.runtime import load_runtime_policy
+
+    cfg = campaign_config(real_models, "llava")
+    rt = cfg.model.model_copy(update={"dtype": "bfloat16"})
+    coco, base = real_models["coco"], cfg.model.policy
+    cal = Calibration(0.1, -0.1, 0.0, 0.1, 0.5, 1, 1)
+    io.write_json(tmp_path / "cal" / stages.CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
+    policy, adapter = base, None
+    for k in (1, 2):
+        stages.rollout_stage(policy, coco, cfg.rollout, k, tmp_path / f"r{k}", progress=False, runtime=rt)
+        stages.score_stage(tmp_path / f"r{k}", policy, cfg.model.verifier, tmp_path / "cal", coco, cfg.reward,
+                           tmp_path / f"s{k}", runtime=rt)
+        stages.update_stage(base, adapter, tmp_path / f"r{k}", tmp_path / f"s{k}", coco, cfg.lora, cfg.ppo, k,
+                            tmp_path / f"u{k}", runtime=rt)
+        policy, adapter = tmp_path / f"u{k}" / "model", tmp_path / f"u{k}" / "adapter"
+        with safe_open(str(policy / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}  # the checkpoint is the runtime's
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+            assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"F32"}
+
+    reloaded, _ = load_policy_with_adapter(base, adapter, runtime=rt, is_trainable=True)
+    dtypes = {n: p.dtype for n, p in reloaded.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert all(p.requires_grad == ("lora_" in n) for n, p in reloaded.named_parameters())
+    b1 = load_file(str(tmp_path / "u1" / "adapter" / "adapter_model.safetensors"))
+    b2 = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(not torch.equal(b1[key], b2[key]) for key in b1)  # round 2 trained on from round 1
+    merged, _ = load_policy_with_adapter(base, adapter, merge=True, runtime=rt)
+    saved, _ = load_runtime_policy(policy, rt)
+    ours, theirs = merged.state_dict(), saved.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[key].dtype == torch.bfloat16 for key in ours)
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)  # one rounding to bf16, as peft's merge

@@ -189,17 +189,19 @@ def round_examples(world_dir: str | Path, cfg: RolloutConfig, round_index: int) 
 
 def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutConfig, round_index: int,
                   out: str | Path, progress: bool = True, runtime: ModelConfig | None = None,
-                  shard: tuple[int, int] = (0, 1), backend: str = "hf") -> dict:
+                  shard: tuple[int, int] = (0, 1), backend: str = "hf", device: str | None = None) -> dict:
     """Sample `cfg.n_per_image` answers for each of the round's images with the policy in `policy_dir`.
 
     shard (index, count): only images index, index + count, … of the round (merge the shards
-    with `merge_rollout_shards`); one shard is the whole round, seeded as it always was.
+    with `merge_rollout_shards`); one shard is the whole round, seeded as it always was. A shard's
+    answers depend on (index, count) only, not on the process or device that samples it.
+    device: where the policy runs (default: the runtime's; one per process under `accelerate launch`).
     """
     t0 = time.time()
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard {index} of {count} does not exist")
-    model, processor = load_runtime_policy(policy_dir, runtime)
+    model, processor = load_runtime_policy(policy_dir, runtime, device)
     examples = round_examples(world_dir, cfg, round_index)[index::count]
     seed = cfg.seed * 1000 + round_index
     if count > 1:
@@ -219,6 +221,12 @@ def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutCon
         figures["shard"] = [index, count]
     io.write_json(Path(out) / FIGURES, figures)
     return figures
+
+
+def shard_dirs(out: str | Path, count: int) -> list[Path]:
+    """Where the `count` shards of the rollouts bound for `out` are sampled (beside `out`)."""
+    out = Path(out)
+    return [out.parent / f"{out.name}-shard{i}" for i in range(count)]
 
 
 def merge_rollout_shards(shard_dirs: list[str | Path], out: str | Path) -> dict:

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from fisao import io
 from fisao.align.ppo import ADVANTAGES, kl_per_token, masked_mean, masked_whiten, ppo_loss, shaped_rewards, value_loss
 from fisao.align.rollout import Rollouts, encode_prompts, response_hidden, token_logprobs
-from fisao.config import LoraConfig, PPOConfig
-from fisao.generate import load_policy
+from fisao.config import LoraConfig, ModelConfig, PPOConfig
+from fisao.runtime import load_runtime_policy
 from fisao.models.families import LLAVA, Family, family_of
 
 VALUE_HEAD = "value_head.safetensors"
@@ -320,17 +320,20 @@ def load_adapter(base, adapter_dir: str | Path, is_trainable: bool = False) -> p
     return peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
 
 
-def load_policy_with_adapter(base_dir: str | Path, adapter_dir: str | Path, merge: bool = False, device: str = "cpu",
-                             is_trainable: bool = False):
+def load_policy_with_adapter(base_dir: str | Path, adapter_dir: str | Path, merge: bool = False, device: str | None = None,
+                             is_trainable: bool = False, runtime: ModelConfig | None = None):
     """(model, processor): the base model from `base_dir` with the adapters from `adapter_dir`.
 
     By default a PeftModel: the reference (adapters disabled) stays available, and with
     `is_trainable=True` training continues where it stopped. `merge=True` folds the adapters into
-    the weights and returns a plain transformers model (faster inference, no reference).
+    the weights and returns a plain transformers model (faster inference, no reference). The base
+    loads as `runtime` says (device, dtype: bf16 for the real configs; the world's CPU float32
+    without one), as the round that trained the adapters loaded it; the adapters stay float32
+    (peft's autocast), and merging adds their delta in the base's dtype, as `merge_and_save` does.
     """
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a directory written by save_adapter")
-    base, processor = load_policy(base_dir, device=device)
+    base, processor = load_runtime_policy(base_dir, runtime, device)
     model = load_adapter(base, adapter_dir, is_trainable=is_trainable)
     if merge:
         model = model.merge_and_unload()
@@ -348,14 +351,18 @@ def load_value_head(adapter_dir: str | Path, model) -> ValueHead | None:
 
 
 def merged_state_dict(model: peft.PeftModel) -> dict[str, Tensor]:
-    """The base model's state dict with every LoRA delta added to its weight; the model is unchanged."""
+    """The base model's state dict with every LoRA delta added to its weight; the model is unchanged.
+
+    Each merged weight is what `merge_and_unload` gives, bit for bit, in float32 as in bf16."""
     hf = model.get_base_model()
     adapter = model.active_adapter
     merged = {}
     for name, module in hf.named_modules():
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
-            merged[f"{name}.weight"] = (base.weight + module.get_delta_weight(adapter).to(base.weight.dtype)).detach()
+            # Added in float32 and rounded once (as peft's merge_and_unload does): a bf16 base would
+            # otherwise round the delta first and the sum again.
+            merged[f"{name}.weight"] = (base.weight.float() + module.get_delta_weight(adapter).float()).to(base.weight.dtype).detach()
             if base.bias is not None:
                 merged[f"{name}.bias"] = base.bias.detach()
     out = {}

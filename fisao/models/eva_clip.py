@@ -20,8 +20,16 @@ projection). `from_open_clip` converts an open_clip state dict into this layout.
 Why not open_clip itself: it imports torchvision at import time, and no torchvision build runs
 on this project's CPU torch (PyPI's 0.28.0 wheel, the one paired with torch 2.13, links
 libtorch_cuda; `import torchvision` then fails with "operator torchvision::nms does not exist").
-Convert once where open_clip runs (`open_clip.create_model("EVA01-g-14", pretrained=...)`,
-`.state_dict()`, `torch.save`), then `fisao-eva-convert`-style: `save_eva_clip(*from_open_clip(sd), out)`.
+Its weights need no open_clip, though: the EVA01-g-14 checkpoint (`open_clip_pytorch_model.bin`,
+or `torch.save(open_clip.create_model("EVA01-g-14", pretrained=...).state_dict(), f)` where open_clip
+runs) is a plain state dict, and
+
+    fisao convert eva-clip --state-dict open_clip_pytorch_model.bin --tokenizer openai/clip-vit-large-patch14-336 \
+        --image-processor Salesforce/instructblip-vicuna-7b --out models/eva01-g-14
+
+writes the verifier directory (CLIP's tokenizer is open_clip's; the image processor is the
+policy's, so the verifier sees the pixels the policy's tower sees). tests/test_eva_clip.py says
+what the converter's test proves and what it does not.
 """
 from __future__ import annotations
 
@@ -178,3 +186,23 @@ def from_open_clip(sd: dict[str, Tensor], heads: tuple[int, int] = (16, 12), ima
     text.load_state_dict(text_state, strict=True)
     scale = float(sd["logit_scale"].exp()) if "logit_scale" in sd else 100.0
     return EvaClip(vision.eval(), head, text.eval(), scale)
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict saved with torch.save (a training checkpoint's `state_dict`, DDP's `module.` cut) or safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"state dict {path} does not exist")
+    sd = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd)
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def convert_open_clip_checkpoint(state_dict: str | Path, tokenizer: str, image_processor: str, out: str | Path,
+                                 heads: tuple[int, int] = (16, 12), image_size: int = 224) -> Path:
+    """An EVA-CLIP verifier directory (see the module docstring) from an open_clip EVA01 state dict file,
+    with the tokenizer and image processor loaded from `tokenizer` / `image_processor` (ids or directories)."""
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    processor = AutoImageProcessor.from_pretrained(image_processor)
+    model = from_open_clip(read_state_dict(state_dict), heads, image_size, eos_token_id=tok.eos_token_id)
+    return save_eva_clip(model, processor, tok, out)

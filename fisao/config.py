@@ -203,7 +203,18 @@ class RolloutConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     prompt: str = "Describe this image in detail."
+    # Also ask this many yes/no questions per image, about objects of the vocabulary drawn at
+    # random (no ground truth): the answer's yes/no is a claim the verifier rewards like a mention.
+    questions_per_image: int = Field(0, ge=0)
+    question_template: str = "Is there a {} in the image?"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "RolloutConfig":
+        if "{}" not in self.question_template:
+            raise ValueError(f"rollout.question_template must hold '{{}}' where the object name goes, "
+                             f"got {self.question_template!r}")
+        return self
 
 
 class LoraConfig(_Strict):

@@ -9,7 +9,7 @@ import torch
 
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
 from fisao.align.rewards import (
-    REPEATS, SHAPES, SPANS, binary, continuous, every_mention, first_mention, last_token_reward, mention_spans,
+    REPEATS, SHAPES, SPANS, binary, claim_reward, continuous, decision_spans, every_mention, first_mention, last_token_reward, mention_spans,
     phrase_spans, place_rewards, token_offsets,
 )
 from fisao.benchmarks.mentions import parse_mentions
@@ -63,6 +63,17 @@ def test_phrase_spans_never_overlap_and_always_hold_their_mention():
             assert not _SENTENCE_END_IN(text[ps:ms])
         assert all(a[1] <= b[0] for a, b in zip(phrases, phrases[1:]))
     assert phrase_spans("", []) == []
+
+
+def test_yes_no_claims_by_hand():
+    assert decision_spans(" Yes, there is a moon in the image.") == [(1, 4)]
+    assert decision_spans("No, there is no moon.") == [(0, 2)]
+    assert decision_spans(" ... ") == []
+    assert claim_reward(True, 0.7) == 0.7 and claim_reward(False, 0.7) == -0.7
+    assert claim_reward(False, -0.4) == 0.4  # "no" about an object the verifier does not see is right
+    # On tokens: the reward sits on the first word only.
+    offsets = [(0, 1), (1, 4), (4, 5), (5, 11)]  # " " "Yes" "," " there"
+    assert place_rewards(offsets, decision_spans(" Yes, there"), [0.5]).tolist() == [0, 0.5, 0, 0]
 
 
 def test_repeats_by_hand():

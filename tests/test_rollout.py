@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fisao.align.rollout import (
-    Rollouts, encode_prompts, load_rollouts, response_mask, sample_rollouts, save_rollouts, sequence_logprobs,
+    Rollouts, concat_rollouts, encode_prompts, load_rollouts, response_mask, sample_rollouts, save_rollouts,
+    sequence_logprobs,
 )
 from fisao.coco import load_image
 from fisao.generate import banned_token_ids, chat_prompt, load_policy
@@ -99,10 +100,42 @@ def test_save_and_load_round_trip(tmp_path, rollouts):
     extra = {"image_id": [f"img{i}" for i in rollouts.image_index.tolist()], "reward": [[0.5, -1.0]] * len(rollouts)}
     save_rollouts(tmp_path / "r", rollouts, extra)
     back, back_extra = load_rollouts(tmp_path / "r")
-    assert back.prompt == PROMPT and back.texts == rollouts.texts and back_extra == extra
+    assert back.prompts == [PROMPT] * len(rollouts) and back.texts == rollouts.texts and back_extra == extra
     for name in ("image_index", "response_ids", "mask", "logprobs"):
         assert torch.equal(getattr(back, name), getattr(rollouts, name)) and getattr(back, name).dtype == getattr(rollouts, name).dtype
     with pytest.raises(ValueError, match="reward"):
         save_rollouts(tmp_path / "bad", rollouts, {"reward": [1.0]})
     with pytest.raises(FileNotFoundError, match="save_rollouts"):
         load_rollouts(tmp_path / "missing")
+
+
+def test_one_prompt_per_image_and_its_log_probs(policy, rollouts):
+    model, processor, images = policy
+    same = sample_rollouts(model, processor, images, [PROMPT] * 3, n_per_image=4, max_new_tokens=16, batch_size=5,
+                           seed=3, progress=False)
+    assert torch.equal(same.response_ids, rollouts.response_ids) and same.prompts == rollouts.prompts
+    questions = ["Is there a circle in the image?", "Is there a moon in the image?", PROMPT]
+    mixed = sample_rollouts(model, processor, images, questions, n_per_image=2, max_new_tokens=16, batch_size=4,
+                            seed=3, progress=False)
+    assert mixed.prompts == [q for q in questions for _ in range(2)]
+    # The logged log-probs are those of each row under its own prompt (what the update recomputes).
+    inputs = encode_prompts(processor, [images[i] for i in mixed.image_index.tolist()], mixed.prompts)
+    again = sequence_logprobs(model, inputs, mixed.response_ids, mixed.mask)
+    assert torch.allclose(again, mixed.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+        sample_rollouts(model, processor, images, questions[:2], n_per_image=1, progress=False)
+
+
+def test_concat_rollouts_pads_to_the_widest(policy, rollouts):
+    model, processor, images = policy
+    short = sample_rollouts(model, processor, images[:1], "Is there a moon in the image?", n_per_image=2,
+                            max_new_tokens=3, seed=0, progress=False)
+    pad = processor.tokenizer.pad_token_id
+    both = concat_rollouts([rollouts, short], torch.tensor(rollouts.image_index.tolist() + [0, 0]), pad)
+    n, width = rollouts.response_ids.shape
+    assert both.response_ids.shape == (n + 2, width) and both.texts == rollouts.texts + short.texts
+    assert both.prompts == rollouts.prompts + short.prompts
+    assert torch.equal(both.mask[n:, :3], short.mask) and not both.mask[n:, 3:].any()
+    assert (both.response_ids[n:, 3:] == pad).all() and (both.logprobs[n:, 3:] == 0).all()
+    with pytest.raises(ValueError, match="image_index has 1 entries for 14 rollouts"):
+        concat_rollouts([rollouts, short], torch.tensor([0]), pad)

@@ -7,7 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from transformers import AutoProcessor
+
 from fisao.align import stages
+from fisao.align.rewards import decision_spans, token_offsets
+from fisao.align.rollout import load_rollouts
 from fisao.align.verifier import Verifier, check_vision_tower
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
@@ -73,11 +77,48 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
         if not row["mentions"]:
             assert not token_row.any()
 
+    # Yes/no questions about random objects: the claim's reward sits on the answer's first word.
+    q_cfg = cfg.rollout.model_copy(update={"questions_per_image": 3})
+    r2 = stages.rollout_stage(llava, world, q_cfg, 1, tmp_path / "rollouts-q", progress=False)
+    assert r2["rollouts"] == 12 + 18
+    s2 = stages.score_stage(tmp_path / "rollouts-q", llava, clip, tmp_path / "cal", world, cfg.reward,
+                            tmp_path / "scores-q")
+    rows2 = [json.loads(line) for line in (tmp_path / "scores-q" / stages.REWARDS).read_text().splitlines()]
+    rewards2 = load_file(str(tmp_path / "scores-q" / stages.TOKEN_REWARDS))["token_rewards"]
+    assert [r["text"] for r in rows2[:12]] == [r["text"] for r in rows]  # the captions are unchanged
+    questions = [r for r in rows2 if r["kind"] == "question"]
+    rollouts_q, _ = load_rollouts(tmp_path / "rollouts-q")
+    tok = AutoProcessor.from_pretrained(str(llava)).tokenizer
+    assert len(questions) == 18 and s2["questions"] == 18
+    truth = {e.image_id: set(e.objects) for e in load_split(world, "pretrain")}
+    cal_b, cal_w = stages.read_calibration(tmp_path / "cal")[0].thresholds("circle")
+    for q in questions:
+        object_reward = max(-1.0, min(1.0, (q["score"] - cal_b) / cal_w))
+        rounding = 1e-5 / cal_w + 1e-5  # the rows hold scores and rewards rounded to 5 decimals
+        assert q["reward"] == pytest.approx(object_reward if q["says_yes"] else -object_reward, abs=rounding)
+        assert q["present"] == (q["category"] in truth[q["image_id"]])
+        ids = rollouts_q.response_ids[q["row"]][rollouts_q.mask[q["row"]]].tolist()
+        text, offsets = token_offsets(tok, ids)
+        first = decision_spans(text)
+        on = [t for t, (a, b) in enumerate(offsets) if first and a < first[0][1] and b > first[0][0]]
+        assert rewards2[q["row"]][on].tolist() == pytest.approx([q["reward"]] * len(on), abs=1e-4)
+        assert not rewards2[q["row"]][[t for t in range(rewards2.shape[1]) if t not in on]].any()
+    assert len({(q["image_id"], q["category"]) for q in questions}) == 18  # 3 distinct objects per image
+
     before = {k: v.clone() for k, v in load_policy(llava)[0].model.vision_tower.state_dict().items()}
-    u = stages.update_stage(llava, None, tmp_path / "rollouts", tmp_path / "scores", world, cfg.lora, cfg.ppo, 1,
+    u = stages.update_stage(llava, None, tmp_path / "rollouts-q", tmp_path / "scores-q", world, cfg.lora, cfg.ppo, 1,
                             tmp_path / "update")
     assert u["optimizer_steps"] > 0
     merged, _ = load_policy(tmp_path / "update" / "model")
     after = merged.model.vision_tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the verifier's eyes never move
     assert (tmp_path / "update" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_round_questions_are_seeded_per_image_and_distinct():
+    cats = ["circle", "square", "moon", "star", "heart"]
+    asked = stages.round_questions([1, 2, 3], cats, 2, seed=0, round_index=1)
+    assert all(len(set(q)) == 2 and set(q) <= set(cats) for q in asked)
+    assert stages.round_questions([2], cats, 2, seed=0, round_index=1) == asked[1:2]  # whichever shard holds image 2
+    assert stages.round_questions([1, 2, 3], cats, 2, seed=0, round_index=2) != asked
+    assert sorted(stages.round_questions([1], cats, 9, seed=0, round_index=1)[0]) == sorted(cats)

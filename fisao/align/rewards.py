@@ -105,6 +105,17 @@ REPEATS: dict[str, Callable[[Sequence[str], Sequence[float]], list[float]]] = {
 }
 
 
+def decision_spans(text: str) -> list[tuple[int, int]]:
+    """[(start, end)] of the answer's first word (its yes or no), or [] for an answer without words."""
+    first = _WORD.search(text)
+    return [(first.start(), first.end())] if first else []
+
+
+def claim_reward(says_yes: bool, object_reward: float) -> float:
+    """The reward of a yes/no answer about an object whose verifier reward is `object_reward`."""
+    return object_reward if says_yes else -object_reward
+
+
 def token_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
     """The decoded text of `token_ids` and each token's (start, end) character span in it.
 

@@ -23,7 +23,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -35,6 +34,7 @@ from fisao.models.families import decoder_hidden, hf_model
 
 TENSORS = "rollouts.safetensors"
 ROWS = "rollouts.jsonl"
+BUILT_IN = ("row", "image_index", "prompt", "text")  # JSONL columns of every row
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Rollouts:
     """N sampled answers. Rows are image-major: the n answers of image i are adjacent.
 
     image_index (N,) long: index into the image list the rollouts were sampled on;
+    prompts: the question each answer replies to (N,);
     response_ids (N, T) long: the generated tokens, right-padded with the pad id after EOS;
     mask (N, T) bool: True on generated tokens (EOS included), False on padding;
     logprobs (N, T) float32: log π(token) of the sampling policy (temperature 1, full softmax), 0 on padding;
@@ -49,7 +50,7 @@ class Rollouts:
     """
 
     image_index: Tensor
-    prompt: str
+    prompts: list[str]
     response_ids: Tensor
     mask: Tensor
     logprobs: Tensor
@@ -59,9 +60,20 @@ class Rollouts:
         return len(self.texts)
 
 
-def encode_prompts(processor, images: Sequence[Image.Image], prompt: str, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """The processor's inputs (input_ids, attention_mask, pixel_values, …) for one prompt per image."""
-    text = [chat_prompt(processor, prompt)] * len(images)
+def per_image(prompt: str | Sequence[str], n: int) -> list[str]:
+    """`prompt` for each of `n` images: one string for all, or a sequence of exactly n."""
+    if isinstance(prompt, str):
+        return [prompt] * n
+    if len(prompt) != n:
+        raise ValueError(f"{len(prompt)} prompts for {n} images: give one prompt, or one per image")
+    return list(prompt)
+
+
+def encode_prompts(processor, images: Sequence[Image.Image], prompt: str | Sequence[str],
+                   device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The processor's inputs (input_ids, attention_mask, pixel_values, …): one prompt for every
+    image, or one per image."""
+    text = [chat_prompt(processor, p) for p in per_image(prompt, len(images))]
     return processor(images=list(images), text=text, return_tensors="pt", padding=True).to(device)
 
 
@@ -110,7 +122,7 @@ def sample_rollouts(
     model,
     processor,
     images: Sequence[Image.Image],
-    prompt: str,
+    prompt: str | Sequence[str],
     n_per_image: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -119,9 +131,11 @@ def sample_rollouts(
     seed: int = 0,
     progress: bool = True,
 ) -> Rollouts:
-    """Sample `n_per_image` answers to `prompt` for each image; seeded, batched, with log-probs."""
+    """Sample `n_per_image` answers to `prompt` (one for all images, or one per image) for each
+    image; seeded, batched, with log-probs."""
     if n_per_image < 1 or batch_size < 1:
         raise ValueError(f"n_per_image ({n_per_image}) and batch_size ({batch_size}) must be at least 1")
+    prompts = per_image(prompt, len(images))
     device = next(model.parameters()).device
     tok = processor.tokenizer
     image_index = torch.arange(len(images)).repeat_interleave(n_per_image)
@@ -131,7 +145,7 @@ def sample_rollouts(
     starts = range(0, len(image_index), batch_size)
     for b, start in enumerate(tqdm(starts, desc="rollouts", disable=not progress, leave=False)):
         rows = image_index[start : start + batch_size]
-        inputs = encode_prompts(processor, [images[i] for i in rows.tolist()], prompt, device)
+        inputs = encode_prompts(processor, [images[i] for i in rows.tolist()], [prompts[i] for i in rows.tolist()], device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(batch_seed(seed, b))
             seqs = model.generate(
@@ -149,7 +163,7 @@ def sample_rollouts(
     model.train(was_training)
     width = max(x.shape[1] for x in ids)
     return Rollouts(
-        image_index=image_index, prompt=prompt,
+        image_index=image_index, prompts=[prompts[i] for i in image_index.tolist()],
         response_ids=torch.cat([_pad_right(x, width, tok.pad_token_id) for x in ids]),
         mask=torch.cat([_pad_right(x, width, False) for x in masks]),
         logprobs=torch.cat([_pad_right(x, width, 0.0) for x in logps]),
@@ -159,6 +173,22 @@ def sample_rollouts(
 
 def _pad_right(x: Tensor, width: int, value) -> Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def concat_rollouts(parts: Sequence[Rollouts], image_index: Tensor, pad_id: int) -> Rollouts:
+    """The rows of `parts`, one part after another, right-padded to the widest; `image_index` (N,)
+    is the caller's, as the parts' indices point into their own image lists."""
+    width = max(r.mask.shape[1] for r in parts)
+    n = sum(len(r) for r in parts)
+    if len(image_index) != n:
+        raise ValueError(f"image_index has {len(image_index)} entries for {n} rollouts")
+    return Rollouts(
+        image_index=image_index, prompts=[p for r in parts for p in r.prompts],
+        response_ids=torch.cat([_pad_right(r.response_ids, width, pad_id) for r in parts]),
+        mask=torch.cat([_pad_right(r.mask, width, False) for r in parts]),
+        logprobs=torch.cat([_pad_right(r.logprobs, width, 0.0) for r in parts]),
+        texts=[t for r in parts for t in r.texts],
+    )
 
 
 def save_rollouts(path: str | Path, rollouts: Rollouts, extra: dict[str, Sequence] | None = None) -> Path:
@@ -172,13 +202,13 @@ def save_rollouts(path: str | Path, rollouts: Rollouts, extra: dict[str, Sequenc
     for key, column in extra.items():
         if len(column) != n:
             raise ValueError(f"extra column {key!r} has {len(column)} items for {n} rollouts")
-        if key in ("row", "image_index", "text"):
+        if key in BUILT_IN:
             raise ValueError(f"extra column {key!r} clashes with a built-in column; rename it")
     tensors = {f.name: getattr(rollouts, f.name).contiguous() for f in fields(Rollouts) if isinstance(getattr(rollouts, f.name), Tensor)}
-    rows = [{"row": i, "image_index": int(rollouts.image_index[i]), "text": rollouts.texts[i],
-             **{k: v[i] for k, v in extra.items()}} for i in range(n)]
+    rows = [{"row": i, "image_index": int(rollouts.image_index[i]), "prompt": rollouts.prompts[i],
+             "text": rollouts.texts[i], **{k: v[i] for k, v in extra.items()}} for i in range(n)]
     with io.atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / TENSORS), metadata={"prompt": rollouts.prompt})
+        save_file(tensors, str(tmp / TENSORS))
         io.write_jsonl(tmp / ROWS, rows)
     return Path(path)
 
@@ -188,10 +218,8 @@ def load_rollouts(path: str | Path) -> tuple[Rollouts, dict[str, list]]:
     path = Path(path)
     if not (path / TENSORS).is_file():
         raise FileNotFoundError(f"{path} holds no {TENSORS}: not a rollouts directory (see save_rollouts)")
-    with safe_open(str(path / TENSORS), "pt") as f:
-        prompt = f.metadata()["prompt"]
     tensors = load_file(str(path / TENSORS))
     rows = io.read_jsonl(path / ROWS)
-    extra_keys = [k for k in (rows[0] if rows else {}) if k not in ("row", "image_index", "text")]
-    rollouts = Rollouts(prompt=prompt, texts=[r["text"] for r in rows], **tensors)
+    extra_keys = [k for k in (rows[0] if rows else {}) if k not in BUILT_IN]
+    rollouts = Rollouts(prompts=[r["prompt"] for r in rows], texts=[r["text"] for r in rows], **tensors)
     return rollouts, {k: [r[k] for r in rows] for k in extra_keys}

@@ -11,6 +11,7 @@ the next round's rollouts load.
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
 from pathlib import Path
@@ -22,14 +23,17 @@ from transformers import AutoProcessor
 
 from fisao import io
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
-from fisao.align.rewards import REPEATS, SHAPES, SPANS, last_token_reward, place_rewards, token_offsets
+from fisao.align.rewards import (
+    REPEATS, SHAPES, SPANS, claim_reward, decision_spans, last_token_reward, place_rewards, token_offsets,
+)
 from fisao.align.backends import BACKENDS
-from fisao.align.rollout import Rollouts, batch_seed, load_rollouts, sample_rollouts, save_rollouts
+from fisao.align.rollout import batch_seed, concat_rollouts, load_rollouts, sample_rollouts, save_rollouts
 from fisao.align.update import (
     ValueHead, add_lora, load_adapter, load_value_head, make_accelerator, merge_and_save, ppo_update, save_adapter,
 )
 from fisao.align.verifier import Verifier, check_vision_tower
 from fisao.benchmarks.mentions import parse_mentions
+from fisao.benchmarks.pope import pope_answer
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
 from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig
@@ -126,11 +130,29 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     tok = AutoProcessor.from_pretrained(str(policy_dir), trust_remote_code=bool(runtime and runtime.trust_remote_code)).tokenizer
     n, width = rollouts.response_ids.shape
     token_rewards = torch.zeros(n, width)
+    kinds = extra.get("kind", ["caption"] * n)
+    asked = extra.get("category", [None] * n)
     rows, all_rewards, n_halluc, n_agree, n_known = [], [], 0, 0, 0
+    claims: list[tuple[float, bool, bool | None]] = []  # (reward, says yes, object present) of each question
+    answer_rewards = torch.zeros(n)
     for r in range(n):
         ids = rollouts.response_ids[r][rollouts.mask[r]].tolist()
         text, offsets = token_offsets(tok, ids)
         truth = truth_of[image_ids[r]]  # None: no ground truth (COCO train2014 without instances)
+        if kinds[r] == "question":
+            b, w = mention_cal.thresholds(asked[r])
+            s = float(verifier.score(emb_of[image_ids[r]], [asked[r]])[0])
+            says_yes = pope_answer(text) == "yes"
+            value = claim_reward(says_yes, float(shape(torch.tensor(s), b, w)))
+            answer_rewards[r] = value
+            if reward.level == "token":
+                spans = decision_spans(text)
+                token_rewards[r] = place_rewards(offsets, spans, [value] * len(spans), width)
+            claims.append((value, says_yes, None if truth is None else asked[r] in truth))
+            rows.append({"row": r, "image_id": image_ids[r], "kind": "question", "category": asked[r], "text": text,
+                         "says_yes": says_yes, "score": round(s, 5), "reward": round(value, 5),
+                         "present": claims[-1][2]})
+            continue
         mentions = parse_mentions(text, verifier.vocab)
         scores = verifier.score(emb_of[image_ids[r]], [m.category for m in mentions]) if mentions else torch.zeros(0)
         rewards = []
@@ -151,13 +173,15 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
             records.append({"text": m.text, "category": m.category, "start": m.start, "end": m.end,
                             "score": round(s, 5), "reward": round(rw, 5), "hallucinated": hallucinated})
         all_rewards += rewards
-        rows.append({"row": r, "image_id": image_ids[r], "text": text, "mentions": records})
+        rows.append({"row": r, "image_id": image_ids[r], "kind": "caption", "text": text, "mentions": records})
     if reward.level == "sentence":
-        s = verifier.text_scores(torch.stack([emb_of[i] for i in image_ids]), [row["text"] for row in rows])
-        answer_reward = shape(s, sentence_cal.baseline, sentence_cal.width)
-        token_rewards = last_token_reward(rollouts.mask, answer_reward)
-        for row, value, score in zip(rows, answer_reward.tolist(), s.tolist()):
-            row["answer_score"], row["answer_reward"] = round(score, 5), round(value, 5)
+        captions = [k for k in range(n) if kinds[k] != "question"]
+        s = torch.zeros(0) if not captions else verifier.text_scores(torch.stack([emb_of[image_ids[k]] for k in captions]), [rows[k]["text"] for k in captions])
+        if captions:
+            answer_rewards[captions] = shape(s, sentence_cal.baseline, sentence_cal.width).float()
+        token_rewards = last_token_reward(rollouts.mask, answer_rewards)
+        for k, score in zip(captions, s.tolist()):
+            rows[k]["answer_score"], rows[k]["answer_reward"] = round(score, 5), round(float(answer_rewards[k]), 5)
     n_mentions = len(all_rewards)
     figures = {
         "reward_mean": float(torch.tensor(all_rewards).mean()) if all_rewards else 0.0,
@@ -168,6 +192,7 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
         "rollout_hallucination_share": n_halluc / max(1, n_known),
         "verifier_agreement": n_agree / max(1, n_known),
         "audited_mentions": n_known,
+        **_claim_figures(claims),
     }
     out = Path(out)
     with io.atomic_dir(out) as tmp:
@@ -176,6 +201,16 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
         figures["seconds"] = round(time.time() - t0, 2)
         io.write_json(tmp / FIGURES, figures)
     return figures
+
+
+def _claim_figures(claims: list[tuple[float, bool, bool | None]]) -> dict[str, float]:
+    """Figures of a round's yes/no answers: mean reward, share of yes, agreement with ground truth."""
+    if not claims:
+        return {}
+    known = [(yes, present) for _, yes, present in claims if present is not None]
+    return {"questions": len(claims), "question_reward_mean": sum(c[0] for c in claims) / len(claims),
+            "question_yes_share": sum(c[1] for c in claims) / len(claims),
+            "question_accuracy": sum(y == p for y, p in known) / max(1, len(known))}
 
 
 def round_examples(world_dir: str | Path, cfg: RolloutConfig, round_index: int) -> list[Example]:
@@ -207,12 +242,23 @@ def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutCon
     if count > 1:
         seed = batch_seed(seed, 1_000_000 + index)
     images = [load_image(e.image) for e in examples]
-    rollouts = BACKENDS[backend](
-        model, processor, images, cfg.prompt, cfg.n_per_image, temperature=cfg.temperature, top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed, progress=progress,
-    )
-    image_ids = [examples[i].image_id for i in rollouts.image_index.tolist()]
-    save_rollouts(out, rollouts, extra={"image_id": image_ids})
+    sample = functools.partial(BACKENDS[backend], model, processor, temperature=cfg.temperature, top_p=cfg.top_p,
+                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
+    parts = [sample(images, cfg.prompt, cfg.n_per_image, seed=seed)]
+    index = parts[0].image_index.tolist()
+    categories: list[str | None] = [None] * len(index)
+    if cfg.questions_per_image:
+        asked = round_questions([e.image_id for e in examples], data_vocabulary(world_dir).categories,
+                                cfg.questions_per_image, cfg.seed, round_index)
+        about = [(i, c) for i, cs in enumerate(asked) for c in cs]
+        parts.append(sample([images[i] for i, _ in about], [cfg.question_template.format(c) for _, c in about], 1,
+                            seed=batch_seed(seed, 2_000_000)))
+        index += [about[k][0] for k in parts[1].image_index.tolist()]
+        categories += [about[k][1] for k in parts[1].image_index.tolist()]
+    rollouts = concat_rollouts(parts, torch.tensor(index), processor.tokenizer.pad_token_id)
+    image_ids = [examples[i].image_id for i in index]
+    kinds = ["caption" if c is None else "question" for c in categories]
+    save_rollouts(out, rollouts, extra={"image_id": image_ids, "kind": kinds, "category": categories})
     seconds = time.time() - t0
     tokens = int(rollouts.mask.sum())
     figures = {"split": cfg.split, "rollouts": len(rollouts), "tokens": tokens, "seconds": round(seconds, 2),
@@ -221,6 +267,16 @@ def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutCon
         figures["shard"] = [index, count]
     io.write_json(Path(out) / FIGURES, figures)
     return figures
+
+
+def round_questions(image_ids: list[int], categories: list[str], k: int, seed: int, round_index: int) -> list[list[str]]:
+    """For each image, `k` distinct categories to ask about, drawn uniformly from `categories`.
+
+    No ground truth is used; the draw depends on (seed, round, image id) only, so it is the same
+    whichever shard or process samples the image.
+    """
+    return [random.Random(f"fisao-questions/{seed}/{round_index}/{image_id}").sample(list(categories), min(k, len(categories)))
+            for image_id in image_ids]
 
 
 def shard_dirs(out: str | Path, count: int) -> list[Path]:
@@ -233,22 +289,15 @@ def merge_rollout_shards(shard_dirs: list[str | Path], out: str | Path) -> dict:
     """Gather shards of one round's rollouts into one rollouts directory (rows shard after shard)."""
     parts = [load_rollouts(d) for d in shard_dirs]
     figures = [io.read_json(Path(d) / FIGURES) for d in shard_dirs]
-    if len({f["split"] for f in figures}) != 1 or len({r.prompt for r, _ in parts}) != 1:
-        raise ValueError(f"shards {list(map(str, shard_dirs))} come from different splits or prompts")
-    width = max(r.mask.shape[1] for r, _ in parts)
-    image_ids = [i for _, extra in parts for i in extra["image_id"]]
+    if len({f["split"] for f in figures}) != 1 or len({tuple(extra) for _, extra in parts}) != 1:
+        raise ValueError(f"shards {list(map(str, shard_dirs))} come from different splits or rollout settings")
+    columns = {k: [v for _, extra in parts for v in extra[k]] for k in parts[0][1]}
+    image_ids = columns["image_id"]
     position = {image_id: k for k, image_id in enumerate(sorted(set(image_ids)))}
-
-    def cat(name: str, value) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.pad(getattr(r, name), (0, width - r.mask.shape[1]), value=value)
-                          for r, _ in parts])
-
     padding = [r.response_ids[~r.mask] for r, _ in parts]
     pad = next((int(p[0]) for p in padding if len(p)), 0)  # the shards' pad id (masked out either way)
-    merged = Rollouts(image_index=torch.tensor([position[i] for i in image_ids]), prompt=parts[0][0].prompt,
-                      response_ids=cat("response_ids", pad), mask=cat("mask", False), logprobs=cat("logprobs", 0.0),
-                      texts=[t for r, _ in parts for t in r.texts])
-    save_rollouts(out, merged, extra={"image_id": image_ids})
+    merged = concat_rollouts([r for r, _ in parts], torch.tensor([position[i] for i in image_ids]), pad)
+    save_rollouts(out, merged, extra=columns)
     tokens = int(merged.mask.sum())
     seconds = max(f["seconds"] for f in figures)  # shards run side by side
     out_figures = {"split": figures[0]["split"], "rollouts": len(merged), "tokens": tokens, "seconds": seconds,

@@ -110,7 +110,8 @@ class ActorCritic(nn.Module):
 def _micro_batch(processor, images, rollouts: Rollouts, rows: Tensor, device) -> tuple[dict, Tensor, Tensor]:
     """Prompt inputs and the responses of `rows`, cut to their longest answer."""
     width = int(rollouts.mask[rows].sum(1).max())
-    inputs = encode_prompts(processor, [images[i] for i in rollouts.image_index[rows].tolist()], rollouts.prompt, device)
+    inputs = encode_prompts(processor, [images[i] for i in rollouts.image_index[rows].tolist()],
+                            [rollouts.prompts[i] for i in rows.tolist()], device)
     return inputs, rollouts.response_ids[rows, :width].to(device), rollouts.mask[rows, :width].to(device)
 
 

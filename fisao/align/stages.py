@@ -33,6 +33,7 @@ from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
 from fisao.config import LoraConfig, PPOConfig, RewardConfig, RolloutConfig
+from fisao.crashpoints import crash_point
 from fisao.generate import load_policy
 from fisao.world.data import Example, load_split
 
@@ -189,12 +190,15 @@ def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutCon
         progress=progress,
     )
     image_ids = [examples[i].image_id for i in rollouts.image_index.tolist()]
-    save_rollouts(out, rollouts, extra={"image_id": image_ids})
+    crash_point("rollout:mid", round_index)
     seconds = time.time() - t0
     tokens = int(rollouts.mask.sum())
     figures = {"split": cfg.split, "rollouts": len(rollouts), "tokens": tokens, "seconds": round(seconds, 2),
                "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
-    io.write_json(Path(out) / FIGURES, figures)
+    # The figures are the completeness marker: written in the same atomic directory as the rollouts.
+    with io.atomic_dir(out) as tmp:
+        save_rollouts(tmp, rollouts, extra={"image_id": image_ids})
+        io.write_json(tmp / FIGURES, figures)
     return figures
 
 
@@ -226,7 +230,11 @@ def update_stage(base_dir: str | Path, adapter_in: str | Path | None, rollouts_d
     token_rewards = load_token_rewards(Path(scores_dir) / TOKEN_REWARDS, rollouts.response_ids.shape)
     if adapter_in is None:
         base, processor = load_policy(base_dir)
-        model = add_lora(base, lora)
+        # LoRA's A matrices are drawn from torch's global RNG: seed it, or a resumed process (which
+        # skipped the base-model builds) would start from other adapters than an uninterrupted one.
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed * 1000 + round_index)
+            model = add_lora(base, lora)
         value_head = ValueHead.for_model(model) if cfg.advantage == "gae" else None
     else:
         model, processor = load_policy_with_adapter(base_dir, adapter_in, is_trainable=True)
@@ -236,10 +244,12 @@ def update_stage(base_dir: str | Path, adapter_in: str | Path | None, rollouts_d
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + round_index)
     stats = ppo_update(model, processor, images, rollouts, token_rewards, cfg, make_accelerator(cfg, cpu=True),
                        generator, value_head=value_head)
+    crash_point("update:mid", round_index)
     out = Path(out)
     with io.atomic_dir(out) as tmp:
         save_adapter(model, tmp / "adapter", value_head)
         merge_and_save(model, processor, tmp / "model")
+        crash_point("checkpoint:mid", round_index)
         stats["seconds"] = round(time.time() - t0, 2)
         io.write_json(tmp / FIGURES, stats)
     return stats

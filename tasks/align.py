@@ -11,7 +11,7 @@ from pathlib import Path
 from fisao import io
 from fisao.align import stages
 from fisao.config import LoraConfig, PPOConfig, RewardConfig, RolloutConfig, config_hash
-from tasks.common import cached_task, is_complete, key_of
+from tasks.common import build_once, cached_task, key_of
 
 
 def _ref(out: Path, **extra) -> dict:
@@ -24,8 +24,8 @@ def calibrate(policy: dict, clip: dict, world_dir: str, data_md5: str, reward: R
     """Verifier baseline and width from the base policy's answers on a labelled split."""
     out = Path(outputs) / "calibration" / key_of(policy["sha256"], clip["sha256"], data_md5, config_hash(reward),
                                                   config_hash(rollout), code)
-    if not is_complete(out, stages.FIGURES):
-        stages.calibration_stage(policy["path"], clip["path"], world_dir, reward, rollout, out)
+    build_once(out, stages.FIGURES, lambda: stages.calibration_stage(policy["path"], clip["path"], world_dir, reward,
+                                                                      rollout, out))
     return _ref(out)
 
 
@@ -34,8 +34,7 @@ def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, ro
              outputs: str) -> dict:
     """Sample the round's answers with the current policy."""
     out = Path(outputs) / "rollouts" / key_of(policy["sha256"], data_md5, config_hash(cfg), round_index, code)
-    if not is_complete(out, stages.FIGURES):
-        stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out)
+    build_once(out, stages.FIGURES, lambda: stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out))
     return _ref(out)
 
 
@@ -45,8 +44,8 @@ def score(samples: dict, policy: dict, clip: dict, calibration: dict, world_dir:
     """Per-token verifier rewards of the round's rollouts."""
     out = Path(outputs) / "scores" / key_of(samples["sha256"], clip["sha256"], calibration["sha256"], data_md5,
                                              config_hash(reward), code)
-    if not is_complete(out, stages.FIGURES):
-        stages.score_stage(samples["path"], policy["path"], clip["path"], calibration["path"], world_dir, reward, out)
+    build_once(out, stages.FIGURES, lambda: stages.score_stage(samples["path"], policy["path"], clip["path"],
+                                                                calibration["path"], world_dir, reward, out))
     return _ref(out)
 
 
@@ -57,9 +56,9 @@ def update(base: dict, previous: dict | None, samples: dict, scores: dict, world
     out = Path(outputs) / "rounds" / key_of(base["sha256"], previous and previous["sha256"], samples["sha256"],
                                              scores["sha256"], data_md5, config_hash(lora), config_hash(ppo),
                                              round_index, code)
-    if not is_complete(out, stages.FIGURES):
-        stages.update_stage(base["path"], previous and previous["adapter"], samples["path"], scores["path"],
-                            world_dir, lora, ppo, round_index, out)
+    build_once(out, stages.FIGURES, lambda: stages.update_stage(base["path"], previous and previous["adapter"],
+                                                                 samples["path"], scores["path"], world_dir, lora, ppo,
+                                                                 round_index, out))
     model = out / "model"
     return {"path": str(model), "sha256": io.tree_digest(model), "adapter": str(out / "adapter"),
             "figures": io.read_json(out / stages.FIGURES)}

@@ -6,7 +6,7 @@ from pathlib import Path
 from fisao import io
 from fisao.config import EvalConfig, config_hash
 from fisao.evaluate import evaluate_model
-from tasks.common import cached_task, is_complete, key_of
+from tasks.common import build_once, cached_task, key_of
 
 METRICS = "metrics.json"
 
@@ -16,7 +16,10 @@ def evaluate(model: dict, data_dir: str, data_md5: str, benchmarks: tuple[str, .
              outputs: str) -> dict:
     """CHAIR/POPE(/MME) figures of `model` (a ref with path and sha256); answers saved beside them."""
     out = Path(outputs) / "eval" / key_of(model["sha256"], data_md5, list(benchmarks), config_hash(cfg), code)
-    if not is_complete(out, METRICS):
-        with io.atomic_dir(out) as tmp:
-            evaluate_model(model["path"], data_dir, benchmarks, cfg, tmp)
+    build_once(out, METRICS, lambda: _evaluate_into(out, model["path"], data_dir, benchmarks, cfg))
     return {"path": str(out), "metrics": io.read_json(out / METRICS)["metrics"]}
+
+
+def _evaluate_into(out: Path, model_dir: str, data_dir: str, benchmarks: tuple[str, ...], cfg: EvalConfig) -> None:
+    with io.atomic_dir(out) as tmp:
+        evaluate_model(model_dir, data_dir, benchmarks, cfg, tmp)

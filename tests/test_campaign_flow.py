@@ -88,7 +88,7 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
         assert run.data.params["ppo.rounds"] == "2"
         names = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
         assert "adapter/adapter_config.json" in names
-        rows = client.download_artifacts(run.info.run_id, "rollouts/rewards.jsonl", str(tmp_path / f"r{k}"))
+        rows = client.download_artifacts(run.info.run_id, "scores/rewards.jsonl", str(tmp_path / f"r{k}"))
         assert len(open(rows).read().splitlines()) == TINY["rollout.images_per_round"] * TINY["rollout.n_per_image"]
     from fisao import io
 

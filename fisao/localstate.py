@@ -55,3 +55,8 @@ def use_project(project: str | Path) -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     for key, value in OFFLINE.items():
         os.environ.setdefault(key, value)
+
+
+def campaign_dir(project: str | Path, outputs_dir: str, name: str) -> Path:
+    """Where campaign `name` keeps its own files (lock, round stages, reports, summary)."""
+    return Path(project) / outputs_dir / "campaigns" / name

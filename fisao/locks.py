@@ -75,7 +75,7 @@ class RunLock:
     flow takes it again), so nested acquires count and only the outermost release unlocks.
     """
 
-    _held: dict[Path, tuple[int, int]] = {}  # resolved path -> (fd, depth)
+    _held: dict[Path, tuple[int, int, "Holder | None"]] = {}  # resolved path -> (fd, depth, took_over)
 
     def __init__(self, path: str | Path, campaign: str):
         self.path, self.campaign = Path(path).resolve(), campaign
@@ -83,8 +83,8 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         if self.path in self._held:
-            fd, depth = self._held[self.path]
-            self._held[self.path] = (fd, depth + 1)
+            fd, depth, self.took_over = self._held[self.path]
+            self._held[self.path] = (fd, depth + 1, self.took_over)
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -106,13 +106,13 @@ class RunLock:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(me) + "\n").encode())
         os.fsync(fd)
-        self._held[self.path] = (fd, 1)
+        self._held[self.path] = (fd, 1, self.took_over)
         return self
 
     def release(self) -> None:
-        fd, depth = self._held[self.path]
+        fd, depth, took_over = self._held[self.path]
         if depth > 1:
-            self._held[self.path] = (fd, depth - 1)
+            self._held[self.path] = (fd, depth - 1, took_over)
             return
         del self._held[self.path]
         os.ftruncate(fd, 0)  # an empty lock file: released cleanly, nobody to take over from

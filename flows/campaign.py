@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 from fisao import io
 from fisao.config import Config, load_config
 from fisao.inputs import config_identity_hash, identity
+from fisao import localstate
 from fisao.localstate import use_project
 from fisao.locks import RunLock
 from fisao.versioning import code_version, git_state, package_versions
@@ -36,7 +37,7 @@ from tasks.world import prepare_world
 
 
 def campaign_dir(cfg: Config, project: str) -> Path:
-    return Path(project) / cfg.outputs_dir / "campaigns" / cfg.name
+    return localstate.campaign_dir(project, cfg.outputs_dir, cfg.name)
 
 
 def build_base(cfg: Config, project: str, world: dict, tags: dict, t0: float) -> dict:

@@ -171,3 +171,21 @@ def log_curve(campaign: str, metrics: dict, round_index: int) -> None:
     """Round `round_index`'s point of the per-round curves on the campaign's parent run (once per step)."""
     parent = find_run(campaign, {"fisao.campaign": campaign, "fisao.kind": "campaign"})
     log_curve_points(MlflowClient(), parent, metrics, round_index)
+
+
+@task(name="log-evaluation")
+def log_checkpoint_eval(experiment: str, model: dict, data_md5: str, result: dict, params: dict) -> str:
+    """One MLflow run per (checkpoint, data, eval settings), reused when it exists."""
+    key = f"eval:{model['sha256']}:{data_md5}:{result['path']}"
+    existing = find_run(experiment, {"fisao.key": key, COMPLETE: "true"})
+    if existing:
+        return existing
+    client = MlflowClient()
+    run_id = _new_run(experiment, f"eval-{Path(model['path']).name}", {
+        "fisao.key": key, "fisao.kind": "evaluation", "fisao.model_sha256": model["sha256"],
+        "fisao.model_path": model["path"], "fisao.data_md5": data_md5})
+    _log(client, run_id, [Metric(k, float(v), _now(), 0) for k, v in result["metrics"].items()], params)
+    client.log_artifacts(run_id, result["path"], artifact_path="evaluation")
+    client.set_tag(run_id, COMPLETE, "true")
+    client.set_terminated(run_id)
+    return run_id

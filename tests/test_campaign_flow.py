@@ -9,30 +9,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.conftest import TINY, init_project
+from tests.conftest import TINY, init_project, nested
 
 pytestmark = pytest.mark.e2e
-
-
-def nested(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return out
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
-            yield
 
 
 def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, harness):

@@ -1,0 +1,73 @@
+"""Run `fisao` in a child process the way a user does, and read back what MLflow recorded.
+
+Each child starts its own ephemeral Prefect API (a server subprocess) with the project's own
+PREFECT_HOME; it runs in a new session so that whatever a killed child leaves behind (that
+server, which SIGKILL orphans) is killed with its process group afterwards, as a pre-empted
+machine would take it down too.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fisao.localstate import local_state_env
+
+FISAO = str(Path(sys.executable).with_name("fisao"))
+# Figures that measure time, not results: they differ between any two runs.
+TIMINGS = ("seconds/", "rollouts/tokens_per_second")
+
+
+def fisao_env(project: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FISAO_"))}
+    # One torch thread: deterministic and fast on 2 shared cores (the same for every run compared).
+    return {**env, **local_state_env(project), "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_fisao(project: Path, *args: str, timeout: float = 300, **env: str) -> tuple[int, str, float]:
+    """(exit code, output, seconds) of `fisao --project PROJECT ARGS`; -9 when it was SIGKILLed."""
+    t = time.time()
+    log = project / f".fisao-{time.time_ns()}.log"  # a file, not a pipe: an orphaned server would hold a pipe open
+    with open(log, "w") as out:
+        proc = subprocess.Popen([FISAO, "--project", str(project), *args], cwd=project, env=fisao_env(project, **env),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the orphaned ephemeral server of a killed run, if any
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    text = log.read_text()
+    log.unlink()
+    return proc.returncode, text, time.time() - t
+
+
+def results(metrics: dict) -> dict:
+    """A round's metrics without the timings."""
+    return {k: v for k, v in metrics.items() if not k.startswith(TIMINGS)}
+
+
+def mlflow_rounds(project: Path, campaign: str) -> dict[int, list]:
+    """Round index -> every active MLflow run logged for that round of `campaign` (complete or not)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(campaign)
+    out: dict[int, list] = {}
+    for run in client.search_runs([exp.experiment_id], filter_string="tags.`fisao.kind` = 'round'"):
+        out.setdefault(int(run.data.tags["fisao.round"]), []).append(run)
+    return dict(sorted(out.items()))
+
+
+def curve_steps(project: Path, campaign: str, metric: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(campaign)
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.`fisao.kind` = 'campaign'")[0]
+    return sorted(m.step for m in client.get_metric_history(parent.info.run_id, metric))

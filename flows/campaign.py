@@ -144,7 +144,7 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, tag
             log.info("round %d: verified against its manifest, taken from MLflow run %s", k, done["run_id"])
         else:
             new, figures, samples, scores = fisao_round(cfg, out_dir, k, base, policy, previous, cal, t0)
-            evaluation = evaluate_model(cfg, project, k, new, world, stages, t0)
+            evaluation = evaluate_model(cfg, project, k, checkpoint_ref(new), world, stages, t0)
             lineage = {**tags, "fisao.parent_sha256": policy["sha256"], "fisao.parent_path": policy["path"],
                        "fisao.model_sha256": new["sha256"], "fisao.model_path": new["path"]}
             metrics.append({**evaluation["metrics"], **figures})

@@ -103,17 +103,17 @@ def test_a_second_process_on_the_same_campaign_is_refused(finished):
         holder.wait()
 
 
-def test_a_stale_lock_is_taken_over_and_said(finished, capfd):
+def test_a_stale_lock_is_taken_over_and_said(finished, caplog):
     project, summary = finished
     lock = project / "outputs" / "campaigns" / NAME / ".lock"
     lock.write_text('{"pid": 999999, "host": "gone", "since": "yesterday"}\n')  # a holder killed long ago
     resumed = again(project)
-    assert "took over the lock of campaign r from pid 999999 on gone since yesterday" in capfd.readouterr().err
+    assert "took over the lock of campaign r from pid 999999 on gone since yesterday" in caplog.text
     assert resumed["resume"]["verified_rounds"] == [1]
     assert resumed["rounds"] == summary["rounds"]
 
 
-def test_a_truncated_checkpoint_is_reported_and_the_round_recomputed(finished, capfd):
+def test_a_truncated_checkpoint_is_reported_and_the_round_recomputed(finished, caplog):
     project, summary = finished
     weights = project / round_dir(summary) / "model.safetensors"
     manifest = io.read_json(project / "outputs" / "campaigns" / NAME / "round-1" / "manifest.json")
@@ -123,7 +123,7 @@ def test_a_truncated_checkpoint_is_reported_and_the_round_recomputed(finished, c
 
     resumed = again(project)
 
-    err = capfd.readouterr().err
+    err = caplog.text
     assert f"{weights}: truncated ({size // 2} of {size} bytes)" in err and "recomputed, not loaded" in err
     assert resumed["resume"]["verified_rounds"] == []
     assert not resumed["stages"]["update-1"]["cached"]

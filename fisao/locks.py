@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -51,19 +51,24 @@ class Holder:
     pid: int
     host: str
     since: str
+    extra: dict = field(default_factory=dict)  # what the holder added with RunLock.annotate
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host} since {self.since}"
 
 
-def _read_holder(fd: int) -> Holder | None:
+def _read_raw(fd: int) -> str:
     os.lseek(fd, 0, os.SEEK_SET)
-    raw = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    return os.read(fd, 65536).decode("utf-8", "replace").strip()
+
+
+def _read_holder(fd: int) -> Holder | None:
+    raw = _read_raw(fd)
     if not raw:
         return None
     try:
         data = json.loads(raw)
-        return Holder(int(data["pid"]), str(data["host"]), str(data["since"]))
+        return Holder(int(data.pop("pid")), str(data.pop("host")), str(data.pop("since")), data)
     except (ValueError, KeyError, TypeError):
         return Holder(-1, "?", f"(unreadable lock content {raw[:60]!r})")
 
@@ -108,6 +113,15 @@ class RunLock:
         os.fsync(fd)
         self._held[self.path] = (fd, 1, self.took_over)
         return self
+
+    def annotate(self, **extra) -> None:
+        """Add JSON fields to what the lock file says about its holder (e.g. processes it started)."""
+        fd = self._held[self.path][0]
+        data = {**json.loads(_read_raw(fd)), **extra}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(data) + "\n").encode())
+        os.fsync(fd)
 
     def release(self) -> None:
         fd, depth, took_over = self._held[self.path]

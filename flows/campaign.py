@@ -13,6 +13,7 @@ else the config's `ppo.rounds`.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from fisao import localstate
 from fisao.localstate import use_project
 from fisao.locks import RunLock
 from fisao.versioning import code_version, git_state, package_versions
+from flows.ephemeral import servers_started_by, stop_orphaned
 from flows.rounds import (
     ALIGN_CODE, MODEL_CODE, checkpoint_ref, evaluate_model, fisao_round, record_round, round_params, timed,
 )
@@ -71,9 +73,13 @@ def campaign(config_path: str | None = None, project: str = ".", overrides: dict
     cfg = load_config(config_path, {**(overrides or {}), **({"name": run_name} if run_name else {})})
     lock = RunLock(campaign_dir(cfg, project) / ".lock", cfg.name)
     with lock:
+        log = get_run_logger()
         if lock.took_over:
-            get_run_logger().warning("took over the lock of campaign %s from %s, which is no longer running",
-                                     cfg.name, lock.took_over.describe())
+            log.warning("took over the lock of campaign %s from %s, which is no longer running", cfg.name,
+                        lock.took_over.describe())
+            for pid in stop_orphaned(lock.took_over.extra.get("prefect_servers", [])):
+                log.warning("stopped the ephemeral Prefect server (pid %d) that the killed run left behind", pid)
+        lock.annotate(prefect_servers=servers_started_by(os.getpid()))
         return _run(cfg, project, t0, rounds, add_rounds, allow_changed_data, str(lock.path))
 
 

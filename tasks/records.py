@@ -84,12 +84,20 @@ def download(run_id: str, path: str, dst: str | Path) -> Path:
     return Path(MlflowClient().download_artifacts(run_id, path, str(dst)))
 
 
+def has_artifact(run_id: str, path: str) -> bool:
+    parent, _, name = path.rpartition("/")
+    return any(f.path == path for f in MlflowClient().list_artifacts(run_id, parent or None))
+
+
 def read_json_artifact(run_id: str, path: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         return io.read_json(download(run_id, path, tmp))
 
 
 def recorded_inputs(campaign: str) -> dict | None:
-    """The inputs (data md5, resolved config) the campaign was started with, or None for a new campaign."""
+    """The inputs (data md5, resolved config) the campaign was started with; None for a new campaign,
+    or one logged by a fisao that did not record them."""
     parent = campaign_parent(campaign)
-    return read_json_artifact(parent.info.run_id, INPUTS) if parent else None
+    if parent is None or not has_artifact(parent.info.run_id, INPUTS):
+        return None
+    return read_json_artifact(parent.info.run_id, INPUTS)

@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 
 from fisao import io
 from fisao.manifest import build_manifest, group_digest, verify_manifest
-from tasks.records import MANIFEST, read_json_artifact, round_runs
+from tasks.records import MANIFEST, has_artifact, read_json_artifact, round_runs
 
 
 @task(name="write-manifest")
@@ -37,6 +37,11 @@ def verify_finished_rounds(campaign: str) -> dict[str, dict]:
         if k == 0:
             continue
         tags = run.data.tags
+        if not has_artifact(run.info.run_id, MANIFEST):
+            log.warning("round %d of %s (MLflow run %s) has no manifest (logged by an older fisao): it is recomputed "
+                        "from the cache and logged again", k, campaign, run.info.run_id)
+            out[str(k)] = {"ok": False, "run_id": run.info.run_id}
+            continue
         manifest = read_json_artifact(run.info.run_id, MANIFEST)
         problems = verify_manifest(manifest)
         entry = {"ok": not problems, "run_id": run.info.run_id, "metrics": dict(run.data.metrics),

@@ -27,8 +27,13 @@ def fisao_env(project: Path, **extra: str) -> dict[str, str]:
     return {**env, **local_state_env(project), "OMP_NUM_THREADS": "1", **extra}
 
 
-def run_fisao(project: Path, *args: str, timeout: float = 300, **env: str) -> tuple[int, str, float]:
-    """(exit code, output, seconds) of `fisao --project PROJECT ARGS`; -9 when it was SIGKILLed."""
+def run_fisao(project: Path, *args: str, timeout: float = 300, reap: bool = True,
+              **env: str) -> tuple[int, str, float, int]:
+    """(exit code, output, seconds, pid) of `fisao --project PROJECT ARGS`; exit -9 when it was SIGKILLed.
+
+    `reap=False` leaves what the child left running (its process group is the child's pid); the
+    caller must `kill_group` it in the end.
+    """
     t = time.time()
     log = project / f".fisao-{time.time_ns()}.log"  # a file, not a pipe: an orphaned server would hold a pipe open
     with open(log, "w") as out:
@@ -37,14 +42,27 @@ def run_fisao(project: Path, *args: str, timeout: float = 300, **env: str) -> tu
         try:
             proc.wait(timeout=timeout)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the orphaned ephemeral server of a killed run, if any
-            except ProcessLookupError:
-                pass
+            if reap or proc.returncode is None:
+                kill_group(proc.pid)  # the orphaned ephemeral server of a killed run, if any
             proc.wait()
     text = log.read_text()
     log.unlink()
-    return proc.returncode, text, time.time() - t
+    return proc.returncode, text, time.time() - t, proc.pid
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
 
 
 def results(metrics: dict) -> dict:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 
 from fisao import io
-from tests.campaign_process import curve_steps, mlflow_rounds, results, run_fisao
+import json
+
+from tests.campaign_process import alive, curve_steps, kill_group, mlflow_rounds, results, run_fisao
 from tests.conftest import TINY, copy_project
 
 pytestmark = pytest.mark.e2e
@@ -27,32 +29,30 @@ def leftovers(root) -> list[str]:
 
 def test_sigkill_anywhere_then_resume_ends_like_an_uninterrupted_run(base_project, tmp_path):
     project = copy_project(base_project, tmp_path / "project")
-    rc, out, _ = run_fisao(project, "run", "--config", "tiny.yaml", "--run-name", "ref")
+    rc, out, _, _ = run_fisao(project, "run", "--config", "tiny.yaml", "--run-name", "ref")
     assert rc == 0, out
     ref_dir = project / "outputs" / "campaigns" / "ref"
     ref_digest = io.tree_digest(ref_dir)
     chaos_dir = project / "outputs" / "campaigns" / "chaos"
 
-    outcomes = []
-    for i, point in enumerate(KILLS):
-        args = ("run", "--config", "tiny.yaml", "--run-name", "chaos") if i == 0 else ("resume", "chaos")
-        rc, out, seconds = run_fisao(project, *args, FISAO_CRASH_AT=point)
-        assert rc == -9, f"{point}: expected a SIGKILL, got exit {rc}:\n{out[-3000:]}"
-        outcomes.append((point, round(seconds, 1)))
-        rounds = mlflow_rounds(project, "chaos")
-        complete = {k for k, runs in rounds.items() for r in runs if r.data.tags.get("fisao.complete") == "true"}
-        if point == "checkpoint:mid@1":
-            # Killed inside the atomic directory: its temporary copy exists, the round's directory does not.
-            assert any(".tmp-" in p.name for p in (chaos_dir / "rounds").iterdir()), leftovers(chaos_dir)
-            assert not any((p / "figures.json").exists() for p in (chaos_dir / "rounds").iterdir())
-        if point == "log:mid@1":
-            assert [r.data.tags["fisao.complete"] for r in rounds[1]] == ["false"]  # half-logged, not trusted
-            assert complete == {0}
-        if point == "rollout:mid@2":
-            assert complete == {0, 1}
-
-    rc, out, seconds = run_fisao(project, "resume", "chaos")
-    assert rc == 0, out
+    outcomes, orphans, groups = [], [], []
+    try:
+        for i, point in enumerate(KILLS):
+            args = ("run", "--config", "tiny.yaml", "--run-name", "chaos") if i == 0 else ("resume", "chaos")
+            rc, out, seconds, pid = run_fisao(project, *args, reap=False, FISAO_CRASH_AT=point)
+            groups.append(pid)
+            assert rc == -9, f"{point}: expected a SIGKILL, got exit {rc}:\n{out[-3000:]}"
+            assert not any(alive(p) for p in orphans), "the resume did not stop the server a killed run left"
+            orphans = json.loads((chaos_dir / ".lock").read_text())["prefect_servers"]
+            assert orphans and all(alive(p) for p in orphans)  # SIGKILL leaves Prefect's ephemeral server behind
+            outcomes.append((point, round(seconds, 1)))
+            check_after_kill(project, chaos_dir, point)
+        rc, out, seconds, _ = run_fisao(project, "resume", "chaos")
+        assert rc == 0, out
+        assert not any(alive(p) for p in orphans)
+    finally:
+        for pgid in groups:
+            kill_group(pgid)
     outcomes.append(("(none)", round(seconds, 1)))
     print("kill point, seconds until killed / finished:", outcomes)
 
@@ -75,3 +75,19 @@ def test_sigkill_anywhere_then_resume_ends_like_an_uninterrupted_run(base_projec
     assert leftovers(project / "outputs") == []
     assert io.tree_digest(ref_dir) == ref_digest
     assert not (chaos_dir / ".lock").read_text().strip()  # released cleanly by the last run
+
+
+def check_after_kill(project, chaos_dir, point: str) -> None:
+    rounds = mlflow_rounds(project, "chaos")
+    complete = {k for k, runs in rounds.items() for r in runs if r.data.tags.get("fisao.complete") == "true"}
+    if point == "checkpoint:mid@1":
+        # Killed inside the atomic directory: its temporary copy exists, the round's directory does not.
+        assert any(".tmp-" in p.name for p in (chaos_dir / "rounds").iterdir()), leftovers(chaos_dir)
+        assert not any((p / "figures.json").exists() for p in (chaos_dir / "rounds").iterdir())
+    if point == "log:mid@1":
+        assert [r.data.tags["fisao.complete"] for r in rounds[1]] == ["false"]  # half-logged, not trusted
+        assert complete == {0}
+        rc, out, _, _ = run_fisao(project, "runs")
+        assert rc == 0 and any(l.startswith("chaos ") and "interrupted" in l for l in out.splitlines()), out
+    if point == "rollout:mid@2":
+        assert complete == {0, 1}

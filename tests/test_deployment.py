@@ -1,6 +1,7 @@
 """Deployments round trip: a real `prefect server` on 127.0.0.1, the process work pool, `prefect
-deploy --all` from prefect.yaml, a worker, and two runs of the nightly campaign deployment (each
-one more round of the same campaign), checked in MLflow. Everything runs in its own process
+deploy --all` from prefect.yaml, a worker, two runs of the nightly campaign deployment (each one
+more round of the same campaign), then the world and evaluate-checkpoint deployments, checked in
+MLflow. Everything runs in its own process
 group with its own PREFECT_HOME in a temp directory and is killed at the end, also on failure.
 """
 from __future__ import annotations
@@ -102,6 +103,20 @@ def test_nightly_deployment_adds_one_round_per_run(base_project, tmp_path):
         assert parent.data.tags["fisao.status"] == "finished" and parent.data.tags["fisao.rounds_done"] == "2"
         assert parent.info.status == "FINISHED"
         assert (project / "outputs" / "campaigns" / "nightly" / "summary.json").is_file()
+
+        # The other two deployments: the world (verified against data.dvc) and one checkpoint's evaluation.
+        out = prefect(env, "deployment", "run", "fisao-world/world", *params, "--watch", "--watch-timeout", "120",
+                      timeout=150)
+        assert "Completed" in out, out
+        checkpoint = rounds[2][0].data.tags["fisao.model_path"]
+        out = prefect(env, "deployment", "run", "fisao-evaluate/evaluate-checkpoint", *params, "--param",
+                      f"model={checkpoint}", "--watch", "--watch-timeout", "120", timeout=150)
+        assert "Completed" in out, out
+        tiny = client.get_experiment_by_name("tiny")
+        evaluation = client.search_runs([tiny.experiment_id], "tags.`fisao.kind` = 'evaluation'")
+        assert len(evaluation) == 1
+        assert evaluation[0].data.tags["fisao.model_sha256"] == rounds[2][0].data.tags["fisao.model_sha256"]
+        assert evaluation[0].data.metrics["chair_i"] == rounds[2][0].data.metrics["chair_i"]
         print(f"deployment round trip: {time.time() - t0:.0f}s")
     finally:
         if worker is not None:

@@ -95,7 +95,7 @@ def test_a_second_process_on_the_same_campaign_is_refused(finished):
     holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        rc, out, seconds = run_fisao(project, "run", "--config", "tiny.yaml", "--run-name", NAME)
+        rc, out, seconds, _ = run_fisao(project, "run", "--config", "tiny.yaml", "--run-name", NAME)
         assert rc == 2 and f"campaign '{NAME}' is already running: pid {holder.pid}" in out and "--run-name" in out
         print(f"refused in {seconds:.1f}s")
     finally:

@@ -82,7 +82,10 @@ def remove_temp_siblings(target: str | Path) -> list[Path]:
     Only safe while no other process writes `target` (callers hold its lock)."""
     removed = temp_siblings(target)
     for p in removed:
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
     return removed
 
 

@@ -33,6 +33,7 @@ from flows.rounds import (
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
+from tasks.records import init_store
 from tasks.resume import verify_finished_rounds
 from tasks.tracking import log_build, log_curve, log_round
 from tasks.world import prepare_world
@@ -94,6 +95,7 @@ def _lineage_tags(cfg: Config, world: dict) -> dict[str, str]:
 def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: int | None, allow_changed: bool,
          lock_file: str) -> dict:
     log = get_run_logger()
+    init_store(project)
     stages: dict[str, dict] = {}
     world = timed_world(cfg, project, stages, t0)
     tags = _lineage_tags(cfg, world)
@@ -163,7 +165,8 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, tag
     new_starts = [s["start"] for s in stages.values() if not s["cached"] and "start" in s]
     summary = {"name": cfg.name, "config": cfg.model_dump(mode="json"), **base, "calibration": cal, "rounds": metrics,
                "checkpoints": checkpoints, "seconds": round(time.time() - t0, 1),
-               "resume": {"verified_rounds": verified, "first_new_stage_at": min(new_starts) if new_starts else None}}
+               "resume": {"verified_rounds": verified, "flow_started_at": t0,
+                          "first_new_stage_at": min(new_starts) if new_starts else None}}
     summary_path = Path(out_dir) / "summary.json"
     io.write_json(summary_path, summary)
     summary["summary_path"] = str(summary_path)

@@ -82,7 +82,10 @@ def _campaign(args: argparse.Namespace, config: str | None, overrides: dict, nam
             print(f"fisao: took over the lock of campaign {name!r} from {lock.took_over.describe()}, which is no "
                   "longer running", file=sys.stderr)
         from flows.campaign import campaign
+        from flows.ephemeral import start_api
         from flows.report import print_summary
+
+        start_api(project)
 
         summary = campaign(config_path=config, project=project, overrides=overrides, run_name=name,
                            rounds=args.rounds, add_rounds=args.more_rounds, allow_changed_data=args.allow_changed_data)

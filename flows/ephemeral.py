@@ -50,3 +50,18 @@ def stop_orphaned(pids: list[int], timeout: float = 5.0) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         stopped.append(pid)
     return stopped
+
+
+def start_api(project: str | Path) -> None:
+    """Start this process's ephemeral API now (when no PREFECT_API_URL is set), one process at a time.
+
+    Its first start migrates the project's Prefect database; two campaigns starting together on a
+    fresh project would race on that. The flow then uses this same server.
+    """
+    from prefect import get_client
+
+    from fisao.locks import exclusive
+
+    with exclusive(Path(project) / ".fisao-init.lock"):
+        with get_client(sync_client=True) as client:
+            client.api_healthcheck()

@@ -101,3 +101,12 @@ def recorded_inputs(campaign: str) -> dict | None:
     if parent is None or not has_artifact(parent.info.run_id, INPUTS):
         return None
     return read_json_artifact(parent.info.run_id, INPUTS)
+
+
+def init_store(project: str | Path) -> None:
+    """Create (migrate) the MLflow store now, one process at a time: two campaigns starting together
+    on a fresh project would otherwise both create its tables, and one would fail."""
+    from fisao.locks import exclusive
+
+    with exclusive(Path(project) / ".fisao-init.lock"):
+        MlflowClient().search_experiments(max_results=1)

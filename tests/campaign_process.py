@@ -27,27 +27,38 @@ def fisao_env(project: Path, **extra: str) -> dict[str, str]:
     return {**env, **local_state_env(project), "OMP_NUM_THREADS": "1", **extra}
 
 
-def run_fisao(project: Path, *args: str, timeout: float = 300, reap: bool = True,
-              **env: str) -> tuple[int, str, float, int]:
-    """(exit code, output, seconds, pid) of `fisao --project PROJECT ARGS`; exit -9 when it was SIGKILLed.
-
-    `reap=False` leaves what the child left running (its process group is the child's pid); the
-    caller must `kill_group` it in the end.
-    """
-    t = time.time()
+def start_fisao(project: Path, *args: str, **env: str) -> tuple[subprocess.Popen, Path, float]:
+    """Start `fisao --project PROJECT ARGS` in its own session; finish it with `wait_fisao`."""
     log = project / f".fisao-{time.time_ns()}.log"  # a file, not a pipe: an orphaned server would hold a pipe open
     with open(log, "w") as out:
         proc = subprocess.Popen([FISAO, "--project", str(project), *args], cwd=project, env=fisao_env(project, **env),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            if reap or proc.returncode is None:
-                kill_group(proc.pid)  # the orphaned ephemeral server of a killed run, if any
-            proc.wait()
+    return proc, log, time.time()
+
+
+def wait_fisao(started: tuple[subprocess.Popen, Path, float], timeout: float = 300,
+               reap: bool = True) -> tuple[int, str, float, int]:
+    """(exit code, output, seconds, pid); exit -9 when it was SIGKILLed.
+
+    `reap=False` leaves what the child left running (its process group is the child's pid); the
+    caller must `kill_group` it in the end.
+    """
+    proc, log, t = started
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if reap or proc.returncode is None:
+            kill_group(proc.pid)  # the orphaned ephemeral server of a killed run, if any
+        proc.wait()
     text = log.read_text()
     log.unlink()
     return proc.returncode, text, time.time() - t, proc.pid
+
+
+def run_fisao(project: Path, *args: str, timeout: float = 300, reap: bool = True,
+              **env: str) -> tuple[int, str, float, int]:
+    """`start_fisao` then `wait_fisao`."""
+    return wait_fisao(start_fisao(project, *args, **env), timeout, reap)
 
 
 def kill_group(pgid: int) -> None:

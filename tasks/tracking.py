@@ -148,14 +148,14 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
             **tags, "mlflow.parentRunId": parent, "fisao.key": key, "fisao.kind": "round",
             "fisao.campaign": campaign, "fisao.round": str(round_index), COMPLETE: "false"})
         _log(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
-        names = list(artifacts)
-        _log_artifacts(client, run_id, dict(list(artifacts.items())[: len(names) // 2]))
-        crash_point("log:mid", round_index)
-        _log_artifacts(client, run_id, dict(list(artifacts.items())[len(names) // 2 :]))
+        items = list(artifacts.items())
+        _log_artifacts(client, run_id, dict(items[: len(items) // 2]))
+        crash_point("log:mid", round_index)  # the testing hook: metrics and half the artifacts logged
+        _log_artifacts(client, run_id, dict(items[len(items) // 2 :]))
         if manifest is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 client.log_artifact(run_id, str(io.write_json(Path(tmp) / MANIFEST, manifest)))
-            problems = verify_logged(run_id, manifest, [n for n in names if n in manifest["groups"]])
+            problems = verify_logged(run_id, manifest, [n for n in artifacts if n in manifest["groups"]])
             if problems:
                 raise RuntimeError(f"MLflow run {run_id} (round {round_index} of {campaign}) does not hold what was "
                                    f"logged: {'; '.join(problems[:5])}. The round stays incomplete; run it again")

@@ -36,16 +36,6 @@ def exclusive(lock_file: str | Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 @dataclass
 class Holder:
     pid: int

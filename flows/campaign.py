@@ -109,8 +109,9 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
         campaign_state(parent["run_id"], {"fisao.target_rounds": str(target)})
         summary = _rounds(cfg, project, t0, stages, world, tags, finished, target)
         campaign_state(parent["run_id"], {"fisao.rounds_done": str(target)}, end="finished")
-    except BaseException as e:
-        campaign_state(parent["run_id"], {"fisao.error": f"{type(e).__name__}: {e}"[:4000]}, end="failed")
+    except BaseException as e:  # Ctrl-C included: the campaign's run says how it ended, then the error goes on
+        end = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        campaign_state(parent["run_id"], {"fisao.error": f"{type(e).__name__}: {e}"[:4000]}, end=end)
         raise
     log.info("campaign %s: %d rounds done (%d verified from an earlier run), summary %s", cfg.name, target,
              len(summary["resume"]["verified_rounds"]), summary["summary_path"])

@@ -2,8 +2,8 @@
 
 The parent run records the inputs the campaign started with (`inputs.json`: data md5, config
 identity hash, the resolved config) and its state as tags: `fisao.status` (running, finished,
-failed), `fisao.target_rounds`, `fisao.rounds_done`, `fisao.lock` (the lock file, so `fisao runs`
-can tell a live campaign from an interrupted one).
+interrupted by Ctrl-C, failed), `fisao.target_rounds`, `fisao.rounds_done`, `fisao.lock` (the
+lock file, so `fisao runs` can tell a live campaign from one that was killed).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from fisao import io
 from fisao.inputs import changes
 from tasks.records import INPUTS, campaign_parent, recorded_inputs
-from tasks.tracking import _log, _new_run
+from tasks.tracking import log_batch, new_run
 
 
 class InputsChanged(ValueError):
@@ -41,9 +41,9 @@ def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow
     state = {"fisao.status": "running", "fisao.lock": lock_file}
     parent = campaign_parent(campaign)
     if parent is None:
-        run_id = _new_run(campaign, campaign, {**tags, **state, "fisao.campaign": campaign, "fisao.kind": "campaign",
+        run_id = new_run(campaign, campaign, {**tags, **state, "fisao.campaign": campaign, "fisao.kind": "campaign",
                                                "fisao.rounds_done": "0"})
-        _log(client, run_id, params=inputs["config"])
+        log_batch(client, run_id, params=inputs["config"])
         _write_inputs(client, run_id, inputs)
         return {"run_id": run_id, "resumed": False, "changes": []}
     run_id = parent.info.run_id
@@ -65,15 +65,15 @@ def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow
         client.set_tag(run_id, f"fisao.inputs_changed.{stamp}", "; ".join(diff)[:4000])
         _write_inputs(client, run_id, inputs)
     client.update_run(run_id, status="RUNNING")
-    _log(client, run_id, tags={**state, "fisao.data_md5": inputs["data_md5"], "fisao.config_hash": inputs["config_hash"]})
+    log_batch(client, run_id, tags={**state, "fisao.data_md5": inputs["data_md5"], "fisao.config_hash": inputs["config_hash"]})
     log.info("resuming campaign %s (MLflow run %s)", campaign, run_id)
     return {"run_id": run_id, "resumed": True, "changes": diff}
 
 
 @task(name="campaign-state")
 def campaign_state(run_id: str, tags: dict[str, str], end: str | None = None) -> None:
-    """Set state tags on the parent run; `end` ("finished" or "failed") also ends the run."""
+    """Set state tags on the parent run; `end` ("finished", "interrupted" or "failed") also ends the run."""
     client = MlflowClient()
-    _log(client, run_id, tags={**tags, **({"fisao.status": end} if end else {})})
+    log_batch(client, run_id, tags={**tags, **({"fisao.status": end} if end else {})})
     if end:
-        client.set_terminated(run_id, status="FINISHED" if end == "finished" else "FAILED")
+        client.set_terminated(run_id, status={"finished": "FINISHED", "interrupted": "KILLED"}.get(end, "FAILED"))

@@ -24,10 +24,10 @@ from prefect import get_run_logger, task
 from fisao import io
 from fisao.crashpoints import crash_point
 from fisao.manifest import verify_files
-from tasks.records import COMPLETE, MANIFEST, experiment_id, find_run, find_runs
+from tasks.records import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs
 
 
-def _log(client: MlflowClient, run_id: str, metrics: list[Metric] = (), params: dict | None = None,
+def log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] = (), params: dict | None = None,
          tags: dict | None = None) -> None:
     """log_batch within MLflow's limits (1000 metrics, 100 params per call)."""
     metrics = list(metrics)
@@ -44,7 +44,7 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _new_run(experiment: str, name: str, tags: dict) -> str:
+def new_run(experiment: str, name: str, tags: dict) -> str:
     return MlflowClient().create_run(experiment_id(experiment), run_name=name, tags=tags).info.run_id
 
 
@@ -58,14 +58,14 @@ def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict) -
         log.info("MLflow already has build-%s (run %s): not logged again", kind, existing)
         return existing
     client = MlflowClient()
-    run_id = _new_run(experiment, f"build-{kind}", {**tags, "fisao.key": key, "fisao.kind": f"build-{kind}",
+    run_id = new_run(experiment, f"build-{kind}", {**tags, "fisao.key": key, "fisao.kind": f"build-{kind}",
                                                        "fisao.sha256": ref["sha256"]})
     train_log = io.read_json(Path(ref["path"]) / "train_log.json")
     ts = _now()
     curves = [Metric(f"train/{name}", float(v), ts, step)
               for name, values in train_log.items() if isinstance(values, list) for step, v in enumerate(values)]
     figures = [Metric(k, float(v), ts, 0) for k, v in ref["figures"].items()]
-    _log(client, run_id, curves + figures, params)
+    log_batch(client, run_id, curves + figures, params)
     client.log_artifacts(run_id, ref["path"], artifact_path=kind)
     client.set_tag(run_id, COMPLETE, "true")
     client.set_terminated(run_id)
@@ -73,12 +73,12 @@ def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict) -
     return run_id
 
 
-def campaign_run(experiment: str, campaign: str, tags: dict) -> str:
-    """The parent run of `campaign` (created on first use)."""
-    found = find_run(experiment, {"fisao.campaign": campaign, "fisao.kind": "campaign"})
-    if found:
-        return found
-    return _new_run(experiment, campaign, {**tags, "fisao.campaign": campaign, "fisao.kind": "campaign"})
+def campaign_run(campaign: str) -> str:
+    """The parent run of `campaign` (tasks.campaigns.open_campaign creates it)."""
+    parent = campaign_parent(campaign)
+    if parent is None:
+        raise RuntimeError(f"campaign {campaign!r} has no parent run in MLflow: open_campaign must run first")
+    return parent.info.run_id
 
 
 def log_curve_points(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -86,7 +86,7 @@ def log_curve_points(client: MlflowClient, run_id: str, metrics: dict[str, float
     ts = _now()
     fresh = [Metric(k, float(v), ts, step) for k, v in metrics.items()
              if not any(m.step == step for m in client.get_metric_history(run_id, k))]
-    _log(client, run_id, fresh)
+    log_batch(client, run_id, fresh)
 
 
 def _log_artifacts(client: MlflowClient, run_id: str, artifacts: dict[str, str]) -> None:
@@ -136,7 +136,7 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
     """
     log = get_run_logger()
     client = MlflowClient()
-    parent = campaign_run(experiment, campaign, tags)
+    parent = campaign_run(campaign)
     key = f"{campaign}:round-{round_index}"
     run_id, stale = _stale_runs(experiment, key, tags.get("fisao.model_sha256"), manifest is not None)
     for old in stale:
@@ -144,10 +144,10 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
                     "checkpoint): deleted, the round is logged again", old, round_index, campaign)
         client.delete_run(old)
     if run_id is None:
-        run_id = _new_run(experiment, f"round-{round_index}", {
+        run_id = new_run(experiment, f"round-{round_index}", {
             **tags, "mlflow.parentRunId": parent, "fisao.key": key, "fisao.kind": "round",
             "fisao.campaign": campaign, "fisao.round": str(round_index), COMPLETE: "false"})
-        _log(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
+        log_batch(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
         items = list(artifacts.items())
         _log_artifacts(client, run_id, dict(items[: len(items) // 2]))
         crash_point("log:mid", round_index)  # the testing hook: metrics and half the artifacts logged
@@ -172,8 +172,7 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
 @task(name="log-curve")
 def log_curve(campaign: str, metrics: dict, round_index: int) -> None:
     """Round `round_index`'s point of the per-round curves on the campaign's parent run (once per step)."""
-    parent = find_run(campaign, {"fisao.campaign": campaign, "fisao.kind": "campaign"})
-    log_curve_points(MlflowClient(), parent, metrics, round_index)
+    log_curve_points(MlflowClient(), campaign_run(campaign), metrics, round_index)
 
 
 @task(name="log-evaluation")
@@ -184,10 +183,10 @@ def log_checkpoint_eval(experiment: str, model: dict, data_md5: str, result: dic
     if existing:
         return existing
     client = MlflowClient()
-    run_id = _new_run(experiment, f"eval-{Path(model['path']).name}", {
+    run_id = new_run(experiment, f"eval-{Path(model['path']).name}", {
         "fisao.key": key, "fisao.kind": "evaluation", "fisao.model_sha256": model["sha256"],
         "fisao.model_path": model["path"], "fisao.data_md5": data_md5})
-    _log(client, run_id, [Metric(k, float(v), _now(), 0) for k, v in result["metrics"].items()], params)
+    log_batch(client, run_id, [Metric(k, float(v), _now(), 0) for k, v in result["metrics"].items()], params)
     client.log_artifacts(run_id, result["path"], artifact_path="evaluation")
     client.set_tag(run_id, COMPLETE, "true")
     client.set_terminated(run_id)

@@ -261,6 +261,12 @@ class RewardConfig(_Strict):
     level: Literal["token", "sentence"] = "token"
     # "continuous": clamp((s - b) / w, -1, 1); "binary": sign(s - b).
     shape: Literal["continuous", "binary"] = "continuous"
+    # Which tokens carry a mention's reward: "mention", its name's; "phrase", also the words that
+    # led to it since the previous mention, at most `span_words` of them ("and a blue square").
+    span: Literal["mention", "phrase"] = "mention"
+    span_words: int = Field(3, ge=0)
+    # "each": every mention keeps its reward; "first": a repeated category earns at most 0.
+    repeats: Literal["each", "first"] = "each"
     per_class: bool = False
     template: str = "a photo of a {}."
     # Stop (instead of warning) when the policy's vision tower is not the verifier's vision model.
@@ -277,6 +283,63 @@ class RewardConfig(_Strict):
         return self
 
 
+class ModelConfig(_Strict):
+    """Policy and verifier given by hub id or local directory, instead of the world's built models.
+
+    Nothing is downloaded: with HF_HUB_OFFLINE=1 a hub id must already be in the Hugging Face
+    cache (`huggingface-cli download llava-hf/llava-1.5-7b-hf` once, where the hub is reachable).
+    """
+
+    policy: str
+    verifier: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    gradient_checkpointing: bool = True
+    trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Memory the campaign may use, in GiB; None: detected (free GPU memory, or available RAM on CPU).
+    memory_gib: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        for key in ("policy", "verifier"):
+            if not getattr(self, key).strip():
+                raise ValueError(f"model.{key} is empty: give a hub id (llava-hf/llava-1.5-7b-hf) or a directory")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where real data lives (fisao/examples.py describes the COCO layout)."""
+
+    kind: Literal["coco"] = "coco"
+    root: str
+
+
+class ScaleConfig(_Strict):
+    """Scale-out: processes for `accelerate launch`, rollout shards, the rollout backend."""
+
+    # Processes the policy update and rollout generation run on; > 1 starts `accelerate launch`.
+    processes: int = Field(1, ge=1)
+    # Rollouts are sampled in this many shards and gathered; None: one per process. On one process
+    # the shards run one after another; on P processes each samples rollout_shards / P of them
+    # (fisao/align/launch.py). The rollouts depend on the shard count only, never on `processes`.
+    rollout_shards: int | None = Field(None, ge=1)
+    # "hf": transformers' generate with the KV cache (fisao/align/backends.py; a vLLM backend plugs in there).
+    rollout_backend: Literal["hf"] = "hf"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScaleConfig":
+        if self.shards % self.processes:
+            raise ValueError(f"scale.rollout_shards ({self.rollout_shards}) must be a multiple of scale.processes "
+                             f"({self.processes}), so that every process samples as many shards; leave it unset "
+                             "for one shard per process")
+        return self
+
+    @property
+    def shards(self) -> int:
+        """How many shards a round's rollouts are sampled in."""
+        return self.processes if self.rollout_shards is None else self.rollout_shards
+
+
 class Config(_Strict):
     """A whole campaign: world, base models, evaluation."""
 
@@ -291,6 +354,19 @@ class Config(_Strict):
     lora: LoraConfig = LoraConfig()
     ppo: PPOConfig = PPOConfig()
     reward: RewardConfig = RewardConfig()
+    # Real models and data (both or neither); without them the campaign builds the shapes world.
+    model: ModelConfig | None = None
+    data: DataConfig | None = None
+    scale: ScaleConfig = ScaleConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if (self.model is None) != (self.data is None):
+            raise ValueError("model and data go together: real models need real data (data: {kind: coco, root: ...}), "
+                             "and the shapes world builds its own models (remove both to run the world)")
+        if self.data is not None and self.rollout.split != "train":
+            raise ValueError(f"rollout.split {self.rollout.split!r} is the world's; on COCO rollouts use train (train2014)")
+        return self
 
     @property
     def world_dir(self) -> Path:

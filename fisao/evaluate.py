@@ -6,18 +6,21 @@ Data layouts understood by `eval_data`:
 - COCO layout: `val2014/` (or `images/`), `annotations/instances_val2014.json` (or one
   `instances*.json`), optional `annotations/captions_val2014.json` (reference captions add to
   CHAIR's ground truth, as the original does), POPE files named `*pope_<strategy>.json[l]`
-  anywhere under `pope/` or the root, the COCO-80 vocabulary;
+  anywhere under `pope/` or the root (else the official files shipped in
+  fisao/benchmarks/data/pope/), the COCO-80 vocabulary;
 - either may hold `mme/`: the eval-tool question lists `<subtask>.txt` (image, question,
   answer) with images in `mme/<subtask>/` or `mme/<subtask>/images/`.
 
 CHAIR asks every selected image for a description (greedy, the configured prompt) and scores
-the mentions; POPE asks each question as written. Selection: the whole split, or `limit`
+the mentions; POPE asks each question as written (on COCO all of a file's questions, as
+the POPE protocol; on the world those of the selected images). Selection: the whole split, or `limit`
 images (the first ones for the world; a seeded random sample for COCO, as the usual protocol
 of 500 random val2014 images).
 """
 from __future__ import annotations
 
 import random
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import Instances, load_image, load_instances
 from fisao.config import EvalConfig
 from fisao.generate import answer, load_policy
+from fisao.runtime import load_runtime_policy
 from fisao.world.pope import STRATEGIES
 
 BENCHMARKS = ("chair", "pope", "mme")
@@ -78,10 +82,14 @@ def _coco(root: Path) -> EvalData:
     pope_files = {}
     for s in STRATEGIES:
         found = _one(sorted(p for p in root.glob(f"**/*pope_{s}.json*") if p.is_file()), f"POPE {s}", root)
-        if found:
-            pope_files[s] = found
+        pope_files[s] = found or shipped_pope(s)
     return EvalData("coco", images, instances, None, pope_files, refs if refs.is_file() else None,
                     root / "mme" if (root / "mme").is_dir() else None, random_selection=True)
+
+
+def shipped_pope(strategy: str) -> Path:
+    """The official POPE COCO file of `strategy` shipped with fisao (RUCAIBox/POPE, MIT; see its LICENSE)."""
+    return Path(str(resources.files("fisao.benchmarks").joinpath("data", "pope", f"coco_pope_{strategy}.json")))
 
 
 def eval_data(data: str | Path, split: str = "test") -> EvalData:
@@ -140,12 +148,18 @@ def run_chair(model, processor, data: EvalData, cfg: EvalConfig, out: Path, prog
 def run_pope(model, processor, data: EvalData, cfg: EvalConfig, out: Path, progress: bool) -> dict:
     if not data.pope:
         raise FileNotFoundError(f"{data.name}: no POPE question files found")
-    inst = load_instances(data.instances)
-    keep = {inst.file_names[i] for i in select_images(inst, cfg.limit, data.random_selection, cfg.seed)}
     images = _Images(data.images_dir)
+    keep = None
+    if not data.random_selection:  # the world: the evaluated images; COCO: every question, as POPE's protocol
+        inst = load_instances(data.instances)
+        keep = {inst.file_names[i] for i in select_images(inst, cfg.limit, data.random_selection, cfg.seed)}
     metrics = {}
     for strategy, path in data.pope.items():
-        rows = [r for r in io.read_jsonl(path) if r["image"] in keep]
+        rows = [r for r in io.read_jsonl(path) if keep is None or r["image"] in keep]
+        missing = sorted({r["image"] for r in rows if not (data.images_dir / r["image"]).is_file()})
+        if missing:
+            raise FileNotFoundError(f"POPE {strategy} ({path}) asks about {len(missing)} images missing from "
+                                    f"{data.images_dir}, e.g. {missing[0]}: put all of COCO val2014 there")
         texts = answer(model, processor, [images(r["image"]) for r in rows], [r["text"] for r in rows],
                        max_new_tokens=cfg.pope_max_new_tokens, batch_size=cfg.batch_size, progress=progress,
                        desc=f"POPE {strategy}")
@@ -182,13 +196,13 @@ RUNNERS = {"chair": run_chair, "pope": run_pope, "mme": run_mme}
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, benchmarks: tuple[str, ...], cfg: EvalConfig,
-                   out: str | Path, progress: bool = True, trust_remote_code: bool = False) -> dict:
+                   out: str | Path, progress: bool = True, trust_remote_code: bool = False, runtime=None) -> dict:
     """Run `benchmarks` for the model in `model_dir`; write answers and details to `out`; return metrics."""
     unknown = [b for b in benchmarks if b not in RUNNERS]
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; choose from {list(RUNNERS)}")
     where = eval_data(data, cfg.split)
-    model, processor = load_policy(model_dir, trust_remote_code=trust_remote_code)
+    model, processor = load_runtime_policy(model_dir, runtime) if runtime else load_policy(model_dir, trust_remote_code=trust_remote_code)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict = {}

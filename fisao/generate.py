@@ -15,6 +15,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from fisao.models.families import family_of, prompt
+
 
 def load_policy(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """(model, processor) from a Hugging Face directory or hub id, in eval mode."""
@@ -23,20 +25,24 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: torch.dtype | None
         raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    family_of(model)  # an unsupported model stops here, not in the middle of a round
     processor.tokenizer.padding_side = "left"
     return model.to(device).eval(), processor
 
 
 def chat_prompt(processor, question: str) -> str:
-    """The model's own chat format for one image and one question, ready for the answer."""
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(conv, add_generation_prompt=True)
+    """The model's own format for one image and one question, ready for the answer: the chat
+    template of LLaVA-family processors, the plain instruction for InstructBLIP (see
+    fisao/models/families.py)."""
+    return prompt(processor, question)
 
 
 def banned_token_ids(processor) -> list[int]:
     """Tokens a rollout must never emit: the image placeholder, padding and <s>."""
     tok = processor.tokenizer
-    ids = {tok.convert_tokens_to_ids(getattr(processor, "image_token", None) or "<image>"), tok.pad_token_id, tok.bos_token_id}
+    image = getattr(processor, "image_token", None) or "<image>"
+    image = getattr(image, "content", image)  # InstructBLIP's processor holds an AddedToken
+    ids = {tok.convert_tokens_to_ids(image), tok.pad_token_id, tok.bos_token_id}
     ids.discard(None)
     ids.discard(tok.unk_token_id if tok.unk_token_id is not None else -1)
     return sorted(i for i in ids if i is not None and i != tok.eos_token_id)

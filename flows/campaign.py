@@ -1,6 +1,8 @@
 """The campaign flow: world and base models, calibration, then FiSAO rounds, in one flow run.
 
-Round 0 is the base model. One flow run per campaign (Prefect's ephemeral API costs seconds per
+Round 0 is the base model: built from the shapes world, or, with a `model` section, the real
+checkpoints it names (on COCO-layout data, after a memory check that refuses what cannot fit).
+One flow run per campaign (Prefect's ephemeral API costs seconds per
 process); every stage is a task whose cache key holds the hashes of its inputs (the data md5
 among them), its config section and the code version, so a second run skips finished work.
 
@@ -33,6 +35,7 @@ from flows.rounds import (
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
+from tasks.realdata import memory_check, real_models
 from tasks.records import init_store
 from tasks.resume import verify_finished_rounds
 from tasks.tracking import log_build, log_curve, log_round
@@ -43,9 +46,11 @@ def campaign_dir(cfg: Config, project: str) -> Path:
     return localstate.campaign_dir(project, cfg.outputs_dir, cfg.name)
 
 
-def build_base(cfg: Config, project: str, world: dict, tags: dict, t0: float) -> dict:
-    """CLIP and LLaVA (cached), each build logged once to MLflow."""
+def build_base(cfg: Config, project: str, world: dict, tags: dict, t0: float, real: dict | None = None) -> dict:
+    """CLIP and LLaVA (cached), each build logged once to MLflow; `real` (a policy and a verifier) as they are."""
     stages: dict[str, dict] = {}
+    if real is not None:
+        return {"world": world, "clip": real["verifier"], "llava": real["policy"], "stages": stages, "tags": tags}
     outputs = str(Path(project) / cfg.outputs_dir)
     code = code_version(*MODEL_CODE)
     clip = timed(stages, t0, "clip", build_clip, world["path"], world["md5"], cfg.clip, code, outputs)
@@ -86,9 +91,10 @@ def campaign(config_path: str | None = None, project: str = ".", overrides: dict
 
 def _lineage_tags(cfg: Config, world: dict) -> dict[str, str]:
     commit, dirty = git_state()
+    real = {} if cfg.model is None else {"fisao.policy": cfg.model.policy}
     return {"fisao.data_md5": world["md5"], "fisao.code": code_version(*MODEL_CODE),
             "fisao.git_commit": commit, "fisao.git_dirty": str(dirty).lower(),
-            "fisao.config_hash": config_identity_hash(cfg),
+            "fisao.config_hash": config_identity_hash(cfg), **real,
             **{f"version.{k}": v for k, v in package_versions().items()}}
 
 
@@ -97,7 +103,7 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
     log = get_run_logger()
     init_store(project)
     stages: dict[str, dict] = {}
-    world = timed_world(cfg, project, stages, t0)
+    world, real = timed_inputs(cfg, project, stages, t0)
     tags = _lineage_tags(cfg, world)
     inputs = {"data_md5": world["md5"], "config_hash": tags["fisao.config_hash"], "config": identity(cfg),
               "resolved": cfg.model_dump(mode="json")}
@@ -107,7 +113,7 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
         done = next(k for k in range(1, len(finished) + 2) if str(k) not in finished) - 1
         target = target_rounds(cfg, done, rounds, add_rounds)
         campaign_state(parent["run_id"], {"fisao.target_rounds": str(target)})
-        summary = _rounds(cfg, project, t0, stages, world, tags, finished, target)
+        summary = _rounds(cfg, project, t0, stages, world, real, tags, finished, target)
         campaign_state(parent["run_id"], {"fisao.rounds_done": str(target)}, end="finished")
     except BaseException as e:  # Ctrl-C included: the campaign's run says how it ended, then the error goes on
         end = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -118,18 +124,25 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
     return summary
 
 
-def timed_world(cfg: Config, project: str, stages: dict, t0: float) -> dict:
+def timed_inputs(cfg: Config, project: str, stages: dict, t0: float) -> tuple[dict, dict | None]:
+    """(data, real models): the world (verified, pulled or built) and None; or, with a `model`
+    section, the COCO directory's fingerprint and the policy and verifier refs, after the memory
+    check (so a campaign that cannot fit stops before loading anything or opening an MLflow run)."""
+    if cfg.model is not None:
+        refs = real_models(cfg)
+        memory_check(cfg, refs["policy"]["path"])
+        return refs["data"], {"policy": refs["policy"], "verifier": refs["verifier"]}
     t = time.time()
     world = prepare_world(project, cfg.data_dir, cfg.world)
     stages["world"] = {"seconds": round(time.time() - t, 1), "cached": world["action"] == "verified", "start": 0.0}
-    return world
+    return world, None
 
 
-def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, tags: dict, finished: dict,
-            target: int) -> dict:
+def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, real: dict | None, tags: dict,
+            finished: dict, target: int) -> dict:
     log = get_run_logger()
     out_dir = str(campaign_dir(cfg, project))
-    base = build_base(cfg, project, world, tags, t0)
+    base = build_base(cfg, project, world, tags, t0, real)
     base["stages"] = stages = {**stages, **base["stages"]}
     llava = base["llava"]
     evaluation = evaluate_model(cfg, project, 0, llava, world, stages, t0)
@@ -138,7 +151,7 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, tag
     log_round(cfg.name, cfg.name, 0, metrics[0], round_params(cfg, llava, 0), record_base,
               {"evaluation": evaluation["path"]})
     cal = timed(stages, t0, "calibrate", calibrate, llava, base["clip"], world["path"], world["md5"], cfg.reward,
-                cfg.rollout, code_version(*ALIGN_CODE), str(Path(project) / cfg.outputs_dir))
+                cfg.rollout, code_version(*ALIGN_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
     log.info("verifier calibration: AUROC %.3f, baseline %.4f, width %.4f", cal["figures"]["auroc"],
              cal["figures"]["baseline"], cal["figures"]["width"])
     policy, previous, checkpoints, verified = llava, None, [llava["path"]], []

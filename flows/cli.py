@@ -69,6 +69,34 @@ def _eval_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    from fisao.config import load_config
+    from fisao.memory import available_memory, campaign_estimate, check_fits, report
+    from fisao.runtime import runtime_device
+
+    cfg = load_config(args.config)
+    if cfg.model is None:
+        raise ValueError(f"{args.config} has no model section: the estimate is for real checkpoints")
+    est = campaign_estimate(cfg)
+    if args.memory_gib or cfg.model.memory_gib:
+        gib = args.memory_gib or cfg.model.memory_gib
+        available, where = int(gib * 1024 ** 3), f"the given budget ({gib} GiB)"
+    else:
+        available, where = available_memory(runtime_device(cfg.model))
+    print(report(est, where, available))
+    check_fits(est, available, where)
+    return 0
+
+
+def _convert_eva_clip(args: argparse.Namespace) -> int:
+    from fisao.models.eva_clip import convert_open_clip_checkpoint
+
+    out = convert_open_clip_checkpoint(args.state_dict, args.tokenizer, args.image_processor, args.out,
+                                       (args.vision_heads, args.text_heads), args.image_size)
+    print(f"EVA-CLIP verifier written to {out}: set model.verifier: {out}")
+    return 0
+
+
 def _campaign(args: argparse.Namespace, config: str | None, overrides: dict, name: str) -> int:
     """Start the campaign flow under the campaign's lock (taken here first, to refuse before Prefect starts)."""
     from fisao.config import load_config
@@ -174,6 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--out", default=None, help="where answers and details go")
     mo.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
     mo.set_defaults(func=_eval_model)
+
+    es = sub.add_parser("estimate", help="parameters and memory a real-model campaign needs; refuses what cannot fit")
+    es.add_argument("--config", required=True)
+    es.add_argument("--memory-gib", type=float, default=None, help="check against this budget instead of the device")
+    es.set_defaults(func=_estimate)
+
+    cv = sub.add_parser("convert", help="make a verifier directory").add_subparsers(dest="convert_command", required=True)
+    eva = cv.add_parser("eva-clip", help="an open_clip EVA01 checkpoint -> InstructBLIP's verifier (fisao/models/eva_clip.py)")
+    eva.add_argument("--state-dict", required=True, help="open_clip state dict (.bin/.pt or .safetensors)")
+    eva.add_argument("--tokenizer", required=True, help="CLIP tokenizer, e.g. openai/clip-vit-large-patch14-336")
+    eva.add_argument("--image-processor", required=True, help="the policy's, e.g. Salesforce/instructblip-vicuna-7b")
+    eva.add_argument("--out", required=True)
+    eva.add_argument("--vision-heads", type=int, default=16, help="EVA01-g-14: 16")
+    eva.add_argument("--text-heads", type=int, default=12, help="EVA01-g-14: 12")
+    eva.add_argument("--image-size", type=int, default=224)
+    eva.set_defaults(func=_convert_eva_clip)
 
     run = sub.add_parser("run", help="run a campaign (or resume the campaign of that name): world, base models, "
                                       "calibration, FiSAO rounds, evaluation")

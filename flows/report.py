@@ -22,8 +22,9 @@ def print_summary(summary: dict) -> None:
     print(table(["stage", "seconds", "cached"], [[k, v["seconds"], "yes" if v["cached"] else "no"] for k, v in stages.items()]))
     print()
     print(f"world: {summary['world']['path']} ({summary['world']['action']}, data md5 {summary['world']['md5']})")
-    clip = summary["clip"]["figures"]
-    print(f"CLIP object-name AUROC: val {clip.get('val_auroc', float('nan')):.3f}, test {clip.get('test_auroc', float('nan')):.3f}")
+    clip = summary["clip"].get("figures")
+    if clip is not None:  # the world's built CLIP (a real verifier comes as it is)
+        print(f"CLIP object-name AUROC: val {clip.get('val_auroc', float('nan')):.3f}, test {clip.get('test_auroc', float('nan')):.3f}")
     print(f"base LLaVA: {summary['llava']['path']}")
     cal = summary.get("calibration")
     if cal:

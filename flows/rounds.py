@@ -20,10 +20,16 @@ from tasks.evaluate import evaluate
 from tasks.resume import write_manifest
 from tasks.tracking import log_round
 
-MODEL_CODE = ("models", "world", "config.py", "coco.py", "io.py", "auroc.py", "generate.py")
-EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py")
+# The world's base-model builds: the files they run (not the real-model parts of fisao/models/,
+# such as eva_clip.py and known.py, whose changes must not rebuild the world's models).
+MODEL_CODE = ("models/__init__.py", "models/build.py", "models/clip.py", "models/llava.py", "models/tokenizer.py",
+              "models/images.py", "models/families.py", "world", "config.py", "coco.py", "io.py", "auroc.py",
+              "generate.py")
+EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py",
+             "runtime.py", "models/families.py")
 ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py", "config.py", "io.py", "auroc.py",
-              "world/data.py", "crashpoints.py")
+              "world/data.py", "examples.py", "runtime.py", "models/families.py", "models/eva_clip.py",
+              "crashpoints.py")
 
 ROUND_FIGURES = {
     "rollouts": ("tokens", "tokens_per_second"),
@@ -44,7 +50,7 @@ def timed(stages: dict, t0: float, name: str, task, *args) -> dict:
 def evaluate_model(cfg: Config, project: str, k: int, model: dict, world: dict, stages: dict, t0: float) -> dict:
     """Benchmarks of one round's model (cached on the checkpoint's hash)."""
     return timed(stages, t0, f"eval-{k}", evaluate, model, world["path"], world["md5"], ("chair", "pope"), cfg.eval,
-                 code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir))
+                 code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
 
 
 def checkpoint_ref(update_result: dict) -> dict:
@@ -65,15 +71,16 @@ def fisao_round(cfg: Config, campaign_dir: str, k: int, base: dict, policy: dict
                 calibration: dict, t0: float) -> tuple[dict, dict, dict, dict]:
     """Round k's rollouts, scores and update; returns (new policy, figures, samples, scores)."""
     code, world, stages = code_version(*ALIGN_CODE), base["world"], base["stages"]
+    rt, scale = cfg.model, cfg.scale
     samples = timed(stages, t0, f"rollouts-{k}", rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code,
-                    campaign_dir)
+                    campaign_dir, rt, scale.shards, scale.rollout_backend, scale.processes)
     scores = timed(stages, t0, f"score-{k}", score, samples, policy, base["clip"], calibration, world["path"],
-                   world["md5"], cfg.reward, code, campaign_dir)
+                   world["md5"], cfg.reward, code, campaign_dir, rt)
     # The round count is the campaign's business, not a round's: "one more round" must not change
     # the update's cache key (ppo.rounds is read nowhere in fisao/align).
     ppo = cfg.ppo.model_copy(update={"rounds": 1})
     new = timed(stages, t0, f"update-{k}", update, base["llava"], previous, samples, scores, world["path"],
-                world["md5"], cfg.lora, ppo, k, code, campaign_dir)
+                world["md5"], cfg.lora, ppo, k, code, campaign_dir, rt, scale.processes)
     figures = {}
     for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
         figures.update({f"{stage}/{name}": ref["figures"][name] for name in ROUND_FIGURES[stage] if name in ref["figures"]})

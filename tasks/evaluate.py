@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fisao import io
-from fisao.config import EvalConfig, config_hash
+from fisao.config import EvalConfig, ModelConfig, config_hash
 from fisao.evaluate import evaluate_model
 from tasks.common import build_once, cached_task, key_of
 
@@ -13,13 +13,15 @@ METRICS = "metrics.json"
 
 @cached_task(name="evaluate")
 def evaluate(model: dict, data_dir: str, data_md5: str, benchmarks: tuple[str, ...], cfg: EvalConfig, code: str,
-             outputs: str) -> dict:
+             outputs: str, runtime: ModelConfig | None = None) -> dict:
     """CHAIR/POPE(/MME) figures of `model` (a ref with path and sha256); answers saved beside them."""
-    out = Path(outputs) / "eval" / key_of(model["sha256"], data_md5, list(benchmarks), config_hash(cfg), code)
-    build_once(out, METRICS, lambda: _evaluate_into(out, model["path"], data_dir, benchmarks, cfg))
+    rt = () if runtime is None else (config_hash(runtime),)
+    out = Path(outputs) / "eval" / key_of(model["sha256"], data_md5, list(benchmarks), config_hash(cfg), code, *rt)
+    build_once(out, METRICS, lambda: _evaluate_into(out, model["path"], data_dir, benchmarks, cfg, runtime))
     return {"path": str(out), "metrics": io.read_json(out / METRICS)["metrics"]}
 
 
-def _evaluate_into(out: Path, model_dir: str, data_dir: str, benchmarks: tuple[str, ...], cfg: EvalConfig) -> None:
+def _evaluate_into(out: Path, model_dir: str, data_dir: str, benchmarks: tuple[str, ...], cfg: EvalConfig,
+                   runtime: ModelConfig | None) -> None:
     with io.atomic_dir(out) as tmp:
-        evaluate_model(model_dir, data_dir, benchmarks, cfg, tmp)
+        evaluate_model(model_dir, data_dir, benchmarks, cfg, tmp, runtime=runtime)

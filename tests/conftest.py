@@ -64,6 +64,16 @@ def tiny_models(base_project) -> dict[str, Path]:
     return {"world": base_project / "data" / "world", "clip": next(models.glob("clip-*")),
             "llava": next(models.glob("llava-*")), "config": load_config(None, TINY)}
 
+
+@pytest.fixture(scope="session")
+def real_models(tmp_path_factory) -> dict:
+    """Tiny random LLaVA, LLaVA-NeXT and InstructBLIP (with their verifiers) and a COCO-layout fixture."""
+    from tests.realmodels import build_all, coco_fixture
+
+    root = tmp_path_factory.mktemp("real")
+    return {"coco": coco_fixture(root / "coco"), "models": build_all(root)}
+
+
 def nested(flat: dict) -> dict:
     """{"a.b": 1} -> {"a": {"b": 1}} (TINY as a YAML config)."""
     out: dict = {}
@@ -108,12 +118,20 @@ def copy_project(base: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    """Prefect's test harness (a temporary API and database) with results in a temp directory."""
+    """Prefect's test harness (a temporary API and database), started once for every e2e test."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
         with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
             yield
+
+
+@pytest.fixture(scope="session")
+def coco_world(tmp_path_factory) -> dict[str, Path]:
+    """A COCO-layout directory of renamed shapes and a tiny CLIP + LLaVA trained on it (tests/cocoworld.py)."""
+    from tests.cocoworld import build_coco_world
+
+    return build_coco_world(tmp_path_factory.mktemp("cocoworld"))

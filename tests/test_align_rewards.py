@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
-from fisao.align.rewards import SHAPES, binary, continuous, last_token_reward, place_rewards, token_offsets
+from fisao.align.rewards import (
+    REPEATS, SHAPES, SPANS, binary, continuous, every_mention, first_mention, last_token_reward, mention_spans,
+    phrase_spans, place_rewards, token_offsets,
+)
 from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.vocab import Vocabulary
 
@@ -28,6 +31,54 @@ def test_place_rewards_by_hand():
     offsets = [(0, 1), (1, 5), (5, 10), (10, 15), (15, 19), (19, 24)]
     out = place_rewards(offsets, [(6, 15), (20, 24)], [-0.5, 0.75], length=8)
     assert out.tolist() == [0, 0, -0.5, -0.5, 0, 0.75, 0, 0]
+
+
+def _spans_of(text: str) -> list[tuple[int, int]]:
+    return [(m.start, m.end) for m in parse_mentions(text, VOCAB)]
+
+
+def test_phrase_spans_by_hand():
+    text = "In this picture, there is a red circle, a blue square and two green plus signs. The red disk is big."
+    got = [text[a:b] for a, b in phrase_spans(text, _spans_of(text), words=3)]
+    # The first phrase stops 3 words back; a list's comma and "and" belong to the next mention;
+    # a sentence end cuts the phrase ("The red disk", not ". The red disk").
+    assert got == ["is a red circle", ", a blue square", "and two green plus signs", "The red disk"]
+    assert [text[a:b] for a, b in phrase_spans(text, _spans_of(text), words=1)] == [
+        "red circle", "blue square", "green plus signs", "red disk"]
+    assert phrase_spans(text, _spans_of(text), words=0) == mention_spans(text, _spans_of(text))
+    assert set(SPANS) == {"mention", "phrase"}
+
+
+def test_phrase_spans_never_overlap_and_always_hold_their_mention():
+    rng = np.random.default_rng(1)
+    names = ["circle", "disk", "square", "plus sign", "moon", "crescent", "tree"]
+    fillers = ["a", "and", "red", ",", ".", "the", "is", "two", "!", "big"]
+    for _ in range(200):
+        text = " ".join(rng.choice(names + fillers, size=int(rng.integers(0, 15))).tolist())
+        spans = _spans_of(text)
+        phrases = phrase_spans(text, spans, words=int(rng.integers(0, 5)))
+        assert len(phrases) == len(spans)
+        for (ps, pe), (ms, me) in zip(phrases, spans):
+            assert ps <= ms and pe == me
+            assert not _SENTENCE_END_IN(text[ps:ms])
+        assert all(a[1] <= b[0] for a, b in zip(phrases, phrases[1:]))
+    assert phrase_spans("", []) == []
+
+
+def test_repeats_by_hand():
+    cats = ["circle", "square", "circle", "square", "moon", "circle"]
+    rewards = [0.8, -0.5, 0.8, -0.5, 0.2, 0.8]
+    assert every_mention(cats, rewards) == rewards
+    # Repeats of a rewarded object earn nothing; a repeated hallucination is penalised again.
+    assert first_mention(cats, rewards) == [0.8, -0.5, 0.0, -0.5, 0.2, 0.0]
+    assert first_mention([], []) == []
+    assert set(REPEATS) == {"each", "first"}
+    with pytest.raises(ValueError, match="2 categories but 1 rewards"):
+        first_mention(["a", "b"], [1.0])
+
+
+def _SENTENCE_END_IN(chunk: str) -> bool:
+    return any(ch in chunk for ch in ".!?")
 
 
 def test_a_token_on_two_mentions_takes_the_lower_reward():

@@ -141,3 +141,12 @@ def test_demo_is_the_defaults_and_each_ablation_changes_one_thing():
         changed = [(s, k) for s in demo if isinstance(demo[s], dict) for k in demo[s] if demo[s][k] != other[s][k]]
         changed += [s for s in demo if not isinstance(demo[s], dict) and demo[s] != other[s]]
         assert len(changed) == 1, (path, changed)
+
+
+def test_rollout_shards_default_to_one_per_process_and_must_share_out_evenly():
+    from fisao.config import ScaleConfig
+
+    assert ScaleConfig().shards == 1 and ScaleConfig(processes=4).shards == 4
+    assert ScaleConfig(processes=2, rollout_shards=6).shards == 6 and ScaleConfig(rollout_shards=3).shards == 3
+    with pytest.raises(ValueError, match=r"scale.rollout_shards \(3\) must be a multiple of scale.processes \(2\)"):
+        load_config(None, {"scale.processes": 2, "scale.rollout_shards": 3})

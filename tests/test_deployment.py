@@ -1,7 +1,7 @@
 """Deployments round trip: a real `prefect server` on 127.0.0.1, the process work pool, `prefect
-deploy --all` from prefect.yaml, a worker, two runs of the nightly campaign deployment (each one
-more round of the same campaign), then the world and evaluate-checkpoint deployments, checked in
-MLflow. Everything runs in its own process
+deploy` of the process pool's deployments in prefect.yaml (as `make deploy`), a worker, two runs
+of the nightly campaign deployment (each one more round of the same campaign), then the world
+and evaluate-checkpoint deployments, checked in MLflow. Everything runs in its own process
 group with its own PREFECT_HOME in a temp directory and is killed at the end, also on failure.
 """
 from __future__ import annotations
@@ -81,8 +81,9 @@ def test_nightly_deployment_adds_one_round_per_run(base_project, tmp_path):
             assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.5)
         prefect(env, "work-pool", "create", "fisao-process", "--type", "process")
-        deployed = prefect(env, "deploy", "--all")
-        for name in ("demo-campaign", "nightly-campaign", "evaluate-checkpoint", "world"):
+        names = ("demo-campaign", "nightly-campaign", "evaluate-checkpoint", "world")  # `make deploy`'s
+        deployed = prefect(env, "deploy", *(arg for name in names for arg in ("-n", name)))
+        for name in names:
             assert name in deployed, deployed
         worker = start([PREFECT, "worker", "start", "--pool", "fisao-process", "--limit", "1"], env, tmp_path / "worker.log")
 

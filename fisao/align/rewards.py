@@ -6,9 +6,18 @@ answer token whose characters overlap the mention; all other tokens get 0. When 
 overlaps two mentions it takes the lower reward (a hallucination is never masked by a
 neighbour). The sentence-level variant for the ablation puts one normalised score of the whole
 answer on its last token.
+
+Which characters a mention's reward covers is the `reward.span` option (`SPANS`):
+- "mention": the words of the object's name ("square", "plus signs");
+- "phrase": the name and the words that led to it since the previous mention, at most
+  `words` of them and never across a sentence end ("and a blue square"). In "a red circle and a
+  blue square" the choice to name another object is made at "and", before the name: with γ = 0
+  a reward on the name alone can only swap one shape for another, while on the phrase it also
+  reaches the decision to go on listing.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Sequence
 
 import torch
@@ -27,6 +36,72 @@ def binary(s: Tensor, b: Tensor | float, w: Tensor | float) -> Tensor:
 
 SHAPES: dict[str, Callable[[Tensor, Tensor | float, Tensor | float], Tensor]] = {
     "continuous": continuous, "binary": binary,
+}
+
+
+_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+_SENTENCE_END = re.compile(r"[.!?]")
+
+
+def mention_spans(text: str, spans: Sequence[tuple[int, int]], words: int = 0) -> list[tuple[int, int]]:
+    """The mentions' own character spans (end exclusive), unchanged; `text` and `words` unused."""
+    return [tuple(s) for s in spans]
+
+
+def phrase_spans(text: str, spans: Sequence[tuple[int, int]], words: int = 3) -> list[tuple[int, int]]:
+    """Each mention's span stretched back over the words that led to it (see the module docstring).
+
+    spans: the mentions' (start, end) in text order. A phrase starts at the latest of: the end of
+    the previous mention, the character after the last sentence end (. ! ?) before the mention,
+    and the start of the `words`-th word before it; then skips white space. Punctuation between
+    (the comma of a list) belongs to the phrase.
+    """
+    out, previous_end = [], 0
+    for start, end in spans:
+        cut = previous_end
+        ends = [m.end() for m in _SENTENCE_END.finditer(text, previous_end, start)]
+        if ends:
+            cut = ends[-1]
+        before = [m.start() for m in _WORD.finditer(text, cut, start)]
+        if words < len(before):
+            cut = before[len(before) - words] if words else start
+        while cut < start and text[cut].isspace():
+            cut += 1
+        out.append((cut, end))
+        previous_end = end
+    return out
+
+
+SPANS: dict[str, Callable[[str, Sequence[tuple[int, int]], int], list[tuple[int, int]]]] = {
+    "mention": mention_spans, "phrase": phrase_spans,
+}
+
+
+def every_mention(categories: Sequence[str], rewards: Sequence[float]) -> list[float]:
+    """Each mention keeps its reward, repeats included."""
+    return list(rewards)
+
+
+def first_mention(categories: Sequence[str], rewards: Sequence[float]) -> list[float]:
+    """A category's first mention keeps its reward; a repeat keeps only a penalty: min(r, 0).
+
+    Rewarding every repeat pays the policy to name the objects it is sure of again and again
+    instead of the others (seen on the world: mentions per caption stayed at 3.6 while distinct
+    objects fell from 2.4 to 1.7 and recall lost 13 points); a hallucination named twice is
+    still two hallucinations, as CHAIR counts it.
+    """
+    if len(categories) != len(rewards):
+        raise ValueError(f"{len(categories)} categories but {len(rewards)} rewards")
+    seen: set[str] = set()
+    out = []
+    for category, r in zip(categories, rewards):
+        out.append(min(r, 0.0) if category in seen else r)
+        seen.add(category)
+    return out
+
+
+REPEATS: dict[str, Callable[[Sequence[str], Sequence[float]], list[float]]] = {
+    "each": every_mention, "first": first_mention,
 }
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from fisao import io
 from fisao.align.ppo import selective_log_softmax
 from fisao.generate import banned_token_ids, chat_prompt
+from fisao.models.families import decoder_hidden, hf_model
 
 TENSORS = "rollouts.safetensors"
 ROWS = "rollouts.jsonl"
@@ -64,31 +65,26 @@ def encode_prompts(processor, images: Sequence[Image.Image], prompt: str, device
     return processor(images=list(images), text=text, return_tensors="pt", padding=True).to(device)
 
 
-def _hf_model(model):
-    """The transformers model inside a PeftModel (LoRA layers are injected in place), or `model`."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def response_hidden(model, inputs: dict[str, Tensor], response_ids: Tensor, mask: Tensor) -> Tensor:
     """Last hidden states at the positions that predict each response token -> (N, T, H).
 
     inputs: the prompts' processor inputs (P prompt tokens, left-padded); response_ids, mask (N, T).
     Positions are counted from the first attended token, as `generate` does with left padding.
+    The forward itself is the model family's (fisao/models/families.py).
     """
-    hf = _hf_model(model)
     prompt_len = inputs["input_ids"].shape[1]
     input_ids = torch.cat([inputs["input_ids"], response_ids], dim=1)
     attention_mask = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    out = hf.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra)
+    hidden = decoder_hidden(model, input_ids, attention_mask, position_ids, extra)
     # The state at position p predicts token p + 1: response token t is predicted at prompt_len − 1 + t.
-    return out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + response_ids.shape[1]]
+    return hidden[:, prompt_len - 1 : prompt_len - 1 + response_ids.shape[1]]
 
 
 def token_logprobs(model, hidden: Tensor, response_ids: Tensor, mask: Tensor) -> Tensor:
     """log π(response token) from `response_hidden`'s states -> (N, T) float32, 0 on padding."""
-    logits = _hf_model(model).get_output_embeddings()(hidden).float()
+    logits = hf_model(model).get_output_embeddings()(hidden).float()
     return selective_log_softmax(logits, response_ids) * mask
 
 

@@ -22,20 +22,21 @@ from transformers import AutoProcessor
 
 from fisao import io
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
-from fisao.align.rewards import SHAPES, last_token_reward, place_rewards, token_offsets
-from fisao.align.rollout import load_rollouts, sample_rollouts, save_rollouts
+from fisao.align.rewards import REPEATS, SHAPES, SPANS, last_token_reward, place_rewards, token_offsets
+from fisao.align.backends import BACKENDS
+from fisao.align.rollout import Rollouts, batch_seed, load_rollouts, sample_rollouts, save_rollouts
 from fisao.align.update import (
-    ValueHead, add_lora, load_policy_with_adapter, load_value_head, make_accelerator, merge_and_save, ppo_update,
-    save_adapter,
+    ValueHead, add_lora, load_adapter, load_value_head, make_accelerator, merge_and_save, ppo_update, save_adapter,
 )
 from fisao.align.verifier import Verifier, check_vision_tower
 from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
-from fisao.config import LoraConfig, PPOConfig, RewardConfig, RolloutConfig
+from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig
 from fisao.crashpoints import crash_point
-from fisao.generate import load_policy
-from fisao.world.data import Example, load_split
+from fisao.examples import data_vocabulary, example_truth, load_examples
+from fisao.runtime import load_runtime_policy, prepare_for_training, runtime_device
+from fisao.world.data import Example
 
 FIGURES = "figures.json"
 CALIBRATION = "calibration.json"
@@ -45,25 +46,28 @@ REWARDS = "rewards.jsonl"
 
 
 def world_vocabulary(world_dir: str | Path) -> Vocabulary:
-    return Vocabulary.from_file(Path(world_dir) / "vocab.txt")
+    """The object vocabulary of a world or COCO directory (fisao/examples.py)."""
+    return data_vocabulary(world_dir)
 
 
-def load_verifier(clip_dir: str | Path, world_dir: str | Path, cfg: RewardConfig) -> Verifier:
-    return Verifier.from_pretrained(clip_dir, world_vocabulary(world_dir), cfg.template)
+def load_verifier(clip_dir: str | Path, world_dir: str | Path, cfg: RewardConfig, runtime: ModelConfig | None = None) -> Verifier:
+    return Verifier.from_pretrained(clip_dir, world_vocabulary(world_dir), cfg.template, device=runtime_device(runtime),
+                                    trust_remote_code=bool(runtime and runtime.trust_remote_code))
 
 
 def calibration_stage(policy_dir: str | Path, clip_dir: str | Path, world_dir: str | Path, reward: RewardConfig,
-                      rollout: RolloutConfig, out: str | Path, progress: bool = True) -> dict:
+                      rollout: RolloutConfig, out: str | Path, progress: bool = True,
+                      runtime: ModelConfig | None = None) -> dict:
     """Calibrate the verifier on the policy's own answers to `reward.calibration_split` images.
 
     Writes `calibration.json` (mention-level b, w, AUROC; and the same for whole-answer scores,
     which the sentence-level ablation uses) and `scores.png`, the two score histograms.
     """
     t0 = time.time()
-    model, processor = load_policy(policy_dir)
-    verifier = load_verifier(clip_dir, world_dir, reward)
+    model, processor = load_runtime_policy(policy_dir, runtime)
+    verifier = load_verifier(clip_dir, world_dir, reward, runtime)
     check_vision_tower(model, verifier, reward.require_same_vision, (str(policy_dir), str(clip_dir)))
-    examples = load_split(world_dir, reward.calibration_split, limit=reward.calibration_images)
+    examples = load_examples(world_dir, reward.calibration_split, limit=reward.calibration_images, need_objects=True)
     images = [load_image(e.image) for e in examples]
     rollouts = sample_rollouts(
         model, processor, images, rollout.prompt, reward.calibration_answers, temperature=rollout.temperature,
@@ -71,7 +75,8 @@ def calibration_stage(policy_dir: str | Path, clip_dir: str | Path, world_dir: s
         seed=rollout.seed + 999_983, progress=progress,
     )
     index = rollouts.image_index.tolist()
-    truth = [set(examples[i].objects) for i in index]
+    truths = example_truth(world_dir, examples, verifier.vocab)
+    truth = [truths[i] for i in index]
     labelled = label_mentions(rollouts.texts, truth, verifier.vocab)
     embeddings = verifier.image_embeddings(images)
     scores = [float(verifier.score(embeddings[index[a]], [m.category])[0]) for a, m, _ in labelled]
@@ -102,7 +107,7 @@ def read_calibration(path: str | Path) -> tuple[Calibration, Calibration]:
 
 
 def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str | Path, calibration_dir: str | Path,
-                world_dir: str | Path, reward: RewardConfig, out: str | Path) -> dict:
+                world_dir: str | Path, reward: RewardConfig, out: str | Path, runtime: ModelConfig | None = None) -> dict:
     """Per-token rewards of one round's rollouts: `token_rewards.safetensors` (N, T) and `rewards.jsonl`.
 
     Each JSONL row holds the answer, its mentions (text, category, span, score, reward) and, for
@@ -110,35 +115,40 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     """
     t0 = time.time()
     rollouts, extra = load_rollouts(rollouts_dir)
-    verifier = load_verifier(clip_dir, world_dir, reward)
+    verifier = load_verifier(clip_dir, world_dir, reward, runtime)
     mention_cal, sentence_cal = read_calibration(calibration_dir)
     by_id = rollout_examples(world_dir, rollouts_dir)
+    truth_of = dict(zip(by_id, example_truth(world_dir, list(by_id.values()), verifier.vocab)))
     image_ids = extra["image_id"]
     distinct = sorted(set(image_ids))
     emb = verifier.image_embeddings([load_image(by_id[i].image) for i in distinct])
     emb_of = {image_id: emb[k] for k, image_id in enumerate(distinct)}
     shape = SHAPES[reward.shape]
-    tok = AutoProcessor.from_pretrained(str(policy_dir)).tokenizer  # the policy's ids, the policy's tokenizer
+    tok = AutoProcessor.from_pretrained(str(policy_dir), trust_remote_code=bool(runtime and runtime.trust_remote_code)).tokenizer
     n, width = rollouts.response_ids.shape
     token_rewards = torch.zeros(n, width)
-    rows, all_rewards, n_halluc, n_agree = [], [], 0, 0
+    rows, all_rewards, n_halluc, n_agree, n_known = [], [], 0, 0, 0
     for r in range(n):
         ids = rollouts.response_ids[r][rollouts.mask[r]].tolist()
         text, offsets = token_offsets(tok, ids)
-        truth = set(by_id[image_ids[r]].objects)
+        truth = truth_of[image_ids[r]]  # None: no ground truth (COCO train2014 without instances)
         mentions = parse_mentions(text, verifier.vocab)
         scores = verifier.score(emb_of[image_ids[r]], [m.category for m in mentions]) if mentions else torch.zeros(0)
         rewards = []
         for m, s in zip(mentions, scores):
             b, w = mention_cal.thresholds(m.category)
             rewards.append(float(shape(s, b, w)))
+        rewards = REPEATS[reward.repeats]([m.category for m in mentions], rewards)
         if reward.level == "token":
-            token_rewards[r] = place_rewards(offsets, [(m.start, m.end) for m in mentions], rewards, width)
+            spans = SPANS[reward.span](text, [(m.start, m.end) for m in mentions], reward.span_words)
+            token_rewards[r] = place_rewards(offsets, spans, rewards, width)
         records = []
         for m, s, rw in zip(mentions, scores.tolist(), rewards):
-            hallucinated = m.category not in truth
-            n_halluc += hallucinated
-            n_agree += (rw < 0) == hallucinated
+            hallucinated = None if truth is None else m.category not in truth
+            if hallucinated is not None:
+                n_known += 1
+                n_halluc += hallucinated
+                n_agree += (rw < 0) == hallucinated
             records.append({"text": m.text, "category": m.category, "start": m.start, "end": m.end,
                             "score": round(s, 5), "reward": round(rw, 5), "hallucinated": hallucinated})
         all_rewards += rewards
@@ -156,8 +166,9 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
         "share_positive": sum(x > 0 for x in all_rewards) / max(1, n_mentions),
         "share_negative": sum(x < 0 for x in all_rewards) / max(1, n_mentions),
         "mentions": n_mentions,
-        "rollout_hallucination_share": n_halluc / max(1, n_mentions),
-        "verifier_agreement": n_agree / max(1, n_mentions),
+        "rollout_hallucination_share": n_halluc / max(1, n_known),
+        "verifier_agreement": n_agree / max(1, n_known),
+        "audited_mentions": n_known,
     }
     out = Path(out)
     with io.atomic_dir(out) as tmp:
@@ -170,7 +181,7 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
 
 def round_examples(world_dir: str | Path, cfg: RolloutConfig, round_index: int) -> list[Example]:
     """The images of round `round_index` (from 1): a seeded sample of `cfg.split`, new each round."""
-    train = load_split(world_dir, cfg.split)
+    train = load_examples(world_dir, cfg.split)
     if cfg.images_per_round > len(train):
         raise ValueError(f"rollout.images_per_round is {cfg.images_per_round} but the {cfg.split} split has {len(train)} images")
     rng = random.Random(f"fisao-rollouts/{cfg.seed}/{round_index}")
@@ -178,16 +189,28 @@ def round_examples(world_dir: str | Path, cfg: RolloutConfig, round_index: int) 
 
 
 def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutConfig, round_index: int,
-                  out: str | Path, progress: bool = True) -> dict:
-    """Sample `cfg.n_per_image` answers for each of the round's images with the policy in `policy_dir`."""
+                  out: str | Path, progress: bool = True, runtime: ModelConfig | None = None,
+                  shard: tuple[int, int] = (0, 1), backend: str = "hf", device: str | None = None) -> dict:
+    """Sample `cfg.n_per_image` answers for each of the round's images with the policy in `policy_dir`.
+
+    shard (index, count): only images index, index + count, … of the round (merge the shards
+    with `merge_rollout_shards`); one shard is the whole round, seeded as it always was. A shard's
+    answers depend on (index, count) only, not on the process or device that samples it.
+    device: where the policy runs (default: the runtime's; one per process under `accelerate launch`).
+    """
     t0 = time.time()
-    model, processor = load_policy(policy_dir)
-    examples = round_examples(world_dir, cfg, round_index)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count} does not exist")
+    model, processor = load_runtime_policy(policy_dir, runtime, device)
+    examples = round_examples(world_dir, cfg, round_index)[index::count]
+    seed = cfg.seed * 1000 + round_index
+    if count > 1:
+        seed = batch_seed(seed, 1_000_000 + index)
     images = [load_image(e.image) for e in examples]
-    rollouts = sample_rollouts(
+    rollouts = BACKENDS[backend](
         model, processor, images, cfg.prompt, cfg.n_per_image, temperature=cfg.temperature, top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed * 1000 + round_index,
-        progress=progress,
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed, progress=progress,
     )
     image_ids = [examples[i].image_id for i in rollouts.image_index.tolist()]
     crash_point("rollout:mid", round_index)
@@ -195,6 +218,8 @@ def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutCon
     tokens = int(rollouts.mask.sum())
     figures = {"split": cfg.split, "rollouts": len(rollouts), "tokens": tokens, "seconds": round(seconds, 2),
                "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
+    if count > 1:
+        figures["shard"] = [index, count]
     # The figures are the completeness marker: written in the same atomic directory as the rollouts.
     with io.atomic_dir(out) as tmp:
         save_rollouts(tmp, rollouts, extra={"image_id": image_ids})
@@ -202,10 +227,45 @@ def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutCon
     return figures
 
 
+def shard_dirs(out: str | Path, count: int) -> list[Path]:
+    """Where the `count` shards of the rollouts bound for `out` are sampled (beside `out`)."""
+    out = Path(out)
+    return [out.parent / f"{out.name}-shard{i}" for i in range(count)]
+
+
+def merge_rollout_shards(shard_dirs: list[str | Path], out: str | Path) -> dict:
+    """Gather shards of one round's rollouts into one rollouts directory (rows shard after shard)."""
+    parts = [load_rollouts(d) for d in shard_dirs]
+    figures = [io.read_json(Path(d) / FIGURES) for d in shard_dirs]
+    if len({f["split"] for f in figures}) != 1 or len({r.prompt for r, _ in parts}) != 1:
+        raise ValueError(f"shards {list(map(str, shard_dirs))} come from different splits or prompts")
+    width = max(r.mask.shape[1] for r, _ in parts)
+    image_ids = [i for _, extra in parts for i in extra["image_id"]]
+    position = {image_id: k for k, image_id in enumerate(sorted(set(image_ids)))}
+
+    def cat(name: str, value) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(getattr(r, name), (0, width - r.mask.shape[1]), value=value)
+                          for r, _ in parts])
+
+    padding = [r.response_ids[~r.mask] for r, _ in parts]
+    pad = next((int(p[0]) for p in padding if len(p)), 0)  # the shards' pad id (masked out either way)
+    merged = Rollouts(image_index=torch.tensor([position[i] for i in image_ids]), prompt=parts[0][0].prompt,
+                      response_ids=cat("response_ids", pad), mask=cat("mask", False), logprobs=cat("logprobs", 0.0),
+                      texts=[t for r, _ in parts for t in r.texts])
+    tokens = int(merged.mask.sum())
+    seconds = max(f["seconds"] for f in figures)  # shards run side by side
+    out_figures = {"split": figures[0]["split"], "rollouts": len(merged), "tokens": tokens, "seconds": seconds,
+                   "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "shards": len(shard_dirs)}
+    with io.atomic_dir(out) as tmp:
+        save_rollouts(tmp, merged, extra={"image_id": image_ids})
+        io.write_json(tmp / FIGURES, out_figures)
+    return out_figures
+
+
 def rollout_examples(world_dir: str | Path, rollouts_dir: str | Path) -> dict[int, Example]:
     """The examples of the split the rollouts in `rollouts_dir` were sampled on, by image id."""
     split = io.read_json(Path(rollouts_dir) / FIGURES)["split"]
-    return {e.image_id: e for e in load_split(world_dir, split)}
+    return {e.image_id: e for e in load_examples(world_dir, split)}
 
 
 def images_of(examples: dict[int, Example], image_ids: list[int]) -> tuple[list, torch.Tensor]:
@@ -221,37 +281,48 @@ def images_of(examples: dict[int, Example], image_ids: list[int]) -> tuple[list,
 
 def update_stage(base_dir: str | Path, adapter_in: str | Path | None, rollouts_dir: str | Path,
                  scores_dir: str | Path, world_dir: str | Path, lora: LoraConfig, cfg: PPOConfig,
-                 round_index: int, out: str | Path) -> dict:
-    """PPO on one round's scored rollouts; writes `out/adapter` and the merged `out/model`."""
+                 round_index: int, out: str | Path, runtime: ModelConfig | None = None, accelerator=None) -> dict:
+    """PPO on one round's scored rollouts; writes `out/adapter` and the merged `out/model`.
+
+    Under `accelerate launch` every process runs this with the same arguments: each trains on its
+    share of every optimizer step (fisao/align/update.py) and the main process writes `out`.
+    """
     t0 = time.time()
     rollouts, extra = load_rollouts(rollouts_dir)
     images, index = images_of(rollout_examples(world_dir, rollouts_dir), extra["image_id"])
     rollouts.image_index = index
     token_rewards = load_token_rewards(Path(scores_dir) / TOKEN_REWARDS, rollouts.response_ids.shape)
+    accelerator = accelerator or make_accelerator(cfg, cpu=runtime_device(runtime) == "cpu")
+    device = None if runtime is None else str(accelerator.device)
     if adapter_in is None:
-        base, processor = load_policy(base_dir)
-        # LoRA's A matrices are drawn from torch's global RNG: seed it, or a resumed process (which
-        # skipped the base-model builds) would start from other adapters than an uninterrupted one.
-        with torch.random.fork_rng():
+        base, processor = load_runtime_policy(base_dir, runtime, device)
+        # LoRA's A matrices are random: seeded, so every process, every rerun and a resumed campaign
+        # (whose process skipped the base-model builds that drew from the RNG) start from the same ones.
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1000 + round_index)
             model = add_lora(base, lora)
         value_head = ValueHead.for_model(model) if cfg.advantage == "gae" else None
     else:
-        model, processor = load_policy_with_adapter(base_dir, adapter_in, is_trainable=True)
+        base, processor = load_runtime_policy(base_dir, runtime, device)
+        model = load_adapter(base, adapter_in, is_trainable=True)
         value_head = load_value_head(adapter_in, model) if cfg.advantage == "gae" else None
         if cfg.advantage == "gae" and value_head is None:
             value_head = ValueHead.for_model(model)
+    prepare_for_training(model, runtime)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + round_index)
-    stats = ppo_update(model, processor, images, rollouts, token_rewards, cfg, make_accelerator(cfg, cpu=True),
-                       generator, value_head=value_head)
+    stats = ppo_update(model, processor, images, rollouts, token_rewards, cfg, accelerator, generator,
+                       value_head=value_head)
     crash_point("update:mid", round_index)
     out = Path(out)
-    with io.atomic_dir(out) as tmp:
-        save_adapter(model, tmp / "adapter", value_head)
-        merge_and_save(model, processor, tmp / "model")
-        crash_point("checkpoint:mid", round_index)
-        stats["seconds"] = round(time.time() - t0, 2)
-        io.write_json(tmp / FIGURES, stats)
+    if accelerator.is_main_process:
+        with io.atomic_dir(out) as tmp:
+            save_adapter(model, tmp / "adapter", value_head)
+            merge_and_save(model, processor, tmp / "model")
+            crash_point("checkpoint:mid", round_index)
+            stats["seconds"] = round(time.time() - t0, 2)
+            stats["processes"] = accelerator.num_processes
+            io.write_json(tmp / FIGURES, stats)
+    accelerator.wait_for_everyone()
     return stats
 
 

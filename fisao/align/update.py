@@ -40,31 +40,34 @@ from torch import Tensor, nn
 from fisao import io
 from fisao.align.ppo import ADVANTAGES, kl_per_token, masked_mean, masked_whiten, ppo_loss, shaped_rewards, value_loss
 from fisao.align.rollout import Rollouts, encode_prompts, response_hidden, token_logprobs
-from fisao.config import LoraConfig, PPOConfig
-from fisao.generate import load_policy
+from fisao.config import LoraConfig, ModelConfig, PPOConfig
+from fisao.runtime import load_runtime_policy
+from fisao.models.families import LLAVA, Family, family_of
 
 VALUE_HEAD = "value_head.safetensors"
 
 
-def lora_target_regex(cfg: LoraConfig) -> str:
-    """A regex (peft matches it against full module names) for the language model's projections."""
+def lora_target_regex(cfg: LoraConfig, family: Family = LLAVA) -> str:
+    """A regex (peft matches it against full module names) for the language model's projections
+    (and the family's vision-to-language projector with `train_projector`)."""
     names = "|".join(re.escape(n) for n in cfg.target_modules)
     pattern = rf".*language_model\..*\.({names})"
     if cfg.train_projector:
-        pattern += r"|.*multi_modal_projector\.(linear_1|linear_2)"
+        pattern += "|" + family.projector_regex
     return pattern
 
 
 def add_lora(model, cfg: LoraConfig) -> peft.PeftModel:
     """Wrap `model` with fresh LoRA adapters; only the adapters are trainable afterwards."""
+    family = family_of(model)
     peft_cfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=lora_target_regex(cfg), bias="none")
+                               target_modules=lora_target_regex(cfg, family), bias="none")
     try:
         wrapped = peft.get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ValueError(f"lora.target_modules {list(cfg.target_modules)} match no module of the language model; "
                          "use its projection names (q_proj, k_proj, v_proj, o_proj for Llama)") from e
-    vision = wrapped.get_base_model().model.vision_tower
+    vision = family.vision_tower(wrapped.get_base_model())
     vision.requires_grad_(False)
     assert not any("lora_" in n for n, _ in vision.named_parameters()), "LoRA reached the vision tower"
     return wrapped
@@ -117,30 +120,52 @@ def _pad_to(x: Tensor, width: int) -> Tensor:
 
 @torch.no_grad()
 def _score_rollouts(actor: ActorCritic, processor, images, rollouts: Rollouts, batch_size: int, device,
-                    use_adapters: bool) -> tuple[Tensor, Tensor | None]:
-    """(log-probs, values) of every rollout under the current model, adapters on or off -> (N, T)."""
+                    use_adapters: bool, accelerator: Accelerator | None = None) -> tuple[Tensor, Tensor | None]:
+    """(log-probs, values) of every rollout under the current model, adapters on or off -> (N, T).
+
+    With several processes each scores rows rank, rank + P, … and the results are gathered.
+    """
+    n, width = len(rollouts), rollouts.mask.shape[1]
+    ranks = 1 if accelerator is None else accelerator.num_processes
+    mine = torch.arange(n) if ranks == 1 else torch.arange(accelerator.process_index, n, ranks)
     logps, values = [], []
-    for start in range(0, len(rollouts), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(rollouts)))
+    for rows in mine.split(batch_size):
         inputs, ids, mask = _micro_batch(processor, images, rollouts, rows, device)
         if use_adapters:
             lp, v = actor(inputs, ids, mask)
         else:
             with actor.policy.disable_adapter():
                 lp, v = actor(inputs, ids, mask)
-        width = rollouts.mask.shape[1]
         logps.append(_pad_to(lp.float().cpu(), width))
         values.append(None if v is None else _pad_to(v.float().cpu(), width))
-    return torch.cat(logps), (None if values[0] is None else torch.cat(values))
+    logp = torch.cat(logps) if logps else torch.zeros(0, width)
+    value = None if not values or values[0] is None else torch.cat(values)
+    if ranks == 1:
+        return logp, value
+    return _gather_rows(accelerator, logp, n), (None if actor.value_head is None else _gather_rows(accelerator, value, n))
 
 
-def _reference_logprobs(actor, processor, images, rollouts, cfg: PPOConfig, device) -> Tensor:
+def _gather_rows(accelerator: Accelerator, part: Tensor, n: int) -> Tensor:
+    """Undo the rank-strided split: process p holds rows p, p + P, … of an (n, T) tensor."""
+    ranks, per = accelerator.num_processes, -(-n // accelerator.num_processes)
+    padded = torch.zeros(per, part.shape[1], dtype=part.dtype)
+    padded[: len(part)] = part
+    gathered = accelerator.gather(padded.to(accelerator.device)).cpu().view(ranks, per, -1)
+    out = torch.empty(n, part.shape[1], dtype=part.dtype)
+    for p in range(ranks):
+        rows = torch.arange(p, n, ranks)
+        out[rows] = gathered[p, : len(rows)]
+    return out
+
+
+def _reference_logprobs(actor, processor, images, rollouts, cfg: PPOConfig, device, accelerator=None) -> Tensor:
     """(N, T) log-probs of the reference. "previous" is the policy that sampled the rollouts (the
     previous round's final policy), so the KL term of the reward is 0 by construction and only the
     clip bounds how far a round moves; "base" is the model with adapters disabled."""
     if cfg.reference == "previous":
         return rollouts.logprobs.clone()
-    return _score_rollouts(actor, processor, images, rollouts, cfg.minibatch_size, device, use_adapters=False)[0]
+    return _score_rollouts(actor, processor, images, rollouts, cfg.minibatch_size, device, use_adapters=False,
+                           accelerator=accelerator)[0]
 
 
 def ppo_update(
@@ -167,10 +192,11 @@ def ppo_update(
     actor = ActorCritic(model, value_head)
     mask = rollouts.mask
     model.eval()
-    ref_logp = _reference_logprobs(actor, processor, images, rollouts, cfg, device)
+    ref_logp = _reference_logprobs(actor, processor, images, rollouts, cfg, device, accelerator)
     old_values = None
     if value_head is not None:
-        old_values = _score_rollouts(actor, processor, images, rollouts, cfg.minibatch_size, device, use_adapters=True)[1]
+        old_values = _score_rollouts(actor, processor, images, rollouts, cfg.minibatch_size, device, use_adapters=True,
+                                     accelerator=accelerator)[1]
     rewards = shaped_rewards(token_rewards.float(), rollouts.logprobs, ref_logp, cfg.beta_kl, mask)
     advantages, returns = ADVANTAGES[cfg.advantage](rewards=rewards, values=old_values, mask=mask, gamma=cfg.gamma, lam=cfg.lam)
     stats = _rollout_stats(token_rewards, rollouts.logprobs, ref_logp, rewards, advantages, mask)
@@ -183,6 +209,7 @@ def ppo_update(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     actor, optimizer = accelerator.prepare(actor, optimizer)
     step_rows = cfg.minibatch_size * cfg.grad_accum
+    ranks, rank = accelerator.num_processes, accelerator.process_index
     history: dict[str, list[float]] = {}
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -191,8 +218,10 @@ def ppo_update(
             order = torch.randperm(len(rollouts), generator=generator)
             for start in range(0, len(rollouts) - step_rows + 1, step_rows):
                 step = order[start : start + step_rows]
-                tokens_per_micro = float(mask[step].sum()) / cfg.grad_accum
-                for rows in step.split(cfg.minibatch_size):
+                # Every process takes its share of the step; the token count is the whole step's, so
+                # the gradient (averaged over processes by DDP) is the one-process gradient.
+                tokens_per_micro = float(mask[step].sum()) / (cfg.grad_accum * ranks)
+                for rows in step.chunk(ranks)[rank].split(cfg.minibatch_size // ranks):
                     with accelerator.accumulate(actor):
                         micro = _train_micro_batch(actor, processor, images, rollouts, rows, advantages, returns,
                                                    old_values, cfg, tokens_per_micro, device, accelerator)
@@ -203,7 +232,12 @@ def ppo_update(
                     for k, v in micro.items():
                         history.setdefault(k, []).append(v)
     model.eval()
-    stats.update({k: sum(v) / len(v) for k, v in history.items()})
+    means = {k: sum(v) / len(v) for k, v in history.items()}
+    if ranks > 1:  # the mean over processes (each saw its share of every step)
+        keys = sorted(means)
+        reduced = accelerator.reduce(torch.tensor([means[k] for k in keys], device=device), reduction="mean")
+        means = dict(zip(keys, reduced.cpu().tolist()))
+    stats.update(means)
     stats["optimizer_steps"] = float(cfg.epochs * (len(rollouts) // step_rows))
     return stats
 
@@ -257,6 +291,9 @@ def _check_inputs(model, rollouts, token_rewards, cfg: PPOConfig, accelerator, v
     if accelerator.gradient_accumulation_steps != cfg.grad_accum:
         raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} steps but ppo.grad_accum "
                          f"is {cfg.grad_accum}: build it with make_accelerator(cfg)")
+    if cfg.minibatch_size % accelerator.num_processes:
+        raise ValueError(f"ppo.minibatch_size {cfg.minibatch_size} is the global micro-batch: it must divide by the "
+                         f"{accelerator.num_processes} processes")
     if len(rollouts) < cfg.minibatch_size * cfg.grad_accum:
         raise ValueError(f"{len(rollouts)} rollouts are fewer than one optimizer step "
                          f"(ppo.minibatch_size × ppo.grad_accum = {cfg.minibatch_size * cfg.grad_accum})")
@@ -276,18 +313,28 @@ def save_adapter(model: peft.PeftModel, out: str | Path, value_head: ValueHead |
     return Path(out)
 
 
-def load_policy_with_adapter(base_dir: str | Path, adapter_dir: str | Path, merge: bool = False, device: str = "cpu",
-                             is_trainable: bool = False):
+def load_adapter(base, adapter_dir: str | Path, is_trainable: bool = False) -> peft.PeftModel:
+    """`base` (a loaded transformers model) with the adapters from `adapter_dir`."""
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a directory written by save_adapter")
+    return peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+
+
+def load_policy_with_adapter(base_dir: str | Path, adapter_dir: str | Path, merge: bool = False, device: str | None = None,
+                             is_trainable: bool = False, runtime: ModelConfig | None = None):
     """(model, processor): the base model from `base_dir` with the adapters from `adapter_dir`.
 
     By default a PeftModel: the reference (adapters disabled) stays available, and with
     `is_trainable=True` training continues where it stopped. `merge=True` folds the adapters into
-    the weights and returns a plain transformers model (faster inference, no reference).
+    the weights and returns a plain transformers model (faster inference, no reference). The base
+    loads as `runtime` says (device, dtype: bf16 for the real configs; the world's CPU float32
+    without one), as the round that trained the adapters loaded it; the adapters stay float32
+    (peft's autocast), and merging adds their delta in the base's dtype, as `merge_and_save` does.
     """
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a directory written by save_adapter")
-    base, processor = load_policy(base_dir, device=device)
-    model = peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    base, processor = load_runtime_policy(base_dir, runtime, device)
+    model = load_adapter(base, adapter_dir, is_trainable=is_trainable)
     if merge:
         model = model.merge_and_unload()
     return model.eval(), processor
@@ -304,14 +351,18 @@ def load_value_head(adapter_dir: str | Path, model) -> ValueHead | None:
 
 
 def merged_state_dict(model: peft.PeftModel) -> dict[str, Tensor]:
-    """The base model's state dict with every LoRA delta added to its weight; the model is unchanged."""
+    """The base model's state dict with every LoRA delta added to its weight; the model is unchanged.
+
+    Each merged weight is what `merge_and_unload` gives, bit for bit, in float32 as in bf16."""
     hf = model.get_base_model()
     adapter = model.active_adapter
     merged = {}
     for name, module in hf.named_modules():
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
-            merged[f"{name}.weight"] = (base.weight + module.get_delta_weight(adapter).to(base.weight.dtype)).detach()
+            # Added in float32 and rounded once (as peft's merge_and_unload does): a bf16 base would
+            # otherwise round the delta first and the sum again.
+            merged[f"{name}.weight"] = (base.weight.float() + module.get_delta_weight(adapter).float()).to(base.weight.dtype).detach()
             if base.bias is not None:
                 merged[f"{name}.bias"] = base.bias.detach()
     out = {}

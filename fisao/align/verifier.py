@@ -20,10 +20,17 @@ from transformers import CLIPModel, CLIPProcessor
 
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.models.clip import PROMPT_TEMPLATE
+from fisao.models.eva_clip import is_eva_clip_dir, load_eva_clip
+from fisao.models.families import family_of, vision_tower
 
 
 class Verifier:
-    """Scores of images against object categories and against whole answers."""
+    """Scores of images against object categories and against whole answers.
+
+    `model` is a transformers CLIPModel or anything with its `get_image_features`,
+    `get_text_features`, `vision_model` and `config.text_config` (the EVA-CLIP of
+    fisao/models/eva_clip.py); `processor` has `.tokenizer` and `.image_processor`.
+    """
 
     def __init__(self, model: CLIPModel, processor: CLIPProcessor, vocab: Vocabulary,
                  template: str = PROMPT_TEMPLATE, source: str = "<memory>"):
@@ -37,6 +44,11 @@ class Verifier:
     @classmethod
     def from_pretrained(cls, clip_dir: str | Path, vocab: Vocabulary, template: str = PROMPT_TEMPLATE,
                         device: str = "cpu", trust_remote_code: bool = False) -> "Verifier":
+        """A transformers CLIP directory or hub id, or an EVA-CLIP directory (InstructBLIP's verifier,
+        see fisao/models/eva_clip.py)."""
+        if is_eva_clip_dir(clip_dir):
+            model, processor = load_eva_clip(clip_dir, device)
+            return cls(model, processor, vocab, template, source=str(clip_dir))
         model = CLIPModel.from_pretrained(str(clip_dir), trust_remote_code=trust_remote_code).to(device)
         processor = CLIPProcessor.from_pretrained(str(clip_dir), trust_remote_code=trust_remote_code)
         return cls(model, processor, vocab, template, source=str(clip_dir))
@@ -81,25 +93,28 @@ class Verifier:
 
 
 def policy_vision_tower(policy) -> torch.nn.Module:
-    """The vision tower of a LLaVA-family policy (looking through a peft wrapper)."""
-    model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    inner = getattr(model, "model", model)
-    tower = getattr(inner, "vision_tower", None) or getattr(model, "vision_tower", None)
-    if tower is None:
-        raise ValueError(f"{type(model).__name__} has no vision_tower: not a LLaVA-family model")
-    return tower
+    """The vision tower of a policy of a supported family (looking through a peft wrapper)."""
+    return vision_tower(policy)
 
 
 def check_vision_tower(policy, verifier: Verifier, require_equal: bool, names: tuple[str, str] = ("policy", "verifier")) -> bool:
     """True when every tensor of the policy's vision tower equals the verifier's vision model's.
 
-    On a mismatch: a warning naming both checkpoints and the first differing tensor, or a
-    ValueError when `require_equal` (config `reward.require_same_vision`).
+    Per family (fisao/models/families.py): tensors that are the policy's own are left out (BLIP-2's
+    `post_layernorm`), and InstructBLIP's tower may be the verifier's EVA-CLIP minus its last
+    layer, as BLIP-2 drops it. On a mismatch: a warning naming both checkpoints and the first
+    differing tensor, or a ValueError when `require_equal` (config `reward.require_same_vision`).
     """
-    mine = policy_vision_tower(policy).state_dict()
-    theirs = verifier.model.vision_model.state_dict()
+    family = family_of(policy)
+
+    def keep(key: str) -> bool:
+        return not key.startswith(family.own_vision_tensors) if family.own_vision_tensors else True
+
+    mine = {k: v for k, v in vision_tower(policy).state_dict().items() if keep(k)}
+    theirs = {k: v for k, v in verifier.model.vision_model.state_dict().items() if keep(k)}
     problem = None
-    if mine.keys() != theirs.keys():
+    extra = theirs.keys() - mine.keys()
+    if mine.keys() - theirs.keys() or (extra and not family.vision_is_prefix):
         problem = f"different tensors: {sorted(mine.keys() ^ theirs.keys())[:3]}"
     else:
         for key in mine:

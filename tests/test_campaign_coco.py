@@ -116,3 +116,14 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     assert again["rounds"] == summary["rounds"] and again["checkpoints"] == summary["checkpoints"]
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "chair_i")] == [0, 1]
+
+    # The evaluate-checkpoint flow on the real-model config: the same COCO md5 and runtime as the
+    # campaign, so round 1's evaluation is found on disk rather than run again, and logged once.
+    from flows.evaluate import evaluate_checkpoint
+
+    evaluations = sorted((project / "outputs" / "eval").iterdir())
+    checked = evaluate_checkpoint(model=summary["checkpoints"][1], config_path=str(config), project=str(project))
+    assert sorted((project / "outputs" / "eval").iterdir()) == evaluations and Path(checked["path"]) in evaluations
+    assert checked["metrics"] == {k: summary["rounds"][1][k] for k in checked["metrics"]}
+    logged = client.get_run(checked["run_id"])
+    assert logged.data.tags["fisao.kind"] == "evaluation" and logged.data.tags["fisao.data_md5"] == coco_md5

@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test test-fast lock mlflow-ui clean
+.PHONY: install run test test-fast lock mlflow-ui deploy clean
 
 install: $(STAMP)
 
@@ -37,6 +37,14 @@ test: $(STAMP)
 # Unit tests only (skips the end-to-end runs with Prefect, MLflow and DVC).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e"
+
+# The deployments of prefect.yaml on the process pool, on the server PREFECT_API_URL names (see
+# README: Scheduling). The GPU campaign needs its own pool first (the comment atop prefect.yaml).
+DEPLOYMENTS := demo-campaign nightly-campaign evaluate-checkpoint world
+deploy: $(STAMP)
+	@test -n "$$PREFECT_API_URL" || { echo "set PREFECT_API_URL to a running prefect server (README: Scheduling)"; exit 2; }
+	$(BIN)/prefect work-pool inspect fisao-process >/dev/null 2>&1 || $(BIN)/prefect work-pool create fisao-process --type process
+	FISAO_CHECKOUT=$${FISAO_CHECKOUT:-$(CURDIR)} $(BIN)/prefect --no-prompt deploy $(addprefix -n ,$(DEPLOYMENTS))
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -1,5 +1,6 @@
 """Campaign configuration: one YAML file, validated once into frozen pydantic models.
 
+The `world` section lives in fisao/world/config.py (re-exported here); the others are below.
 Every section rejects unknown keys and wrong types with the YAML file's name and the key's
 dotted path, so a typo stops the run before anything is built.
 """
@@ -13,120 +14,15 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Split = Literal["train", "val", "test"]
-SPLITS: tuple[Split, ...] = ("train", "val", "test")
+from fisao.world.config import SPLITS, Split, WorldConfig
+
+__all__ = ["SPLITS", "Split", "WorldConfig", "ClipBuildConfig", "LlavaBuildConfig", "EvalConfig", "RolloutConfig",
+           "LoraConfig", "PPOConfig", "RewardConfig", "ModelConfig", "DataConfig", "ScaleConfig", "Config",
+           "config_hash", "load_config"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class WorldConfig(_Strict):
-    """The shapes world: classes, colours, co-occurrence priors and split sizes."""
-
-    seed: int = 0
-    canvas: int = Field(64, ge=32, le=512)
-    classes: tuple[str, ...] = (
-        "circle", "square", "triangle", "star", "heart", "cross", "diamond", "moon",
-    )
-    # Extra names a caption may use for a class (CHAIR maps them back to the class).
-    synonyms: dict[str, tuple[str, ...]] = {
-        "circle": ("disk",),
-        "cross": ("plus sign",),
-        "diamond": ("rhombus",),
-        "moon": ("crescent",),
-    }
-    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
-    # Pairs whose members co-occur with probability `cooccurrence[split]`: the language prior.
-    # Precisely, p is P(both | at least one present); P(partner | a given member) comes out higher
-    # (measured: 0.92 for p = 0.85, 0.71 for p = 0.5), as a partner can also be drawn on its own.
-    # The defaults give a base LLaVA that names an absent partner often enough to measure
-    # (measured: CHAIR_i 0.21 on test with 0.95/0.3; 0.06 with 0.85/0.5).
-    pairs: tuple[tuple[str, str], ...] = (("circle", "square"), ("star", "moon"), ("heart", "cross"))
-    cooccurrence: dict[Split, float] = {"train": 0.95, "val": 0.3, "test": 0.3}
-    sizes: dict[Split, int] = {"train": 2000, "val": 200, "test": 500}
-    # A larger split for the CLIP alone (images, instances, captions; no questions, no POPE), with
-    # a weak pair prior: a verifier that learnt the prior would reward the hallucinations it
-    # should catch, and 2000 images are too few for a ViT from scratch (measured: object AUROC
-    # 0.99 on train, 0.92 on val). 0 trains the CLIP on the train split.
-    pretrain_size: int = Field(6000, ge=0)
-    pretrain_cooccurrence: float = Field(0.3, ge=0, le=1)
-    min_objects: int = Field(1, ge=1)
-    max_objects: int = Field(4, ge=1, le=6)
-    # "grid": each object inside its own cell of `cell` pixels, which should equal the CLIP's patch
-    # size, so that a shape is one vision token. A tiny ViT learns shapes spread over several
-    # patches very slowly (measured: object AUROC 0.84 after 1500 steps, against 0.999 for the
-    # grid); the world's difficulty is meant to be the language prior, not the vision.
-    # "free": anywhere on the canvas, with overlap limited by `max_overlap`.
-    layout: Literal["grid", "free"] = "grid"
-    cell: int = Field(16, ge=8)
-    object_size: tuple[int, int] = (10, 15)
-    # Chance that a newly added object repeats a class already present ("two red circles").
-    duplicate_prob: float = Field(0.12, ge=0, le=1)
-    # Free layout: largest allowed intersection over the smaller box (shapes stay recognisable).
-    max_overlap: float = Field(0.15, ge=0, le=1)
-    synonym_prob: float = Field(0.2, ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> "WorldConfig":
-        from fisao.world.render import PALETTE, SHAPES
-
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"world.classes has duplicates: {list(self.classes)}")
-        unknown = [c for c in self.classes if c not in SHAPES]
-        if unknown:
-            raise ValueError(f"world.classes: no renderer for {unknown}; choose from {sorted(SHAPES)}")
-        bad_colours = [c for c in self.colours if c not in PALETTE]
-        if bad_colours:
-            raise ValueError(f"world.colours: unknown {bad_colours}; choose from {sorted(PALETTE)}")
-        paired: list[str] = [name for pair in self.pairs for name in pair]
-        missing = [n for n in paired + list(self.synonyms) if n not in self.classes]
-        if missing:
-            raise ValueError(f"world.pairs/synonyms name classes not in world.classes: {missing}")
-        if len(set(paired)) != len(paired):
-            raise ValueError(f"world.pairs: a class may belong to one pair only, got {self.pairs}")
-        self._check_names()
-        if set(self.cooccurrence) != set(SPLITS) or set(self.sizes) != set(SPLITS):
-            raise ValueError("world.cooccurrence and world.sizes need exactly the keys train, val, test")
-        if not all(0 <= p <= 1 for p in self.cooccurrence.values()):
-            raise ValueError(f"world.cooccurrence values must lie in [0, 1], got {self.cooccurrence}")
-        if min(self.sizes.values()) < 1:
-            raise ValueError(f"world.sizes must be positive, got {self.sizes}")
-        if not self.min_objects <= self.max_objects:
-            raise ValueError("world.min_objects must not exceed world.max_objects")
-        lo, hi = self.object_size
-        if not 6 <= lo <= hi <= self.canvas // 2:
-            raise ValueError(f"world.object_size {self.object_size} must satisfy 6 <= lo <= hi <= canvas/2")
-        if self.layout == "grid":
-            if self.canvas % self.cell or hi > self.cell:
-                raise ValueError(f"world.layout grid needs canvas ({self.canvas}) divisible by cell ({self.cell}) "
-                                 f"and object_size up to the cell, got {self.object_size}")
-            if self.max_objects > (self.canvas // self.cell) ** 2:
-                raise ValueError(f"world.max_objects {self.max_objects} exceeds the {(self.canvas // self.cell) ** 2} grid cells")
-        return self
-
-    def _check_names(self) -> None:
-        """Class names and synonyms must make a valid vocabulary file (see text.vocabulary_lines)."""
-        from fisao.benchmarks.vocab import words
-
-        owner: dict[tuple[str, ...], str] = {words(cls): cls for cls in self.classes}
-        for cls, names in self.synonyms.items():
-            if not names:
-                raise ValueError(f"world.synonyms.{cls} is empty: list at least one name or remove the key")
-            for name in names:
-                key = words(name)
-                if not key or "," in name:
-                    raise ValueError(f"world.synonyms.{cls}: {name!r} is not a usable name (it needs letters, no commas)")
-                if owner.setdefault(key, cls) != cls:
-                    raise ValueError(f"world.synonyms.{cls}: {name!r} is already a name of {owner[key]!r}; "
-                                     "a name may refer to one class only")
-
-    def partner(self) -> dict[str, str]:
-        """Map each paired class to its partner."""
-        out: dict[str, str] = {}
-        for a, b in self.pairs:
-            out[a], out[b] = b, a
-        return out
 
 
 class ClipBuildConfig(_Strict):

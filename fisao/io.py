@@ -1,8 +1,10 @@
 """File helpers used everywhere: atomic writes, JSON/JSONL with precise errors, hashing.
 
 Nothing is ever half-written: files go to a temporary name in the same directory, are
-fsync'ed, then renamed over the target; directories are built beside the target and renamed
-into place. Parse errors name the file and line.
+fsync'ed, then renamed over the target; directories are built beside the target, every file
+and folder in them fsync'ed, then renamed into place (and the parent fsync'ed), so neither a
+killed process nor a power cut leaves a target that looks complete but is not. Parse errors
+name the file and line.
 """
 from __future__ import annotations
 
@@ -53,6 +55,40 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under `root` (libraries such as safetensors do not)."""
+    root = Path(root)
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def temp_siblings(target: str | Path) -> list[Path]:
+    """Leftovers of interrupted `atomic_dir`/`atomic_write_bytes` calls for `target`."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    return sorted(p for p in target.parent.glob(f".{target.name}.*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def remove_temp_siblings(target: str | Path) -> list[Path]:
+    """Delete what interrupted writes of `target` left beside it; returns what was removed.
+
+    Only safe while no other process writes `target` (callers hold its lock)."""
+    removed = temp_siblings(target)
+    for p in removed:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh sibling directory; on success it replaces `target`, on error it is removed."""
@@ -62,6 +98,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")

@@ -42,3 +42,21 @@ def apply_local_state(project: str | Path) -> None:
     """Set the defaults (variables already set win); call before importing Prefect or MLflow."""
     for key, value in local_state_env(project).items():
         os.environ.setdefault(key, value)
+
+
+def use_project(project: str | Path) -> None:
+    """Point MLflow at `project` (unless already pointed elsewhere) and name it for artifact paths.
+
+    Called by every flow: a deployment's flow run starts in a worker's environment, which has a
+    Prefect API but may know nothing of the project.
+    """
+    project = Path(project).resolve()
+    os.environ["FISAO_PROJECT"] = str(project)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
+
+
+def campaign_dir(project: str | Path, outputs_dir: str, name: str) -> Path:
+    """Where campaign `name` keeps its own files (lock, round stages, reports, summary)."""
+    return Path(project) / outputs_dir / "campaigns" / name

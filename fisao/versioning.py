@@ -7,6 +7,7 @@ files plus the versions of the numerical packages that change results.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
@@ -33,3 +34,22 @@ def code_version(*parts: str) -> str:
 
 def package_versions() -> dict[str, str]:
     return {pkg: version(pkg) for pkg in (*RESULT_PACKAGES, "prefect", "mlflow", "dvc", "accelerate", "fisao")}
+
+
+def git_state(path: str | Path = PACKAGE_ROOT) -> tuple[str, bool]:
+    """(commit, dirty) of the git checkout holding `path` (fisao's own code by default).
+
+    Dirty means tracked files differ from the commit (untracked files do not count); outside a
+    checkout, or without git, ("unknown", False).
+    """
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown", False
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except FileNotFoundError:  # no git on PATH
+        return "unknown", False
+    return head.stdout.strip(), bool(status.stdout.strip())

@@ -1,12 +1,21 @@
 """The campaign flow: world and base models, calibration, then FiSAO rounds, in one flow run.
 
-Round 0 is the base model. Round k: rollouts with round k−1's policy -> verifier scores ->
-PPO/LoRA update -> evaluation. One flow run per campaign (Prefect's ephemeral API costs seconds
-per process); every step is a task whose cache key holds the hashes of its inputs, its config
-section and the code version, so a second run skips finished work and says so.
+Round 0 is the base model: built from the shapes world, or, with a `model` section, the real
+checkpoints it names (on COCO-layout data, after a memory check that refuses what cannot fit).
+One flow run per campaign (Prefect's ephemeral API costs seconds per
+process); every stage is a task whose cache key holds the hashes of its inputs (the data md5
+among them), its config section and the code version, so a second run skips finished work.
+
+Running a campaign name again resumes it. Under the campaign's lock (one process per name), the
+inputs are checked against those it started with (InputsChanged says what differs), rounds that
+MLflow holds as complete are verified against their manifests and taken as they are, a damaged
+one is recomputed, and an unfinished round continues from its last finished stage via the cache.
+How many rounds: `rounds`, else `add_rounds` more than are done (a schedule's "one more round"),
+else the config's `ppo.rounds`.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -14,139 +23,165 @@ from prefect import flow, get_run_logger
 
 from fisao import io
 from fisao.config import Config, load_config
-from fisao.versioning import code_version, package_versions
-from flows.steps import run_step
-from tasks.align import calibrate, rollouts, score, update
-from tasks.evaluate import evaluate
+from fisao.inputs import config_identity_hash, identity
+from fisao import localstate
+from fisao.localstate import use_project
+from fisao.locks import RunLock
+from fisao.versioning import code_version, git_state, package_versions
+from flows.ephemeral import servers_started_by, stop_orphaned
+from flows.rounds import (
+    ALIGN_CODE, MODEL_CODE, checkpoint_ref, evaluate_model, fisao_round, record_round, round_params, timed,
+)
+from tasks.align import calibrate
+from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
 from tasks.realdata import memory_check, real_models
-from tasks.tracking import log_build, log_round
+from tasks.records import init_store
+from tasks.resume import verify_finished_rounds
+from tasks.tracking import log_build, log_curve, log_round
 from tasks.world import prepare_world
 
-# The world's base-model builds: the files they run (not the real-model parts of fisao/models/,
-# such as eva_clip.py and known.py, whose changes must not rebuild the world's models).
-MODEL_CODE = ("models/__init__.py", "models/build.py", "models/clip.py", "models/llava.py", "models/tokenizer.py",
-              "models/images.py", "models/families.py", "world", "config.py", "coco.py", "io.py", "auroc.py",
-              "generate.py")
-EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py",
-             "runtime.py", "models/families.py")
-ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py", "config.py", "io.py", "auroc.py",
-              "world/data.py", "examples.py", "runtime.py", "models/families.py", "models/eva_clip.py")
+
+def campaign_dir(cfg: Config, project: str) -> Path:
+    return localstate.campaign_dir(project, cfg.outputs_dir, cfg.name)
 
 
-def build_base(cfg: Config, project: str) -> dict:
-    """World, CLIP and LLaVA (cached), each build logged once to MLflow."""
+def build_base(cfg: Config, project: str, world: dict, tags: dict, t0: float, real: dict | None = None) -> dict:
+    """CLIP and LLaVA (cached), each build logged once to MLflow; `real` (a policy and a verifier) as they are."""
     stages: dict[str, dict] = {}
-    t = time.time()
-    world = prepare_world(project, cfg.data_dir, cfg.world)
-    stages["world"] = {"seconds": round(time.time() - t, 1), "cached": world["action"] == "verified"}
+    if real is not None:
+        return {"world": world, "clip": real["verifier"], "llava": real["policy"], "stages": stages, "tags": tags}
     outputs = str(Path(project) / cfg.outputs_dir)
     code = code_version(*MODEL_CODE)
-    t = time.time()
-    clip, cached = run_step(build_clip, world["path"], world["md5"], cfg.clip, code, outputs)
-    stages["clip"] = {"seconds": round(time.time() - t, 1), "cached": cached}
-    t = time.time()
-    llava, cached = run_step(build_llava, world["path"], world["md5"], clip, cfg.llava, code, outputs)
-    stages["llava"] = {"seconds": round(time.time() - t, 1), "cached": cached}
-    tags = {"fisao.data_md5": world["md5"], "fisao.code": code, **{f"version.{k}": v for k, v in package_versions().items()}}
+    clip = timed(stages, t0, "clip", build_clip, world["path"], world["md5"], cfg.clip, code, outputs)
+    llava = timed(stages, t0, "llava", build_llava, world["path"], world["md5"], clip, cfg.llava, code, outputs)
     log_build(cfg.name, "clip", clip, cfg.clip.model_dump(), tags)
     log_build(cfg.name, "llava", llava, {**cfg.llava.model_dump(), "clip_sha256": clip["sha256"]}, tags)
     return {"world": world, "clip": clip, "llava": llava, "stages": stages, "tags": tags}
 
 
-def real_base(cfg: Config, project: str) -> dict:
-    """Policy, verifier and COCO as the config names them (nothing built), after the memory check."""
-    refs = real_models(cfg)
-    memory_check(cfg, refs["policy"]["path"])
-    tags = {"fisao.data_md5": refs["data"]["md5"], "fisao.policy": cfg.model.policy,
-            **{f"version.{k}": v for k, v in package_versions().items()}}
-    return {"world": refs["data"], "clip": refs["verifier"], "llava": refs["policy"], "stages": {}, "tags": tags}
-
-
-def evaluate_round(cfg: Config, project: str, campaign_name: str, round_index: int, model: dict, world: dict,
-                   tags: dict, stages: dict, extra_metrics: dict | None = None, artifacts: dict | None = None) -> dict:
-    """Benchmarks of one round's model, logged with the round's other figures as its MLflow run."""
-    t = time.time()
-    result, cached = run_step(evaluate, model, world["path"], world["md5"], ("chair", "pope"), cfg.eval,
-                              code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir), runtime=cfg.model)
-    stages[f"eval-{round_index}"] = {"seconds": round(time.time() - t, 1), "cached": cached}
-    metrics = {**result["metrics"], **(extra_metrics or {})}
-    params = {"model_path": model["path"], **{f"eval.{k}": v for k, v in cfg.eval.model_dump().items()}}
-    if round_index:
-        for section in ("rollout", "reward", "lora", "ppo"):
-            params.update({f"{section}.{k}": v for k, v in getattr(cfg, section).model_dump().items()})
-    log_round(cfg.name, campaign_name, round_index, metrics, params,
-              {**tags, "fisao.model_sha256": model["sha256"]}, {"evaluation": result["path"], **(artifacts or {})})
-    return {**result, "metrics": metrics}
-
-
-def _timed(stages: dict, name: str, task, *args) -> dict:
-    t = time.time()
-    result, cached = run_step(task, *args)
-    stages[name] = {"seconds": round(time.time() - t, 1), "cached": cached}
-    return result
-
-
-ROUND_FIGURES = {
-    "rollouts": ("tokens", "tokens_per_second"),
-    "score": ("reward_mean", "answer_reward_mean", "share_positive", "share_negative", "mentions",
-              "rollout_hallucination_share", "verifier_agreement"),
-    "update": ("kl", "loss", "policy_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm"),
-}
-
-
-def fisao_round(cfg: Config, project: str, k: int, base: dict, policy: dict, previous: dict | None,
-                calibration: dict) -> tuple[dict, dict, dict]:
-    """Round k's rollouts, scores and update; returns (new policy, round figures, artifacts)."""
-    outputs, code, world = str(Path(project) / cfg.outputs_dir), code_version(*ALIGN_CODE), base["world"]
-    stages = base["stages"]
-    rt, scale = cfg.model, cfg.scale
-    samples = _timed(stages, f"rollouts-{k}", rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code, outputs,
-                     rt, scale.shards, scale.rollout_backend, scale.processes)
-    scores = _timed(stages, f"score-{k}", score, samples, policy, base["clip"], calibration, world["path"],
-                    world["md5"], cfg.reward, code, outputs, rt)
-    new = _timed(stages, f"update-{k}", update, base["llava"], previous, samples, scores, world["path"], world["md5"],
-                 cfg.lora, cfg.ppo, k, code, outputs, rt, scale.processes)
-    figures = {}
-    for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
-        figures.update({f"{stage}/{name}": ref["figures"][name] for name in ROUND_FIGURES[stage] if name in ref["figures"]})
-    # What the stages took when they ran (a cached rerun reports the same figures).
-    for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
-        figures[f"seconds/{stage}"] = ref["figures"]["seconds"]
-    figures["seconds/round"] = round(sum(figures[f"seconds/{s}"] for s in ("rollouts", "score", "update")), 2)
-    artifacts = {"adapter": new["adapter"], "rollouts": str(Path(scores["path"]) / "rewards.jsonl")}
-    return new, figures, artifacts
+def target_rounds(cfg: Config, done: int, rounds: int | None, add_rounds: int | None) -> int:
+    if rounds is not None and add_rounds is not None:
+        raise ValueError("give either rounds (a total) or add_rounds (more than are done), not both")
+    if add_rounds is not None:
+        return done + add_rounds
+    return rounds if rounds is not None else cfg.ppo.rounds
 
 
 @flow(name="fisao-campaign")
-def campaign(config_path: str | None = None, project: str = ".", overrides: dict | None = None) -> dict:
-    """Run the campaign described by `config_path` inside `project`; returns its summary."""
+def campaign(config_path: str | None = None, project: str = ".", overrides: dict | None = None,
+             run_name: str | None = None, rounds: int | None = None, add_rounds: int | None = None,
+             allow_changed_data: bool = False) -> dict:
+    """Run (or resume) the campaign described by `config_path` inside `project`; returns its summary."""
     t0 = time.time()
-    cfg = load_config(config_path, overrides)
+    project = str(Path(project).resolve())
+    use_project(project)
+    cfg = load_config(config_path, {**(overrides or {}), **({"name": run_name} if run_name else {})})
+    lock = RunLock(campaign_dir(cfg, project) / ".lock", cfg.name)
+    with lock:
+        log = get_run_logger()
+        if lock.took_over:
+            log.warning("took over the lock of campaign %s from %s, which is no longer running", cfg.name,
+                        lock.took_over.describe())
+            for pid in stop_orphaned(lock.took_over.extra.get("prefect_servers", [])):
+                log.warning("stopped the ephemeral Prefect server (pid %d) that the killed run left behind", pid)
+        lock.annotate(prefect_servers=servers_started_by(os.getpid()))
+        return _run(cfg, project, t0, rounds, add_rounds, allow_changed_data, str(lock.path))
+
+
+def _lineage_tags(cfg: Config, world: dict) -> dict[str, str]:
+    commit, dirty = git_state()
+    real = {} if cfg.model is None else {"fisao.policy": cfg.model.policy}
+    return {"fisao.data_md5": world["md5"], "fisao.code": code_version(*MODEL_CODE),
+            "fisao.git_commit": commit, "fisao.git_dirty": str(dirty).lower(),
+            "fisao.config_hash": config_identity_hash(cfg), **real,
+            **{f"version.{k}": v for k, v in package_versions().items()}}
+
+
+def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: int | None, allow_changed: bool,
+         lock_file: str) -> dict:
     log = get_run_logger()
-    base = build_base(cfg, project) if cfg.model is None else real_base(cfg, project)
-    log.info("base models ready: %s", base["llava"]["path"])
-    world, stages = base["world"], base["stages"]
-    rounds = [evaluate_round(cfg, project, cfg.name, 0, base["llava"], world, base["tags"], stages)["metrics"]]
-    outputs = str(Path(project) / cfg.outputs_dir)
-    cal = _timed(stages, "calibrate", calibrate, base["llava"], base["clip"], world["path"], world["md5"], cfg.reward,
-                 cfg.rollout, code_version(*ALIGN_CODE), outputs, cfg.model)
+    init_store(project)
+    stages: dict[str, dict] = {}
+    world, real = timed_inputs(cfg, project, stages, t0)
+    tags = _lineage_tags(cfg, world)
+    inputs = {"data_md5": world["md5"], "config_hash": tags["fisao.config_hash"], "config": identity(cfg),
+              "resolved": cfg.model_dump(mode="json")}
+    parent = open_campaign(cfg.name, inputs, tags, lock_file, allow_changed)
+    try:
+        finished = verify_finished_rounds(cfg.name) if parent["resumed"] else {}
+        done = next(k for k in range(1, len(finished) + 2) if str(k) not in finished) - 1
+        target = target_rounds(cfg, done, rounds, add_rounds)
+        campaign_state(parent["run_id"], {"fisao.target_rounds": str(target)})
+        summary = _rounds(cfg, project, t0, stages, world, real, tags, finished, target)
+        campaign_state(parent["run_id"], {"fisao.rounds_done": str(target)}, end="finished")
+    except BaseException as e:  # Ctrl-C included: the campaign's run says how it ended, then the error goes on
+        end = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        campaign_state(parent["run_id"], {"fisao.error": f"{type(e).__name__}: {e}"[:4000]}, end=end)
+        raise
+    log.info("campaign %s: %d rounds done (%d verified from an earlier run), summary %s", cfg.name, target,
+             len(summary["resume"]["verified_rounds"]), summary["summary_path"])
+    return summary
+
+
+def timed_inputs(cfg: Config, project: str, stages: dict, t0: float) -> tuple[dict, dict | None]:
+    """(data, real models): the world (verified, pulled or built) and None; or, with a `model`
+    section, the COCO directory's fingerprint and the policy and verifier refs, after the memory
+    check (so a campaign that cannot fit stops before loading anything or opening an MLflow run)."""
+    if cfg.model is not None:
+        refs = real_models(cfg)
+        memory_check(cfg, refs["policy"]["path"])
+        return refs["data"], {"policy": refs["policy"], "verifier": refs["verifier"]}
+    t = time.time()
+    world = prepare_world(project, cfg.data_dir, cfg.world)
+    stages["world"] = {"seconds": round(time.time() - t, 1), "cached": world["action"] == "verified", "start": 0.0}
+    return world, None
+
+
+def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, real: dict | None, tags: dict,
+            finished: dict, target: int) -> dict:
+    log = get_run_logger()
+    out_dir = str(campaign_dir(cfg, project))
+    base = build_base(cfg, project, world, tags, t0, real)
+    base["stages"] = stages = {**stages, **base["stages"]}
+    llava = base["llava"]
+    evaluation = evaluate_model(cfg, project, 0, llava, world, stages, t0)
+    metrics = [evaluation["metrics"]]
+    record_base = {**tags, "fisao.model_sha256": llava["sha256"], "fisao.model_path": llava["path"]}
+    log_round(cfg.name, cfg.name, 0, metrics[0], round_params(cfg, llava, 0), record_base,
+              {"evaluation": evaluation["path"]})
+    cal = timed(stages, t0, "calibrate", calibrate, llava, base["clip"], world["path"], world["md5"], cfg.reward,
+                cfg.rollout, code_version(*ALIGN_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
     log.info("verifier calibration: AUROC %.3f, baseline %.4f, width %.4f", cal["figures"]["auroc"],
              cal["figures"]["baseline"], cal["figures"]["width"])
-    policy, previous = base["llava"], None
-    checkpoints = [base["llava"]["path"]]
-    for k in range(1, cfg.ppo.rounds + 1):
-        policy, figures, artifacts = fisao_round(cfg, project, k, base, policy, previous, cal)
-        previous = policy
-        artifacts["calibration"] = cal["path"]
-        rounds.append(evaluate_round(cfg, project, cfg.name, k, policy, world, base["tags"], stages, figures,
-                                     artifacts)["metrics"])
+    policy, previous, checkpoints, verified = llava, None, [llava["path"]], []
+    for k in range(1, target + 1):
+        done = finished.get(str(k))
+        if done and done["ok"] and done["parent_sha256"] == policy["sha256"]:
+            policy = previous = done["policy"]
+            metrics.append(done["metrics"])
+            log_curve(cfg.name, done["metrics"], k)
+            stages[f"round-{k}"] = {"seconds": 0.0, "cached": True, "start": round(time.time() - t0, 1)}
+            verified.append(k)
+            log.info("round %d: verified against its manifest, taken from MLflow run %s", k, done["run_id"])
+        else:
+            new, figures, samples, scores = fisao_round(cfg, out_dir, k, base, policy, previous, cal, t0)
+            evaluation = evaluate_model(cfg, project, k, checkpoint_ref(new), world, stages, t0)
+            lineage = {**tags, "fisao.parent_sha256": policy["sha256"], "fisao.parent_path": policy["path"],
+                       "fisao.model_sha256": new["sha256"], "fisao.model_path": new["path"]}
+            metrics.append({**evaluation["metrics"], **figures})
+            record_round(cfg, out_dir, k, lineage, metrics[-1], metrics[:-1], new, evaluation, cal, samples, scores,
+                         policy["path"])
+            policy = previous = checkpoint_ref(new)
         checkpoints.append(policy["path"])
-        log.info("round %d: CHAIR_i %.3f, recall %.3f", k, rounds[-1].get("chair_i", float("nan")),
-                 rounds[-1].get("recall", float("nan")))
-    summary = {"name": cfg.name, "config": cfg.model_dump(mode="json"), **base, "calibration": cal,
-               "rounds": rounds, "checkpoints": checkpoints, "seconds": round(time.time() - t0, 1)}
-    summary_path = Path(outputs) / "campaigns" / cfg.name / "summary.json"
+        log.info("round %d: CHAIR_i %.3f, recall %.3f", k, metrics[-1].get("chair_i", float("nan")),
+                 metrics[-1].get("recall", float("nan")))
+    new_starts = [s["start"] for s in stages.values() if not s["cached"] and "start" in s]
+    summary = {"name": cfg.name, "config": cfg.model_dump(mode="json"), **base, "calibration": cal, "rounds": metrics,
+               "checkpoints": checkpoints, "seconds": round(time.time() - t0, 1),
+               "resume": {"verified_rounds": verified, "flow_started_at": t0,
+                          "first_new_stage_at": min(new_starts) if new_starts else None}}
+    summary_path = Path(out_dir) / "summary.json"
     io.write_json(summary_path, summary)
     summary["summary_path"] = str(summary_path)
     return summary

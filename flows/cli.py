@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from fisao.localstate import apply_local_state
+from fisao.locks import CampaignLocked
 
 
 def _world_build(args: argparse.Namespace) -> int:
@@ -95,16 +97,74 @@ def _convert_eva_clip(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from flows.campaign import campaign
-    from flows.report import print_summary
+def _campaign(args: argparse.Namespace, config: str | None, overrides: dict, name: str) -> int:
+    """Start the campaign flow under the campaign's lock (taken here first, to refuse before Prefect starts)."""
+    from fisao.config import load_config
+    from fisao.localstate import campaign_dir
+    from fisao.locks import RunLock
 
-    overrides = {"name": args.run_name} if args.run_name else {}
-    if args.rounds is not None:
-        overrides["ppo.rounds"] = args.rounds
-    summary = campaign(config_path=args.config, project=str(Path(args.project).resolve()), overrides=overrides)
+    project = str(Path(args.project).resolve())
+    cfg = load_config(config, {**overrides, "name": name})
+    with RunLock(campaign_dir(project, cfg.outputs_dir, name) / ".lock", name) as lock:
+        if lock.took_over:
+            print(f"fisao: took over the lock of campaign {name!r} from {lock.took_over.describe()}, which is no "
+                  "longer running", file=sys.stderr)
+        from flows.campaign import campaign
+        from flows.ephemeral import start_api
+        from flows.report import print_summary
+
+        start_api(project)
+
+        summary = campaign(config_path=config, project=project, overrides=overrides, run_name=name,
+                           rounds=args.rounds, add_rounds=args.more_rounds, allow_changed_data=args.allow_changed_data)
     print_summary(summary)
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fisao.config import load_config
+
+    return _campaign(args, args.config, {}, args.run_name or load_config(args.config).name)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from tasks.records import campaign_parent, recorded_inputs
+
+    inputs = recorded_inputs(args.name)
+    if inputs is None:
+        raise ValueError(f"no campaign {args.name!r} in MLflow ({os.environ['MLFLOW_TRACKING_URI']}); start it with "
+                         f"`fisao run --config CONFIG --run-name {args.name}`, or list campaigns with `fisao runs`")
+    if args.rounds is None and args.more_rounds is None:
+        args.rounds = int(campaign_parent(args.name).data.tags.get("fisao.target_rounds", inputs["resolved"]["ppo"]["rounds"]))
+    return _campaign(args, None, inputs["resolved"], args.name)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from flows.inspect import campaign_detail, runs_overview
+    from tasks.records import all_campaigns
+
+    if args.name:
+        print(campaign_detail(args.name, args.metric))
+        return 0
+    parents = all_campaigns()
+    print(runs_overview(parents, args.metric) if parents else "no campaigns yet (`fisao run` starts one)")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from flows.inspect import audit
+
+    print(audit(args.name, args.round, args.export, args.show))
+    return 0
+
+
+def _add_round_options(p: argparse.ArgumentParser) -> None:
+    rounds = p.add_mutually_exclusive_group()
+    rounds.add_argument("--rounds", type=int, default=None, help="FiSAO rounds in all (default: the config's ppo.rounds)")
+    rounds.add_argument("--more-rounds", type=int, default=None,
+                        help="run this many rounds more than the campaign has finished (a schedule's 'one more round')")
+    p.add_argument("--allow-changed-data", action="store_true",
+                   help="continue a campaign although data/ or the config changed since it started (recorded per round)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,11 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     eva.add_argument("--image-size", type=int, default=224)
     eva.set_defaults(func=_convert_eva_clip)
 
-    run = sub.add_parser("run", help="run a campaign: world, base models, calibration, FiSAO rounds, evaluation")
+    run = sub.add_parser("run", help="run a campaign (or resume the campaign of that name): world, base models, "
+                                      "calibration, FiSAO rounds, evaluation")
     run.add_argument("--config", default="configs/demo.yaml")
     run.add_argument("--run-name", default=None, help="name of the campaign (default: the config's name)")
-    run.add_argument("--rounds", type=int, default=None, help="FiSAO rounds (default: the config's ppo.rounds)")
+    _add_round_options(run)
     run.set_defaults(func=_run)
+    res = sub.add_parser("resume", help="continue an interrupted campaign with the config it was started with")
+    res.add_argument("name")
+    _add_round_options(res)
+    res.set_defaults(func=_resume)
+    runs = sub.add_parser("runs", help="list campaigns (rounds, status, best round), or show one")
+    runs.add_argument("name", nargs="?")
+    runs.add_argument("--metric", default="chair_i", help="metric that picks the best round (default: chair_i, lower is better)")
+    runs.set_defaults(func=_runs)
+    au = sub.add_parser("audit", help="what trained a round: rollouts with per-token rewards, calibration, parent checkpoint")
+    au.add_argument("name")
+    au.add_argument("--round", type=int, required=True)
+    au.add_argument("--export", default=None, help="also write the round's audit files into this directory")
+    au.add_argument("--show", type=int, default=3, help="rollouts to print (default: 3)")
+    au.set_defaults(func=_audit)
     return p
 
 
@@ -172,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_local_state(args.project)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CampaignLocked) as e:
         print(f"fisao: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ from fisao import io
 from fisao.align.launch import write_args
 from fisao.align import stages
 from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig, config_hash
-from tasks.common import cached_task, is_complete, key_of
+from tasks.common import build_once, cached_task, is_complete, key_of
 
 
 def _rt(runtime: ModelConfig | None) -> tuple:
@@ -32,8 +32,8 @@ def calibrate(policy: dict, clip: dict, world_dir: str, data_md5: str, reward: R
     """Verifier baseline and width from the base policy's answers on a labelled split."""
     out = Path(outputs) / "calibration" / key_of(policy["sha256"], clip["sha256"], data_md5, config_hash(reward),
                                                   config_hash(rollout), code, *_rt(runtime))
-    if not is_complete(out, stages.FIGURES):
-        stages.calibration_stage(policy["path"], clip["path"], world_dir, reward, rollout, out, runtime=runtime)
+    build_once(out, stages.FIGURES, lambda: stages.calibration_stage(policy["path"], clip["path"], world_dir, reward,
+                                                                      rollout, out, runtime=runtime))
     return _ref(out)
 
 
@@ -57,19 +57,25 @@ def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, ro
     extra = () if shards == 1 and backend == "hf" else (shards, backend)
     out = Path(outputs) / "rollouts" / key_of(policy["sha256"], data_md5, config_hash(cfg), round_index, code,
                                                *_rt(runtime), *extra)
-    done = is_complete(out, stages.FIGURES)
-    if not done and processes > 1:
-        accelerate_launch("rollouts", out, processes, policy_dir=policy["path"], world_dir=world_dir, cfg=cfg,
-                          round_index=round_index, shards=shards, runtime=runtime, backend=backend)
-    elif not done and shards == 1:
-        stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
-    elif not done:
-        parts = stages.shard_dirs(out, shards)
+
+    def build() -> None:
+        parts = stages.shard_dirs(out, shards) if shards > 1 else []
+        for part in parts:  # what a killed shard left behind (complete shards are kept)
+            io.remove_temp_siblings(part)
+        if processes > 1:
+            accelerate_launch("rollouts", out, processes, policy_dir=policy["path"], world_dir=world_dir, cfg=cfg,
+                              round_index=round_index, shards=shards, runtime=runtime, backend=backend)
+            return
+        if shards == 1:
+            stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
+            return
         for i, part in enumerate(parts):
             if not is_complete(part, stages.FIGURES):
                 stages.rollout_stage(policy["path"], world_dir, cfg, round_index, part, runtime=runtime,
                                      shard=(i, shards), backend=backend)
         stages.merge_rollout_shards(parts, out)
+
+    build_once(out, stages.FIGURES, build)
     return _ref(out)
 
 
@@ -79,9 +85,9 @@ def score(samples: dict, policy: dict, clip: dict, calibration: dict, world_dir:
     """Per-token verifier rewards of the round's rollouts."""
     out = Path(outputs) / "scores" / key_of(samples["sha256"], clip["sha256"], calibration["sha256"], data_md5,
                                              config_hash(reward), code, *_rt(runtime))
-    if not is_complete(out, stages.FIGURES):
-        stages.score_stage(samples["path"], policy["path"], clip["path"], calibration["path"], world_dir, reward, out,
-                           runtime=runtime)
+    build_once(out, stages.FIGURES, lambda: stages.score_stage(samples["path"], policy["path"], clip["path"],
+                                                                calibration["path"], world_dir, reward, out,
+                                                                runtime=runtime))
     return _ref(out)
 
 
@@ -98,10 +104,10 @@ def update(base: dict, previous: dict | None, samples: dict, scores: dict, world
     args = dict(base_dir=base["path"], adapter_in=previous and previous["adapter"], rollouts_dir=samples["path"],
                 scores_dir=scores["path"], world_dir=world_dir, lora=lora, cfg=ppo, round_index=round_index,
                 runtime=runtime)
-    if not is_complete(out, stages.FIGURES) and processes == 1:
-        stages.update_stage(**args, out=out)
-    elif not is_complete(out, stages.FIGURES):
-        accelerate_launch("update", out, processes, **args)
+    if processes == 1:
+        build_once(out, stages.FIGURES, lambda: stages.update_stage(**args, out=out))
+    else:
+        build_once(out, stages.FIGURES, lambda: accelerate_launch("update", out, processes, **args))
     model = out / "model"
     return {"path": str(model), "sha256": io.tree_digest(model), "adapter": str(out / "adapter"),
             "figures": io.read_json(out / stages.FIGURES)}

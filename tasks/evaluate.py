@@ -6,7 +6,7 @@ from pathlib import Path
 from fisao import io
 from fisao.config import EvalConfig, ModelConfig, config_hash
 from fisao.evaluate import evaluate_model
-from tasks.common import cached_task, is_complete, key_of
+from tasks.common import build_once, cached_task, key_of
 
 METRICS = "metrics.json"
 
@@ -17,7 +17,11 @@ def evaluate(model: dict, data_dir: str, data_md5: str, benchmarks: tuple[str, .
     """CHAIR/POPE(/MME) figures of `model` (a ref with path and sha256); answers saved beside them."""
     rt = () if runtime is None else (config_hash(runtime),)
     out = Path(outputs) / "eval" / key_of(model["sha256"], data_md5, list(benchmarks), config_hash(cfg), code, *rt)
-    if not is_complete(out, METRICS):
-        with io.atomic_dir(out) as tmp:
-            evaluate_model(model["path"], data_dir, benchmarks, cfg, tmp, runtime=runtime)
+    build_once(out, METRICS, lambda: _evaluate_into(out, model["path"], data_dir, benchmarks, cfg, runtime))
     return {"path": str(out), "metrics": io.read_json(out / METRICS)["metrics"]}
+
+
+def _evaluate_into(out: Path, model_dir: str, data_dir: str, benchmarks: tuple[str, ...], cfg: EvalConfig,
+                   runtime: ModelConfig | None) -> None:
+    with io.atomic_dir(out) as tmp:
+        evaluate_model(model_dir, data_dir, benchmarks, cfg, tmp, runtime=runtime)

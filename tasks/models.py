@@ -6,7 +6,7 @@ from pathlib import Path
 from fisao import io
 from fisao.config import ClipBuildConfig, LlavaBuildConfig, config_hash
 from fisao.models import build
-from tasks.common import cached_task, is_complete, key_of
+from tasks.common import build_once, cached_task, key_of
 
 
 def _ref(out: Path) -> dict:
@@ -19,8 +19,7 @@ def _ref(out: Path) -> dict:
 def build_clip(world_dir: str, data_md5: str, cfg: ClipBuildConfig, code: str, outputs: str) -> dict:
     """Train the tokenizer and the CLIP on the world; returns path, sha256 and figures."""
     out = Path(outputs) / "models" / f"clip-{key_of(data_md5, config_hash(cfg), code)}"
-    if not is_complete(out, build.TRAIN_LOG):
-        build.build_clip(world_dir, cfg, out)
+    build_once(out, build.TRAIN_LOG, lambda: build.build_clip(world_dir, cfg, out))
     return _ref(out)
 
 
@@ -28,6 +27,5 @@ def build_clip(world_dir: str, data_md5: str, cfg: ClipBuildConfig, code: str, o
 def build_llava(world_dir: str, data_md5: str, clip: dict, cfg: LlavaBuildConfig, code: str, outputs: str) -> dict:
     """Fine-tune the LLaVA on the CLIP's vision tower; returns path, sha256 and figures."""
     out = Path(outputs) / "models" / f"llava-{key_of(data_md5, clip['sha256'], config_hash(cfg), code)}"
-    if not is_complete(out, build.TRAIN_LOG):
-        build.build_llava(world_dir, clip["path"], cfg, out)
+    build_once(out, build.TRAIN_LOG, lambda: build.build_llava(world_dir, clip["path"], cfg, out))
     return _ref(out)

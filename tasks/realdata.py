@@ -24,14 +24,23 @@ def _model_ref(name: str) -> dict:
     return {"path": path, "sha256": f"hub:{name}@{Path(path).name}"}
 
 
-@task(name="real-models")
-def real_models(cfg: Config) -> dict:
-    """Refs (path, sha256) of the policy and the verifier, and a fingerprint of the COCO directory."""
+def _data_ref(cfg: Config) -> dict:
     from fisao.examples import coco_fingerprint
 
     root = Path(cfg.data.root).resolve()
-    return {"policy": _model_ref(cfg.model.policy), "verifier": _model_ref(cfg.model.verifier),
-            "data": {"path": str(root), "md5": coco_fingerprint(root), "action": "given"}}
+    return {"path": str(root), "md5": coco_fingerprint(root), "action": "given"}
+
+
+@task(name="real-data")
+def real_data(cfg: Config) -> dict:
+    """The COCO directory's ref: its path and fingerprint (what `dvc add` recorded, if it did)."""
+    return _data_ref(cfg)
+
+
+@task(name="real-models")
+def real_models(cfg: Config) -> dict:
+    """Refs (path, sha256) of the policy and the verifier, and a fingerprint of the COCO directory."""
+    return {"policy": _model_ref(cfg.model.policy), "verifier": _model_ref(cfg.model.verifier), "data": _data_ref(cfg)}
 
 
 @task(name="memory-check")

@@ -6,11 +6,14 @@ nested run per round (round 0 = the base model) and the per-round curves on the 
 
 Logging is idempotent: every run carries a `fisao.key` tag and is marked complete last; a
 complete run with the same key is reused instead of logged twice (MLflow appends duplicate
-metric points), and a curve point already present at a step is not logged again.
+metric points), and a curve point already present at a step is not logged again. A round is
+marked complete only after its artifacts were logged and the logged copies verified against the
+round's manifest; a run that a crash left unmarked is deleted when the round is logged again, so
+MLflow never shows a round twice.
 """
 from __future__ import annotations
 
-import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,29 +22,12 @@ from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
 from fisao import io
-
-COMPLETE = "fisao.complete"
-
-
-def experiment_id(name: str) -> str:
-    """The experiment called `name`, created with its artifacts under the project's mlartifacts/."""
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    project = Path(os.environ.get("FISAO_PROJECT", ".")).resolve()
-    return client.create_experiment(name, artifact_location=(project / "mlartifacts" / name).as_uri())
+from fisao.crashpoints import crash_point
+from fisao.manifest import verify_files
+from tasks.records import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs
 
 
-def find_run(experiment: str, tags: dict[str, str]) -> str | None:
-    """The id of a run of `experiment` carrying all `tags`, if any (the newest)."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = MlflowClient().search_runs([experiment_id(experiment)], filter_string=query, max_results=1,
-                                      order_by=["attributes.start_time DESC"])
-    return runs[0].info.run_id if runs else None
-
-
-def _log(client: MlflowClient, run_id: str, metrics: list[Metric] = (), params: dict | None = None,
+def log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] = (), params: dict | None = None,
          tags: dict | None = None) -> None:
     """log_batch within MLflow's limits (1000 metrics, 100 params per call)."""
     metrics = list(metrics)
@@ -58,7 +44,7 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _new_run(experiment: str, name: str, tags: dict) -> str:
+def new_run(experiment: str, name: str, tags: dict) -> str:
     return MlflowClient().create_run(experiment_id(experiment), run_name=name, tags=tags).info.run_id
 
 
@@ -72,14 +58,14 @@ def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict) -
         log.info("MLflow already has build-%s (run %s): not logged again", kind, existing)
         return existing
     client = MlflowClient()
-    run_id = _new_run(experiment, f"build-{kind}", {**tags, "fisao.key": key, "fisao.kind": f"build-{kind}",
+    run_id = new_run(experiment, f"build-{kind}", {**tags, "fisao.key": key, "fisao.kind": f"build-{kind}",
                                                        "fisao.sha256": ref["sha256"]})
     train_log = io.read_json(Path(ref["path"]) / "train_log.json")
     ts = _now()
     curves = [Metric(f"train/{name}", float(v), ts, step)
               for name, values in train_log.items() if isinstance(values, list) for step, v in enumerate(values)]
     figures = [Metric(k, float(v), ts, 0) for k, v in ref["figures"].items()]
-    _log(client, run_id, curves + figures, params)
+    log_batch(client, run_id, curves + figures, params)
     client.log_artifacts(run_id, ref["path"], artifact_path=kind)
     client.set_tag(run_id, COMPLETE, "true")
     client.set_terminated(run_id)
@@ -87,49 +73,121 @@ def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict) -
     return run_id
 
 
-def campaign_run(experiment: str, campaign: str, tags: dict) -> str:
-    """The parent run of `campaign` (created on first use)."""
-    found = find_run(experiment, {"fisao.campaign": campaign, "fisao.kind": "campaign"})
-    if found:
-        return found
-    return _new_run(experiment, campaign, {**tags, "fisao.campaign": campaign, "fisao.kind": "campaign"})
+def campaign_run(campaign: str) -> str:
+    """The parent run of `campaign` (tasks.campaigns.open_campaign creates it)."""
+    parent = campaign_parent(campaign)
+    if parent is None:
+        raise RuntimeError(f"campaign {campaign!r} has no parent run in MLflow: open_campaign must run first")
+    return parent.info.run_id
 
 
-def _log_curve_points(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_curve_points(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
     """Per-round curves on the parent run, skipping points already logged at `step`."""
     ts = _now()
     fresh = [Metric(k, float(v), ts, step) for k, v in metrics.items()
              if not any(m.step == step for m in client.get_metric_history(run_id, k))]
-    _log(client, run_id, fresh)
+    log_batch(client, run_id, fresh)
+
+
+def _log_artifacts(client: MlflowClient, run_id: str, artifacts: dict[str, str]) -> None:
+    for name, path in artifacts.items():
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, path, artifact_path=name)
+        else:
+            client.log_artifact(run_id, path, artifact_path=name)
+
+
+def verify_logged(run_id: str, manifest: dict, names) -> list[str]:
+    """Download the run's copies of the artifacts `names` and compare them with the manifest."""
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            local = Path(MlflowClient().download_artifacts(run_id, name, tmp))
+            problems += [p.describe() for p in verify_files(manifest["groups"][name], local, name)]
+    return problems
+
+
+def _stale_runs(experiment: str, key: str, model_sha256: str | None, manifest: bool) -> tuple[str | None, list[str]]:
+    """(complete run to keep, runs to delete) among the runs logged under `key`.
+
+    A complete run is kept when it describes the same checkpoint (and holds a manifest when one is
+    due); runs a crash left incomplete, complete runs of another checkpoint (a recomputed round
+    that came out different) and runs an older fisao logged without a manifest go.
+    """
+    keep, stale = None, []
+    for run in find_runs(experiment, {"fisao.key": key}):
+        same = model_sha256 is None or run.data.tags.get("fisao.model_sha256") == model_sha256
+        usable = same and (not manifest or run.data.tags.get("fisao.manifest") == "true")
+        if keep is None and run.data.tags.get(COMPLETE) == "true" and usable:
+            keep = run.info.run_id
+        else:
+            stale.append(run.info.run_id)
+    return keep, stale
 
 
 @task(name="log-round")
 def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, params: dict, tags: dict,
-              artifacts: dict[str, str]) -> str:
+              artifacts: dict[str, str], manifest: dict | None = None) -> str:
     """Log round `round_index` of `campaign` as a nested run; returns its run id.
 
-    `artifacts` maps an artifact folder name to a local directory or file to upload.
+    `artifacts` maps an artifact folder name to a local directory or file to upload; `manifest`
+    (fisao.manifest) lists their files: it is logged too, and the run is marked complete only
+    when the logged copies match it.
     """
     log = get_run_logger()
     client = MlflowClient()
-    parent = campaign_run(experiment, campaign, tags)
+    parent = campaign_run(campaign)
     key = f"{campaign}:round-{round_index}"
-    existing = find_run(experiment, {"fisao.key": key, COMPLETE: "true"})
-    if existing is None:
-        run_id = _new_run(experiment, f"round-{round_index}", {
+    run_id, stale = _stale_runs(experiment, key, tags.get("fisao.model_sha256"), manifest is not None)
+    for old in stale:
+        log.warning("MLflow run %s of round %d of %s was left incomplete by an interrupted run (or describes another "
+                    "checkpoint): deleted, the round is logged again", old, round_index, campaign)
+        client.delete_run(old)
+    if run_id is None:
+        run_id = new_run(experiment, f"round-{round_index}", {
             **tags, "mlflow.parentRunId": parent, "fisao.key": key, "fisao.kind": "round",
-            "fisao.campaign": campaign, "fisao.round": str(round_index)})
-        _log(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
-        for name, path in artifacts.items():
-            if Path(path).is_dir():
-                client.log_artifacts(run_id, path, artifact_path=name)
-            else:
-                client.log_artifact(run_id, path, artifact_path=name)
+            "fisao.campaign": campaign, "fisao.round": str(round_index), COMPLETE: "false"})
+        log_batch(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
+        items = list(artifacts.items())
+        _log_artifacts(client, run_id, dict(items[: len(items) // 2]))
+        crash_point("log:mid", round_index)  # the testing hook: metrics and half the artifacts logged
+        _log_artifacts(client, run_id, dict(items[len(items) // 2 :]))
+        if manifest is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                client.log_artifact(run_id, str(io.write_json(Path(tmp) / MANIFEST, manifest)))
+            problems = verify_logged(run_id, manifest, [n for n in artifacts if n in manifest["groups"]])
+            if problems:
+                raise RuntimeError(f"MLflow run {run_id} (round {round_index} of {campaign}) does not hold what was "
+                                   f"logged: {'; '.join(problems[:5])}. The round stays incomplete; run it again")
+            client.set_tag(run_id, "fisao.manifest", "true")
         client.set_tag(run_id, COMPLETE, "true")
         client.set_terminated(run_id)
         log.info("logged round %d of %s to MLflow run %s", round_index, campaign, run_id)
     else:
-        run_id = existing
         log.info("MLflow already has round %d of %s (run %s): not logged again", round_index, campaign, run_id)
-    _log_curve_points(client, parent, metrics, round_index)
+    log_curve_points(client, parent, metrics, round_index)
+    return run_id
+
+
+@task(name="log-curve")
+def log_curve(campaign: str, metrics: dict, round_index: int) -> None:
+    """Round `round_index`'s point of the per-round curves on the campaign's parent run (once per step)."""
+    log_curve_points(MlflowClient(), campaign_run(campaign), metrics, round_index)
+
+
+@task(name="log-evaluation")
+def log_checkpoint_eval(experiment: str, model: dict, data_md5: str, result: dict, params: dict) -> str:
+    """One MLflow run per (checkpoint, data, eval settings), reused when it exists."""
+    key = f"eval:{model['sha256']}:{data_md5}:{result['path']}"
+    existing = find_run(experiment, {"fisao.key": key, COMPLETE: "true"})
+    if existing:
+        return existing
+    client = MlflowClient()
+    run_id = new_run(experiment, f"eval-{Path(model['path']).name}", {
+        "fisao.key": key, "fisao.kind": "evaluation", "fisao.model_sha256": model["sha256"],
+        "fisao.model_path": model["path"], "fisao.data_md5": data_md5})
+    log_batch(client, run_id, [Metric(k, float(v), _now(), 0) for k, v in result["metrics"].items()], params)
+    client.log_artifacts(run_id, result["path"], artifact_path="evaluation")
+    client.set_tag(run_id, COMPLETE, "true")
+    client.set_terminated(run_id)
     return run_id

@@ -56,18 +56,13 @@ def init_project(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """A tiny world, CLIP and LLaVA built once per test session."""
+def tiny_models(base_project) -> dict[str, Path]:
+    """The tiny world, CLIP and LLaVA of `base_project` (built once per test session); read them only."""
     from fisao.config import load_config
-    from fisao.models.build import build_clip, build_llava
-    from fisao.world.build import build_world
 
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = load_config(None, TINY)
-    world = build_world(root / "world", cfg.world, progress=False)
-    build_clip(world, cfg.clip, root / "clip", progress=False)
-    build_llava(world, root / "clip", cfg.llava, root / "llava", progress=False)
-    return {"world": world, "clip": root / "clip", "llava": root / "llava", "config": cfg}
+    models = base_project / "outputs" / "models"
+    return {"world": base_project / "data" / "world", "clip": next(models.glob("clip-*")),
+            "llava": next(models.glob("llava-*")), "config": load_config(None, TINY)}
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +72,50 @@ def real_models(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("real")
     return {"coco": coco_fixture(root / "coco"), "models": build_all(root)}
+
+
+def nested(flat: dict) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}} (TINY as a YAML config)."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_project(tmp_path_factory) -> Path:
+    """A git + DVC project with the tiny world recorded and the tiny CLIP and LLaVA built where the
+    campaign flow looks for them (its tasks' own functions, without Prefect), and `tiny.yaml`.
+
+    Copy it (`copy_project`) rather than use it: campaigns write into it.
+    """
+    import yaml
+
+    from fisao.config import load_config
+    from fisao.versioning import code_version
+    from fisao.world.store import ensure_world
+    from flows.rounds import MODEL_CODE
+    from tasks.models import build_clip, build_llava
+
+    project = init_project(tmp_path_factory.mktemp("base") / "project")
+    (project / "tiny.yaml").write_text(yaml.safe_dump({"name": "tiny", **nested(TINY)}))
+    cfg = load_config(project / "tiny.yaml")
+    world = ensure_world(project, cfg.data_dir, cfg.world, progress=False)
+    outputs, code = str(project / cfg.outputs_dir), code_version(*MODEL_CODE)
+    clip = build_clip.fn(world.path, world.md5, cfg.clip, code, outputs)
+    build_llava.fn(world.path, world.md5, clip, cfg.llava, code, outputs)
+    return project
+
+
+def copy_project(base: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(base, dest, symlinks=True)
+    return dest
 
 
 @pytest.fixture(scope="session")

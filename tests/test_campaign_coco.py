@@ -6,7 +6,7 @@ layout (train2014/, val2014/, annotations/, pope/) versioned with `dvc add`. One
 memory check -> base evaluation -> calibration on val2014 -> rollouts on train2014 -> scores ->
 update -> evaluation (CHAIR + POPE), with the real Prefect (test harness), MLflow (sqlite) and DVC;
 rollouts and update run on 2 processes under `accelerate launch` (gloo on CPU), as on a GPU node.
-A second run is served from the cache.
+A second run resumes the campaign: the finished round comes from MLflow, the rest from the cache.
 The images are the shapes world under COCO names (tests/cocoworld.py), so the verifier really
 separates correct from hallucinated mentions and calibration runs as it would on COCO.
 """
@@ -77,7 +77,7 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     assert after["update/kl"] == pytest.approx(0.0, abs=1e-6)  # round 1 starts at the reference
     assert summary["checkpoints"][0] == str(coco_world["llava"]) and summary["checkpoints"][1] != summary["checkpoints"][0]
     # Both stages ran on the two processes: one rollout shard each, and the update's steps shared.
-    shards = sorted((project / "outputs" / "rollouts").glob("*-shard*"))
+    shards = sorted((project / "outputs" / "campaigns" / "coco-e2e" / "rollouts").glob("*-shard*"))
     assert [io.read_json(d / "figures.json")["process"] for d in shards] == [[0, 2], [1, 2]]
     assert io.read_json(Path(summary["checkpoints"][1]).parent / "figures.json")["processes"] == 2
 
@@ -103,14 +103,27 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     assert "adapter/adapter_config.json" in {a.path for a in client.list_artifacts(by_round[1].info.run_id, "adapter")}
     assert {a.path for a in client.list_artifacts(by_round[1].info.run_id, "calibration")} >= {
         "calibration/calibration.json", "calibration/scores.png"}
-    rows = client.download_artifacts(by_round[1].info.run_id, "rollouts/rewards.jsonl", str(tmp_path / "dl"))
+    rows = client.download_artifacts(by_round[1].info.run_id, "scores/rewards.jsonl", str(tmp_path / "dl"))
     assert len(io.read_jsonl(rows)) == ROLLOUTS["images_per_round"] * ROLLOUTS["n_per_image"]
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "chair_i")] == [0, 1]
     assert io.read_json(summary["summary_path"])["rounds"] == summary["rounds"]
 
-    # A second run (say, after a crash) is served from Prefect's cache and logs nothing twice.
+    # A second run (say, after a crash) resumes the campaign: round 1 is verified against its
+    # manifest and taken from MLflow, the rest is served from Prefect's cache, nothing is logged twice.
     again = campaign(config_path=str(config), project=str(project))
+    assert again["resume"]["verified_rounds"] == [1]
     assert all(stage["cached"] for stage in again["stages"].values())
     assert again["rounds"] == summary["rounds"] and again["checkpoints"] == summary["checkpoints"]
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "chair_i")] == [0, 1]
+
+    # The evaluate-checkpoint flow on the real-model config: the same COCO md5 and runtime as the
+    # campaign, so round 1's evaluation is found on disk rather than run again, and logged once.
+    from flows.evaluate import evaluate_checkpoint
+
+    evaluations = sorted((project / "outputs" / "eval").iterdir())
+    checked = evaluate_checkpoint(model=summary["checkpoints"][1], config_path=str(config), project=str(project))
+    assert sorted((project / "outputs" / "eval").iterdir()) == evaluations and Path(checked["path"]) in evaluations
+    assert checked["metrics"] == {k: summary["rounds"][1][k] for k in checked["metrics"]}
+    logged = client.get_run(checked["run_id"])
+    assert logged.data.tags["fisao.kind"] == "evaluation" and logged.data.tags["fisao.data_md5"] == coco_md5

@@ -9,20 +9,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.conftest import TINY, init_project
+from tests.conftest import TINY, init_project, nested
 
 pytestmark = pytest.mark.e2e
-
-
-def nested(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return out
 
 
 def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, harness):
@@ -78,7 +67,7 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
         assert run.data.params["ppo.rounds"] == "2"
         names = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
         assert "adapter/adapter_config.json" in names
-        rows = client.download_artifacts(run.info.run_id, "rollouts/rewards.jsonl", str(tmp_path / f"r{k}"))
+        rows = client.download_artifacts(run.info.run_id, "scores/rewards.jsonl", str(tmp_path / f"r{k}"))
         assert len(open(rows).read().splitlines()) == TINY["rollout.images_per_round"] * TINY["rollout.n_per_image"]
     from fisao import io
 

@@ -203,3 +203,20 @@ def test_auroc_errors():
         auroc([0.1, 0.2], [1, 0, 1])
     with pytest.raises(ValueError, match=r"finite scores; 1 are not \(first at index 1: nan\)"):
         auroc([0.1, float("nan"), 0.3], [1, 0, 0])
+
+
+def test_leftovers_of_interrupted_writes_are_found_and_removed_but_nothing_else(tmp_path):
+    from fisao.io import atomic_dir, remove_temp_siblings, temp_siblings
+
+    target = tmp_path / "abc"
+    (tmp_path / ".abc.tmp-1234abcd").mkdir()  # what a kill inside atomic_dir leaves
+    (tmp_path / ".abc.tmp-1234abcd" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".abc.old-1234abcd").mkdir()  # killed between the two renames of a replacement
+    (tmp_path / ".abc.lock").write_text("")
+    (tmp_path / ".abcd.tmp-00000000").mkdir()  # another target's
+    assert [p.name for p in temp_siblings(target)] == [".abc.old-1234abcd", ".abc.tmp-1234abcd"]
+    remove_temp_siblings(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".abc.lock", ".abcd.tmp-00000000"]
+    with atomic_dir(target) as tmp:
+        (tmp / "f").write_text("x")
+    assert (target / "f").read_text() == "x" and temp_siblings(target) == []

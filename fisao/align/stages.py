@@ -37,6 +37,7 @@ from fisao.benchmarks.pope import pope_answer
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
 from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig
+from fisao.crashpoints import crash_point
 from fisao.examples import data_vocabulary, example_truth, load_examples
 from fisao.runtime import load_runtime_policy, prepare_for_training, runtime_device
 from fisao.world.data import Example
@@ -176,7 +177,10 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
         rows.append({"row": r, "image_id": image_ids[r], "kind": "caption", "text": text, "mentions": records})
     if reward.level == "sentence":
         captions = [k for k in range(n) if kinds[k] != "question"]
-        s = torch.zeros(0) if not captions else verifier.text_scores(torch.stack([emb_of[image_ids[k]] for k in captions]), [rows[k]["text"] for k in captions])
+        s = torch.zeros(0)
+        if captions:
+            s = verifier.text_scores(torch.stack([emb_of[image_ids[k]] for k in captions]),
+                                     [rows[k]["text"] for k in captions])
         if captions:
             answer_rewards[captions] = shape(s, sentence_cal.baseline, sentence_cal.width).float()
         token_rewards = last_token_reward(rollouts.mask, answer_rewards)
@@ -245,27 +249,30 @@ def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutCon
     sample = functools.partial(BACKENDS[backend], model, processor, temperature=cfg.temperature, top_p=cfg.top_p,
                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
     parts = [sample(images, cfg.prompt, cfg.n_per_image, seed=seed)]
-    index = parts[0].image_index.tolist()
-    categories: list[str | None] = [None] * len(index)
+    row_image = parts[0].image_index.tolist()  # each row's index into `examples`
+    categories: list[str | None] = [None] * len(row_image)
     if cfg.questions_per_image:
         asked = round_questions([e.image_id for e in examples], data_vocabulary(world_dir).categories,
                                 cfg.questions_per_image, cfg.seed, round_index)
         about = [(i, c) for i, cs in enumerate(asked) for c in cs]
         parts.append(sample([images[i] for i, _ in about], [cfg.question_template.format(c) for _, c in about], 1,
                             seed=batch_seed(seed, 2_000_000)))
-        index += [about[k][0] for k in parts[1].image_index.tolist()]
+        row_image += [about[k][0] for k in parts[1].image_index.tolist()]
         categories += [about[k][1] for k in parts[1].image_index.tolist()]
-    rollouts = concat_rollouts(parts, torch.tensor(index), processor.tokenizer.pad_token_id)
-    image_ids = [examples[i].image_id for i in index]
-    kinds = ["caption" if c is None else "question" for c in categories]
-    save_rollouts(out, rollouts, extra={"image_id": image_ids, "kind": kinds, "category": categories})
+    rollouts = concat_rollouts(parts, torch.tensor(row_image), processor.tokenizer.pad_token_id)
+    columns = {"image_id": [examples[i].image_id for i in row_image],
+               "kind": ["caption" if c is None else "question" for c in categories], "category": categories}
+    crash_point("rollout:mid", round_index)
     seconds = time.time() - t0
     tokens = int(rollouts.mask.sum())
     figures = {"split": cfg.split, "rollouts": len(rollouts), "tokens": tokens, "seconds": round(seconds, 2),
                "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
     if count > 1:
         figures["shard"] = [index, count]
-    io.write_json(Path(out) / FIGURES, figures)
+    # The figures are the completeness marker: written in the same atomic directory as the rollouts.
+    with io.atomic_dir(out) as tmp:
+        save_rollouts(tmp, rollouts, extra=columns)
+        io.write_json(tmp / FIGURES, figures)
     return figures
 
 
@@ -297,12 +304,13 @@ def merge_rollout_shards(shard_dirs: list[str | Path], out: str | Path) -> dict:
     padding = [r.response_ids[~r.mask] for r, _ in parts]
     pad = next((int(p[0]) for p in padding if len(p)), 0)  # the shards' pad id (masked out either way)
     merged = concat_rollouts([r for r, _ in parts], torch.tensor([position[i] for i in image_ids]), pad)
-    save_rollouts(out, merged, extra=columns)
     tokens = int(merged.mask.sum())
     seconds = max(f["seconds"] for f in figures)  # shards run side by side
     out_figures = {"split": figures[0]["split"], "rollouts": len(merged), "tokens": tokens, "seconds": seconds,
                    "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "shards": len(shard_dirs)}
-    io.write_json(Path(out) / FIGURES, out_figures)
+    with io.atomic_dir(out) as tmp:
+        save_rollouts(tmp, merged, extra=columns)
+        io.write_json(tmp / FIGURES, out_figures)
     return out_figures
 
 
@@ -340,7 +348,8 @@ def update_stage(base_dir: str | Path, adapter_in: str | Path | None, rollouts_d
     device = None if runtime is None else str(accelerator.device)
     if adapter_in is None:
         base, processor = load_runtime_policy(base_dir, runtime, device)
-        # LoRA's A matrices are random: seeded, so every process (and every rerun) starts alike.
+        # LoRA's A matrices are random: seeded, so every process, every rerun and a resumed campaign
+        # (whose process skipped the base-model builds that drew from the RNG) start from the same ones.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1000 + round_index)
             model = add_lora(base, lora)
@@ -355,11 +364,13 @@ def update_stage(base_dir: str | Path, adapter_in: str | Path | None, rollouts_d
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + round_index)
     stats = ppo_update(model, processor, images, rollouts, token_rewards, cfg, accelerator, generator,
                        value_head=value_head)
+    crash_point("update:mid", round_index)
     out = Path(out)
     if accelerator.is_main_process:
         with io.atomic_dir(out) as tmp:
             save_adapter(model, tmp / "adapter", value_head)
             merge_and_save(model, processor, tmp / "model")
+            crash_point("checkpoint:mid", round_index)
             stats["seconds"] = round(time.time() - t0, 2)
             stats["processes"] = accelerator.num_processes
             io.write_json(tmp / FIGURES, stats)

@@ -1,0 +1,92 @@
+"""The round report as one self-contained HTML page: rollouts with each mention coloured by its reward.
+
+Green for a positive reward, red for a negative one, the stronger the larger |reward| (solid
+colours mixed with white, so a screenshot shows exactly these values); a dotted underline marks
+mentions that ground truth says are hallucinated (the audit's view: never used in the reward).
+Figures are embedded as base64 PNGs, so the page renders the same from MLflow's artifact viewer,
+a browser or an e-mail attachment.
+"""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Sequence
+
+POSITIVE = (22, 163, 74)  # reward +1
+NEGATIVE = (220, 38, 38)  # reward -1
+
+
+def reward_colour(reward: float) -> str:
+    """Hex colour for a reward in [-1, 1]: white at 0, POSITIVE at +1, NEGATIVE at -1."""
+    r = max(-1.0, min(1.0, float(reward)))
+    target = POSITIVE if r >= 0 else NEGATIVE
+    mixed = [round(255 + (c - 255) * abs(r)) for c in target]
+    return "#" + "".join(f"{c:02x}" for c in mixed)
+
+
+def mention_html(text: str, mentions: Sequence[dict]) -> str:
+    """`text` with each mention (character spans, non-overlapping) wrapped in a coloured span."""
+    parts, pos = [], 0
+    for m in sorted(mentions, key=lambda m: m["start"]):
+        if m["start"] < pos:  # overlapping spans cannot be nested: keep the first
+            continue
+        parts.append(html.escape(text[pos:m["start"]]))
+        ink = "#ffffff" if abs(m["reward"]) > 0.6 else "#111111"
+        cls = "mention hallucinated" if m.get("hallucinated") else "mention"
+        tip = f"{m['category']}: score {m['score']:.4f}, reward {m['reward']:+.3f}" + (
+            ", hallucinated (ground truth)" if m.get("hallucinated") else "")
+        parts.append(f'<span class="{cls}" style="background:{reward_colour(m["reward"])};color:{ink}" '
+                     f'data-reward="{m["reward"]:.5f}" title="{html.escape(tip)}">'
+                     f'{html.escape(text[m["start"]:m["end"]])}<sub>{m["reward"]:+.2f}</sub></span>')
+        pos = m["end"]
+    parts.append(html.escape(text[pos:]))
+    return "".join(parts)
+
+
+def _png(path: str | Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+STYLE = """
+body { font-family: sans-serif; margin: 24px; color: #111; max-width: 1000px; }
+.answer { font-size: 18px; line-height: 2.2; margin: 6px 0 18px; padding: 8px 12px; border: 1px solid #ddd; }
+.mention { padding: 4px 6px; border-radius: 4px; }
+.mention sub { font-size: 11px; margin-left: 2px; }
+.hallucinated { text-decoration: underline dotted 2px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+.legend span { padding: 3px 8px; margin-right: 6px; border-radius: 4px; }
+"""
+
+
+def render_report(title: str, facts: dict[str, str], metrics: dict[str, float], examples: Sequence[dict],
+                  figures: dict[str, str | Path]) -> str:
+    """The page: facts (lineage), metrics, a few rollouts (rows of `fisao.audit.tokens`), figures."""
+    legend = "".join(f'<span style="background:{reward_colour(r)};color:{"#fff" if abs(r) > 0.6 else "#111"}">'
+                     f"{r:+.1f}</span>" for r in (-1.0, -0.5, 0.0, 0.5, 1.0))
+    answers = []
+    for row in examples:
+        mentions = _table([[m["text"], m["category"], m["score"], m["reward"], "yes" if m.get("hallucinated") else "no"]
+                           for m in row["mentions"]], ["mention", "object", "score", "reward", "hallucinated"])
+        answers.append(f'<h3>rollout {row["row"]} (image {row["image_id"]}, answer reward {row["answer_reward"]:+.3f})</h3>'
+                       f'<div class="answer">{mention_html(row["text"], row["mentions"])}</div>{mentions}')
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            + _table(list(facts.items()), ["", ""])
+            + "<h2>metrics</h2>" + _table(sorted(metrics.items()), ["metric", "value"])
+            + f'<h2>rollouts</h2><p class="legend">reward: {legend} dotted underline: hallucinated (ground truth)</p>'
+            + "".join(answers)
+            + "<h2>figures</h2>" + "".join(_png(p, name) for name, p in figures.items())
+            + "</body></html>\n")

@@ -1,0 +1,67 @@
+"""Prefect's ephemeral API server, which a flow run started without PREFECT_API_URL brings up.
+
+Prefect starts it as a child process and stops it at exit, but a process killed with SIGKILL
+never exits properly: its server lives on, orphaned. The campaign records its server's pid in
+its lock file, and the next run of that campaign, taking the stale lock over, stops the server
+if it is still there and still the same program (Linux: read from /proc; elsewhere, nothing).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+MARK = "prefect.server.api.server:create_app"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def servers_started_by(pid: int) -> list[int]:
+    """Pids of Prefect ephemeral servers whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        child = int(stat.parent.name)
+        if ppid == pid and MARK in _cmdline(child):
+            found.append(child)
+    return sorted(found)
+
+
+def stop_orphaned(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """SIGTERM (then SIGKILL) those of `pids` that are still Prefect servers; returns the ones stopped."""
+    stopped = []
+    for pid in pids:
+        if MARK not in _cmdline(pid):
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + timeout
+        while MARK in _cmdline(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        if MARK in _cmdline(pid):
+            os.kill(pid, signal.SIGKILL)
+        stopped.append(pid)
+    return stopped
+
+
+def start_api(project: str | Path) -> None:
+    """Start this process's ephemeral API now (when no PREFECT_API_URL is set), one process at a time.
+
+    Its first start migrates the project's Prefect database; two campaigns starting together on a
+    fresh project would race on that. The flow then uses this same server.
+    """
+    from prefect import get_client
+
+    from fisao.locks import exclusive
+
+    with exclusive(Path(project) / ".fisao-init.lock"):
+        with get_client(sync_client=True) as client:
+            client.api_healthcheck()

@@ -1,0 +1,109 @@
+"""A campaign's rounds as wiring of tasks: evaluate a model, run a FiSAO round, record a round.
+
+Round k: rollouts with round k−1's policy -> verifier scores -> PPO/LoRA update -> evaluation ->
+report -> manifest -> MLflow. Round stages write under the campaign's own directory
+(`outputs/campaigns/NAME/`), so campaigns never write each other's files; the world, the base
+models, calibration and evaluations are content-addressed and shared.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fisao import io
+from fisao.config import Config
+from fisao.versioning import code_version
+from flows.steps import run_step
+from tasks.align import rollouts, score, update
+from tasks.audit import round_report
+from tasks.evaluate import evaluate
+from tasks.resume import write_manifest
+from tasks.tracking import log_round
+
+# The world's base-model builds: the files they run (not the real-model parts of fisao/models/,
+# such as eva_clip.py and known.py, whose changes must not rebuild the world's models).
+MODEL_CODE = ("models/__init__.py", "models/build.py", "models/clip.py", "models/llava.py", "models/tokenizer.py",
+              "models/images.py", "models/families.py", "world", "config.py", "coco.py", "io.py", "auroc.py",
+              "generate.py")
+EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py",
+             "runtime.py", "models/families.py")
+ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py", "config.py", "io.py", "auroc.py",
+              "world/data.py", "examples.py", "runtime.py", "models/families.py", "models/eva_clip.py",
+              "crashpoints.py")
+
+ROUND_FIGURES = {
+    "rollouts": ("tokens", "tokens_per_second"),
+    "score": ("reward_mean", "answer_reward_mean", "share_positive", "share_negative", "mentions",
+              "rollout_hallucination_share", "verifier_agreement"),
+    "update": ("kl", "loss", "policy_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm"),
+}
+
+
+def timed(stages: dict, t0: float, name: str, task, *args) -> dict:
+    """Run a task through `run_step`, recording when it started (since t0), how long and whether cached."""
+    t = time.time()
+    result, cached = run_step(task, *args)
+    stages[name] = {"seconds": round(time.time() - t, 1), "cached": cached, "start": round(t - t0, 1)}
+    return result
+
+
+def evaluate_model(cfg: Config, project: str, k: int, model: dict, world: dict, stages: dict, t0: float) -> dict:
+    """Benchmarks of one round's model (cached on the checkpoint's hash)."""
+    return timed(stages, t0, f"eval-{k}", evaluate, model, world["path"], world["md5"], ("chair", "pope"), cfg.eval,
+                 code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
+
+
+def checkpoint_ref(update_result: dict) -> dict:
+    """What later rounds need of a round's checkpoint (the same whether it was just trained or verified
+    from an earlier run, so the next round's cache keys are too)."""
+    return {k: update_result[k] for k in ("path", "sha256", "adapter")}
+
+
+def round_params(cfg: Config, model: dict, k: int) -> dict:
+    params = {"model_path": model["path"], **{f"eval.{key}": v for key, v in cfg.eval.model_dump().items()}}
+    if k:
+        for section in ("rollout", "reward", "lora", "ppo"):
+            params.update({f"{section}.{key}": v for key, v in getattr(cfg, section).model_dump().items()})
+    return params
+
+
+def fisao_round(cfg: Config, campaign_dir: str, k: int, base: dict, policy: dict, previous: dict | None,
+                calibration: dict, t0: float) -> tuple[dict, dict, dict, dict]:
+    """Round k's rollouts, scores and update; returns (new policy, figures, samples, scores)."""
+    code, world, stages = code_version(*ALIGN_CODE), base["world"], base["stages"]
+    rt, scale = cfg.model, cfg.scale
+    samples = timed(stages, t0, f"rollouts-{k}", rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code,
+                    campaign_dir, rt, scale.shards, scale.rollout_backend, scale.processes)
+    scores = timed(stages, t0, f"score-{k}", score, samples, policy, base["clip"], calibration, world["path"],
+                   world["md5"], cfg.reward, code, campaign_dir, rt)
+    # The round count is the campaign's business, not a round's: "one more round" must not change
+    # the update's cache key (ppo.rounds is read nowhere in fisao/align).
+    ppo = cfg.ppo.model_copy(update={"rounds": 1})
+    new = timed(stages, t0, f"update-{k}", update, base["llava"], previous, samples, scores, world["path"],
+                world["md5"], cfg.lora, ppo, k, code, campaign_dir, rt, scale.processes)
+    figures = {}
+    for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
+        figures.update({f"{stage}/{name}": ref["figures"][name] for name in ROUND_FIGURES[stage] if name in ref["figures"]})
+    # What the stages took when they ran (a cached rerun reports the same figures).
+    for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
+        figures[f"seconds/{stage}"] = ref["figures"]["seconds"]
+    figures["seconds/round"] = round(sum(figures[f"seconds/{s}"] for s in ("rollouts", "score", "update")), 2)
+    return new, figures, samples, scores
+
+
+def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics: dict, rounds: list[dict],
+                 model: dict, evaluation: dict, calibration: dict, samples: dict, scores: dict,
+                 tokenizer_dir: str) -> str:
+    """Round k's report and manifest, then its MLflow run (complete once the logged copies verify)."""
+    round_dir = Path(campaign_dir) / f"round-{k}"
+    facts = {"campaign": cfg.name, "round": str(k), **{key.removeprefix("fisao."): str(v) for key, v in lineage.items()}}
+    audit = round_report(samples, scores, tokenizer_dir, [*rounds, metrics], facts, f"{cfg.name} round {k}",
+                         str(round_dir / "audit"))
+    lineage_file = io.write_json(round_dir / "lineage.json", {"tags": lineage, "config": cfg.model_dump(mode="json")})
+    artifacts = {"adapter": model["adapter"], "rollouts": samples["path"], "scores": scores["path"],
+                 "calibration": calibration["path"], "evaluation": evaluation["path"], "audit": audit,
+                 "lineage": str(lineage_file)}
+    groups = {**artifacts, "model": [model["path"], str(Path(model["path"]).parent)],
+              "adapter": [model["adapter"], str(Path(model["adapter"]).parent)]}
+    manifest = write_manifest(groups, str(round_dir / "manifest.json"))
+    return log_round(cfg.name, cfg.name, k, metrics, round_params(cfg, model, k), lineage, artifacts, manifest)

@@ -1,0 +1,16 @@
+"""Task: a round's audit directory (per-token rollouts, reward histogram, metric curves, HTML report)."""
+from __future__ import annotations
+
+from prefect import task
+
+from fisao.audit.report import REPORT, write_round_report
+from tasks.common import build_once
+
+
+@task(name="round-report")
+def round_report(samples: dict, scores: dict, tokenizer_dir: str, rounds: list[dict], facts: dict[str, str],
+                 title: str, out: str) -> str:
+    """Write the report of one round into `out` (unless complete); returns `out`."""
+    build_once(out, REPORT, lambda: write_round_report(samples["path"], scores["path"], tokenizer_dir, rounds, facts,
+                                                       title, out))
+    return out

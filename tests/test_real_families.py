@@ -14,7 +14,7 @@ from fisao import io
 from fisao.align import stages
 from fisao.align.calibration import Calibration
 from fisao.align.rollout import response_mask, sequence_logprobs
-from fisao.align.update import add_lora
+from fisao.align.lora import add_lora
 from fisao.align.verifier import Verifier, check_vision_tower
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
@@ -32,7 +32,8 @@ def campaign_config(real_models, family):
     return load_config(None, {
         "model": {"policy": str(d["policy"]), "verifier": str(d["verifier"]), "dtype": "float32", "device": "cpu"},
         "data": {"root": str(real_models["coco"])}, "rollout.split": "train", "rollout.images_per_round": 4,
-        "rollout.n_per_image": 2, "rollout.max_new_tokens": 8, "ppo.minibatch_size": 4, "ppo.epochs": 1,
+        "rollout.n_per_image": 2, "rollout.questions_per_image": 0, "rollout.max_new_tokens": 8, "ppo.minibatch_size": 4,
+        "ppo.epochs": 1,
         "eval.limit": 4, "eval.max_new_tokens": 8, "eval.pope_max_new_tokens": 3})
 
 
@@ -115,7 +116,7 @@ def test_later_rounds_keep_the_runtime_dtype(real_models, tmp_path):
     rebuilds each round's merged checkpoint from base + adapters, in bf16."""
     from safetensors import safe_open
 
-    from fisao.align.update import load_policy_with_adapter
+    from fisao.align.lora import load_policy_with_adapter
     from fisao.runtime import load_runtime_policy
 
     cfg = campaign_config(real_models, "llava")

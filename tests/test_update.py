@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fisao.align.rollout import encode_prompts, sample_rollouts, sequence_logprobs
-from fisao.align.update import (
-    ValueHead, add_lora, load_policy_with_adapter, load_value_head, make_accelerator, merge_and_save, ppo_update,
-    save_adapter,
+from fisao.align.lora import (
+    ValueHead, add_lora, load_policy_with_adapter, load_value_head, merge_and_save, save_adapter,
 )
+from fisao.align.update import make_accelerator, ppo_update
 from fisao.coco import load_image
 from fisao.config import LoraConfig, PPOConfig
 from fisao.generate import answer, load_policy
@@ -117,6 +117,18 @@ def test_reference_previous_is_the_sampling_policy(setup, trained):
     to_base = ppo_update(copy, setup["processor"], setup["images"], r, rewards, cfg, **kw)
     to_previous = ppo_update(copy, setup["processor"], setup["images"], r, rewards, cfg.model_copy(update={"reference": "previous"}), **kw)
     assert to_base["kl"] > 0 and to_previous["kl"] == 0.0
+
+
+def test_kl_loss_holds_the_policy_near_the_reference(setup):
+    cfg = PPOConfig(lr=1e-2, minibatch_size=4, epochs=2)
+    free, held = fresh_policy(setup["base"]), fresh_policy(setup["base"])
+    update(free, setup, cfg)
+    stats = update(held, setup, cfg.model_copy(update={"kl_loss_coef": 20.0}))
+    before = logprobs(load_policy(setup["base"])[0], setup)
+    mask = setup["rollouts"].mask
+    drift = [float(((logprobs(m, setup) - before).abs() * mask).sum() / mask.sum()) for m in (free, held)]
+    assert drift[1] < 0.8 * drift[0], drift
+    assert stats["kl_loss"] >= 0 and "kl_loss" not in update(fresh_policy(setup["base"]), setup, cfg.model_copy(update={"epochs": 1}))
 
 
 def test_gae_trains_the_value_head_and_bad_inputs_are_named(setup):

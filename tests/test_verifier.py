@@ -55,7 +55,8 @@ def test_the_tiny_policy_sees_with_the_verifiers_eyes(tiny_models, verifier):
 
 
 def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
-    cfg = load_config(None, {"rollout.images_per_round": 6, "rollout.n_per_image": 2, "rollout.max_new_tokens": 16,
+    cfg = load_config(None, {"rollout.images_per_round": 6, "rollout.n_per_image": 2, "rollout.questions_per_image": 0,
+                             "rollout.max_new_tokens": 16,
                              "reward.calibration_images": 16, "reward.calibration_answers": 4, "ppo.minibatch_size": 4})
     world, clip, llava = tiny_models["world"], tiny_models["clip"], tiny_models["llava"]
     cal = stages.calibration_stage(llava, clip, world, cfg.reward, cfg.rollout, tmp_path / "cal", progress=False)

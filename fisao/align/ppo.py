@@ -140,6 +140,17 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, c
     return loss, stats
 
 
+def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, num_tokens: float | Tensor | None = None) -> Tensor:
+    """Token-normalised k3 estimate of KL(π ‖ π_ref) as a loss term -> scalar. All inputs (B, T).
+
+    Unlike the KL in the shaped reward (computed once from the sampling policy, so it steers only
+    through the advantages of the tokens it was computed on), this term is recomputed as π moves
+    and pulls every token back towards the reference, tokens without a reward included (as GRPO
+    puts it in the loss).
+    """
+    return masked_mean(kl_per_token(logp, ref_logp, "k3"), mask, num_tokens)
+
+
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float,
                num_tokens: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss, token-normalised -> (loss scalar, stats). All inputs (B, T).

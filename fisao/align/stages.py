@@ -28,9 +28,8 @@ from fisao.align.rewards import (
 )
 from fisao.align.backends import BACKENDS
 from fisao.align.rollout import batch_seed, concat_rollouts, load_rollouts, sample_rollouts, save_rollouts
-from fisao.align.update import (
-    ValueHead, add_lora, load_adapter, load_value_head, make_accelerator, merge_and_save, ppo_update, save_adapter,
-)
+from fisao.align.lora import ValueHead, add_lora, load_adapter, load_value_head, merge_and_save, save_adapter
+from fisao.align.update import make_accelerator, ppo_update
 from fisao.align.verifier import Verifier, check_vision_tower
 from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.pope import pope_answer

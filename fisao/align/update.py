@@ -1,9 +1,4 @@
-"""The policy update: LoRA adapters on the language model, trained by token-level PPO.
-
-`add_lora` puts adapters on the language model's attention projections (optionally also on the
-vision-to-language projector) and nowhere else: the vision tower is the verifier's image encoder
-and stays frozen, bit for bit. The reference policy is the same model with its adapters disabled
-(`model.disable_adapter()`), so no second copy is ever held in memory.
+"""The policy update: LoRA adapters (fisao/align/lora.py) trained by token-level PPO.
 
 `ppo_update` runs one round's update, top to bottom:
 1. reference log-probs (config `ppo.reference`: "base" = adapters disabled; "previous" = the
@@ -17,80 +12,22 @@ and stays frozen, bit for bit. The reference policy is the same model with its a
    change the gradient; grad-norm clipping; AdamW, whose state starts afresh each call (round).
    Answers left over after an epoch's last full step sit that epoch out; every epoch draws a new
    permutation from `generator`.
-The value head (GAE only) is a linear layer on the language model's last hidden state; it shares
-the LoRA backbone with the policy and is owned by the caller, so it survives across rounds.
-Round k continues round k−1's adapters: keep the PeftModel, or reload it with
-`load_policy_with_adapter(..., is_trainable=True)`; `merge_and_save` writes a round's checkpoint
-as a plain Hugging Face directory for evaluation.
+The value head (GAE only) is owned by the caller, so it survives across rounds.
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import peft
 import torch
 from accelerate import Accelerator
-from peft.tuners.lora import LoraLayer
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fisao import io
-from fisao.align.ppo import ADVANTAGES, kl_per_token, masked_mean, masked_whiten, ppo_loss, shaped_rewards, value_loss
+from fisao.align.lora import ValueHead
+from fisao.align.ppo import ADVANTAGES, kl_loss, kl_per_token, masked_mean, masked_whiten, ppo_loss, shaped_rewards, value_loss
 from fisao.align.rollout import Rollouts, encode_prompts, response_hidden, token_logprobs
-from fisao.config import LoraConfig, ModelConfig, PPOConfig
-from fisao.runtime import load_runtime_policy
-from fisao.models.families import LLAVA, Family, family_of
-
-VALUE_HEAD = "value_head.safetensors"
-
-
-def lora_target_regex(cfg: LoraConfig, family: Family = LLAVA) -> str:
-    """A regex (peft matches it against full module names) for the language model's projections
-    (and the family's vision-to-language projector with `train_projector`)."""
-    names = "|".join(re.escape(n) for n in cfg.target_modules)
-    pattern = rf".*language_model\..*\.({names})"
-    if cfg.train_projector:
-        pattern += "|" + family.projector_regex
-    return pattern
-
-
-def add_lora(model, cfg: LoraConfig) -> peft.PeftModel:
-    """Wrap `model` with fresh LoRA adapters; only the adapters are trainable afterwards."""
-    family = family_of(model)
-    peft_cfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=lora_target_regex(cfg, family), bias="none")
-    try:
-        wrapped = peft.get_peft_model(model, peft_cfg)
-    except ValueError as e:
-        raise ValueError(f"lora.target_modules {list(cfg.target_modules)} match no module of the language model; "
-                         "use its projection names (q_proj, k_proj, v_proj, o_proj for Llama)") from e
-    vision = family.vision_tower(wrapped.get_base_model())
-    vision.requires_grad_(False)
-    assert not any("lora_" in n for n, _ in vision.named_parameters()), "LoRA reached the vision tower"
-    return wrapped
-
-
-class ValueHead(nn.Module):
-    """V(s_t) from the language model's last hidden state: (N, T, H) -> (N, T). Starts at 0."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    @classmethod
-    def for_model(cls, model) -> "ValueHead":
-        hf = model.get_base_model() if isinstance(model, peft.PeftModel) else model
-        head = cls(hf.config.get_text_config().hidden_size)
-        return head.to(device=next(hf.parameters()).device)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
-
+from fisao.config import PPOConfig
 
 class ActorCritic(nn.Module):
     """Policy and optional value head behind one forward, so accelerate can wrap them together."""
@@ -206,6 +143,7 @@ def ppo_update(
         # would push down every neutral token (measured: the policy collapsed into "a The The The").
         advantages = masked_whiten(advantages, mask, shift_mean=cfg.advantage == "gae")
 
+    targets = Targets(advantages, returns, old_values, ref_logp)
     params = [p for p in actor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     actor, optimizer = accelerator.prepare(actor, optimizer)
@@ -224,8 +162,8 @@ def ppo_update(
                 tokens_per_micro = float(mask[step].sum()) / (cfg.grad_accum * ranks)
                 for rows in step.chunk(ranks)[rank].split(cfg.minibatch_size // ranks):
                     with accelerator.accumulate(actor):
-                        micro = _train_micro_batch(actor, processor, images, rollouts, rows, advantages, returns,
-                                                   old_values, cfg, tokens_per_micro, device, accelerator)
+                        micro = _train_micro_batch(actor, processor, images, rollouts, rows, targets, cfg,
+                                                   tokens_per_micro, device, accelerator)
                         if accelerator.sync_gradients:
                             micro["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
                         optimizer.step()
@@ -243,7 +181,17 @@ def ppo_update(
     return stats
 
 
-def _train_micro_batch(actor, processor, images, rollouts, rows, advantages, returns, old_values, cfg, num_tokens,
+class Targets(NamedTuple):
+    """What the update fits, per rollout token (N, T): advantages, value targets (returns) and the
+    values at sampling time (GAE only, else None), and the reference's log-probs."""
+
+    advantages: Tensor
+    returns: Tensor
+    old_values: Tensor | None
+    ref_logp: Tensor
+
+
+def _train_micro_batch(actor, processor, images, rollouts, rows, targets: Targets, cfg: PPOConfig, num_tokens,
                        device, accelerator) -> dict[str, float]:
     """One forward/backward on `rows`; returns its stats."""
     inputs, ids, mask = _micro_batch(processor, images, rollouts, rows, device)
@@ -253,13 +201,17 @@ def _train_micro_batch(actor, processor, images, rollouts, rows, advantages, ret
         return x[rows, :width].to(device)
 
     logp, values = actor(inputs, ids, mask)
-    pg_loss, out = ppo_loss(logp, cut(rollouts.logprobs), cut(advantages), mask, cfg.clip, num_tokens)
+    pg_loss, out = ppo_loss(logp, cut(rollouts.logprobs), cut(targets.advantages), mask, cfg.clip, num_tokens)
     loss = pg_loss
     out = {k: float(v) for k, v in out.items()}
     out["policy_loss"] = float(pg_loss.detach())
+    if cfg.kl_loss_coef:
+        k_loss = kl_loss(logp, cut(targets.ref_logp), mask, num_tokens)
+        loss = loss + cfg.kl_loss_coef * k_loss
+        out["kl_loss"] = float(k_loss.detach())
     if values is not None:
-        v_loss, v_stats = value_loss(values, cut(old_values), cut(returns), mask, cfg.value_clip, num_tokens)
-        loss = pg_loss + cfg.value_coef * v_loss
+        v_loss, v_stats = value_loss(values, cut(targets.old_values), cut(targets.returns), mask, cfg.value_clip, num_tokens)
+        loss = loss + cfg.value_coef * v_loss
         out.update(value_loss=float(v_loss.detach()), vf_clipfrac=float(v_stats["vf_clipfrac"]))
     accelerator.backward(loss)
     out["loss"] = float(loss.detach())
@@ -303,86 +255,3 @@ def _check_inputs(model, rollouts, token_rewards, cfg: PPOConfig, accelerator, v
 def make_accelerator(cfg: PPOConfig, cpu: bool = False, mixed_precision: str = "no") -> Accelerator:
     """An Accelerator that accumulates `cfg.grad_accum` micro-batches per optimizer step."""
     return Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed_precision)
-
-
-def save_adapter(model: peft.PeftModel, out: str | Path, value_head: ValueHead | None = None) -> Path:
-    """Write the adapters (peft's safetensors + adapter_config.json) and the value head, if any."""
-    with io.atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        if value_head is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / VALUE_HEAD))
-    return Path(out)
-
-
-def load_adapter(base, adapter_dir: str | Path, is_trainable: bool = False) -> peft.PeftModel:
-    """`base` (a loaded transformers model) with the adapters from `adapter_dir`."""
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a directory written by save_adapter")
-    return peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
-
-
-def load_policy_with_adapter(base_dir: str | Path, adapter_dir: str | Path, merge: bool = False, device: str | None = None,
-                             is_trainable: bool = False, runtime: ModelConfig | None = None):
-    """(model, processor): the base model from `base_dir` with the adapters from `adapter_dir`.
-
-    By default a PeftModel: the reference (adapters disabled) stays available, and with
-    `is_trainable=True` training continues where it stopped. `merge=True` folds the adapters into
-    the weights and returns a plain transformers model (faster inference, no reference). The base
-    loads as `runtime` says (device, dtype: bf16 for the real configs; the world's CPU float32
-    without one), as the round that trained the adapters loaded it; the adapters stay float32
-    (peft's autocast), and merging adds their delta in the base's dtype, as `merge_and_save` does.
-    """
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a directory written by save_adapter")
-    base, processor = load_runtime_policy(base_dir, runtime, device)
-    model = load_adapter(base, adapter_dir, is_trainable=is_trainable)
-    if merge:
-        model = model.merge_and_unload()
-    return model.eval(), processor
-
-
-def load_value_head(adapter_dir: str | Path, model) -> ValueHead | None:
-    """The value head saved next to the adapters, or None when there is none."""
-    path = Path(adapter_dir) / VALUE_HEAD
-    if not path.is_file():
-        return None
-    head = ValueHead.for_model(model)
-    head.load_state_dict(load_file(str(path)))
-    return head
-
-
-def merged_state_dict(model: peft.PeftModel) -> dict[str, Tensor]:
-    """The base model's state dict with every LoRA delta added to its weight; the model is unchanged.
-
-    Each merged weight is what `merge_and_unload` gives, bit for bit, in float32 as in bf16."""
-    hf = model.get_base_model()
-    adapter = model.active_adapter
-    merged = {}
-    for name, module in hf.named_modules():
-        if isinstance(module, LoraLayer):
-            base = module.get_base_layer()
-            # Added in float32 and rounded once (as peft's merge_and_unload does): a bf16 base would
-            # otherwise round the delta first and the sum again.
-            merged[f"{name}.weight"] = (base.weight.float() + module.get_delta_weight(adapter).float()).to(base.weight.dtype).detach()
-            if base.bias is not None:
-                merged[f"{name}.bias"] = base.bias.detach()
-    out = {}
-    for key, value in hf.state_dict().items():
-        if "lora_" in key:
-            continue
-        clean = key.replace(".base_layer.", ".")
-        out[clean] = merged.get(clean, value)
-    return out
-
-
-def merge_and_save(model: peft.PeftModel, processor, out: str | Path) -> Path:
-    """A full Hugging Face directory with the adapters merged, loadable with `fisao.generate.load_policy`.
-
-    Merges out of place (the training model keeps its adapters and its exact weights).
-    """
-    with torch.no_grad():
-        state = merged_state_dict(model)
-    with io.atomic_dir(out) as tmp:
-        model.get_base_model().save_pretrained(tmp, state_dict=state)
-        processor.save_pretrained(tmp)
-    return Path(out)

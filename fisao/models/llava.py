@@ -1,7 +1,8 @@
 """Build and train the world's tiny LLaVA on the CLIP's (frozen) vision tower.
 
 The architecture is transformers' `LlavaForConditionalGeneration` with a Llama language model,
-CLIP vision features from the second-to-last layer without CLS (as LLaVA-1.5), a two-layer
+CLIP vision features without CLS (from the layer `llava.vision_feature_layer`; LLaVA-1.5 reads the
+second-to-last of its 24, the world's 3-layer CLIP gives its objects in the last), a two-layer
 GELU projector, and LLaVA-1.5's conversation format ("USER: <image>\\n... ASSISTANT: ...").
 Supervised fine-tuning trains the projector and the language model on the world's captions
 and yes/no questions; the loss covers the answer tokens only.
@@ -50,7 +51,7 @@ def llava_config(clip: CLIPModel, cfg: LlavaBuildConfig, tokenizer) -> LlavaConf
     return LlavaConfig(
         vision_config=clip.config.vision_config.to_dict(), text_config=text.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )
 
 

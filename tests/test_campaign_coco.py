@@ -24,7 +24,8 @@ from tests.conftest import init_project
 
 pytestmark = pytest.mark.e2e
 
-ROLLOUTS = {"images_per_round": 8, "n_per_image": 2}
+# One yes/no question per image about a random COCO category, sampled in the two processes' shards.
+ROLLOUTS = {"images_per_round": 8, "n_per_image": 2, "questions_per_image": 1}
 
 
 def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harness, tmp_path, monkeypatch):
@@ -104,7 +105,8 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     assert {a.path for a in client.list_artifacts(by_round[1].info.run_id, "calibration")} >= {
         "calibration/calibration.json", "calibration/scores.png"}
     rows = client.download_artifacts(by_round[1].info.run_id, "scores/rewards.jsonl", str(tmp_path / "dl"))
-    assert len(io.read_jsonl(rows)) == ROLLOUTS["images_per_round"] * ROLLOUTS["n_per_image"]
+    per_image = ROLLOUTS["n_per_image"] + ROLLOUTS["questions_per_image"]
+    assert len(io.read_jsonl(rows)) == ROLLOUTS["images_per_round"] * per_image
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "chair_i")] == [0, 1]
     assert io.read_json(summary["summary_path"])["rounds"] == summary["rounds"]
 

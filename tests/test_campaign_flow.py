@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from fisao.config import RolloutConfig
 from tests.conftest import TINY, init_project, nested
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +69,8 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
         names = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
         assert "adapter/adapter_config.json" in names
         rows = client.download_artifacts(run.info.run_id, "scores/rewards.jsonl", str(tmp_path / f"r{k}"))
-        assert len(open(rows).read().splitlines()) == TINY["rollout.images_per_round"] * TINY["rollout.n_per_image"]
+        per_image = TINY["rollout.n_per_image"] + RolloutConfig().questions_per_image  # descriptions + yes/no questions
+        assert len(open(rows).read().splitlines()) == TINY["rollout.images_per_round"] * per_image
     from fisao import io
 
     assert io.read_json(first["summary_path"])["rounds"] == first["rounds"]

@@ -71,7 +71,15 @@ def test_runs_lists_the_campaign_and_audit_tells_what_trained_the_round(finished
     assert {"tokens.jsonl", "report.html", "rewards.png", "curves.png", "calibration.json", "manifest.json",
             "lineage.json"} <= exported
     rows = io.read_jsonl(tmp_path / "audit" / "tokens.jsonl")
-    assert len(rows) == summary["config"]["rollout"]["images_per_round"] * summary["config"]["rollout"]["n_per_image"]
+    ro = summary["config"]["rollout"]
+    assert len(rows) == ro["images_per_round"] * (ro["n_per_image"] + ro["questions_per_image"])
+    questions = [r for r in rows if r["kind"] == "question"]
+    assert ro["questions_per_image"] > 0 and len(questions) == ro["images_per_round"] * ro["questions_per_image"]
+    for q in questions:  # the claim's reward sits on the answer's first word (if it has one), nowhere else
+        assert not q["mentions"] and q["claim"]["category"] and q["claim"]["present"] in (True, False)
+        rewarded = [t["reward"] for t in q["tokens"] if t["reward"] != 0]
+        assert all(r == pytest.approx(q["claim"]["reward"], abs=1e-4) for r in rewarded)
+    assert f"questions   {len(questions)} yes/no answers" in out
     for row in rows:  # every mention's reward sits on the tokens that spell it, and nowhere else
         for m in row["mentions"]:
             on = [t["reward"] for t in row["tokens"] if t["start"] < m["end"] and t["end"] > m["start"]]

@@ -7,6 +7,12 @@ mentions, and the tokenizer of the policy that sampled them into one JSON row pe
      "tokens": [{"id": 57, "text": " circle", "start": 6, "end": 13, "reward": 0.81, "logprob": -0.2}, ...],
      "mentions": [{"text": "circle", "category": "circle", "start": 6, "end": 12, "score": 0.31,
                    "reward": 0.81, "hallucinated": false}, ...]}
+
+A yes/no question row (`rollout.questions_per_image`) has no mentions; its claim is the object
+asked about, what the answer said, and the reward on its yes/no word:
+
+    {"row": 512, "kind": "question", ..., "mentions": [],
+     "claim": {"category": "star", "says_yes": true, "score": 0.12, "reward": -0.7, "present": false}}
 """
 from __future__ import annotations
 
@@ -38,8 +44,11 @@ def token_rows(rollouts_dir: str | Path, scores_dir: str | Path, tokenizer_dir: 
         values, logps = rewards[r][keep].tolist(), rollouts.logprobs[r][keep].tolist()
         tokens = [{"id": i, "text": text[s:e], "start": s, "end": e, "reward": round(v, 5), "logprob": round(lp, 5)}
                   for i, (s, e), v, lp in zip(ids, offsets, values, logps)]
-        rows.append({"row": r, "image_id": row["image_id"], "text": text, "answer_reward": round(sum(values), 5),
-                     "tokens": tokens, "mentions": row["mentions"]})
+        out = {"row": r, "image_id": row["image_id"], "kind": row.get("kind", "caption"), "text": text,
+               "answer_reward": round(sum(values), 5), "tokens": tokens, "mentions": row.get("mentions", [])}
+        if out["kind"] == "question":
+            out["claim"] = {k: row[k] for k in ("category", "says_yes", "score", "reward", "present")}
+        rows.append(out)
     return rows
 
 

@@ -125,7 +125,7 @@ def _audit_lines(name: str, k: int, run: Run, calibration: dict, rows: list[dict
         + (f", per class: {mention['per_class']}" if mention.get("per_class") else ""),
         f"  rollouts    {len(rows)} answers on {len({r['image_id'] for r in rows})} images; {len(mentions)} mentions, "
         f"{negative} with a negative reward",
-        *_question_lines(rows),
+        *_question_lines(m),
         "  metrics     " + ", ".join(f"{c} {m[c]:.3f}" for c in ROUND_COLUMNS if c in m),
         "",
         f"first {min(show, len(rows))} rollouts, tokens with a non-zero reward marked [reward]:",
@@ -136,13 +136,10 @@ def _audit_lines(name: str, k: int, run: Run, calibration: dict, rows: list[dict
     return lines
 
 
-def _question_lines(rows: list[dict]) -> list[str]:
-    """The yes/no question rows' summary (none when the round asked no questions)."""
-    claims = [r["claim"] for r in rows if r.get("kind") == "question"]
-    if not claims:
+
+def _question_lines(m: dict[str, float]) -> list[str]:
+    """The round's yes/no questions, from the scoring stage's figures (none when it asked none)."""
+    if not m.get("score/questions"):
         return []
-    known = [c for c in claims if c["present"] is not None]
-    right = sum(c["says_yes"] == c["present"] for c in known)
-    return [f"  questions   {len(claims)} yes/no answers, {sum(c['says_yes'] for c in claims)} yes, mean reward "
-            f"{sum(c['reward'] for c in claims) / len(claims):+.3f}"
-            + (f", {right}/{len(known)} right by ground truth" if known else "")]
+    return [f"  questions   {int(m['score/questions'])} yes/no answers, yes share {m['score/question_yes_share']:.3f}, "
+            f"mean reward {m['score/question_reward_mean']:+.3f}, right by ground truth {m['score/question_accuracy']:.3f}"]

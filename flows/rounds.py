@@ -34,8 +34,9 @@ ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py",
 ROUND_FIGURES = {
     "rollouts": ("tokens", "tokens_per_second"),
     "score": ("reward_mean", "answer_reward_mean", "share_positive", "share_negative", "mentions",
-              "rollout_hallucination_share", "verifier_agreement"),
-    "update": ("kl", "loss", "policy_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm"),
+              "rollout_hallucination_share", "verifier_agreement",
+              "questions", "question_reward_mean", "question_yes_share", "question_accuracy"),
+    "update": ("kl", "loss", "policy_loss", "kl_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm"),
 }
 
 

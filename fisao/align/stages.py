@@ -180,7 +180,6 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
         if captions:
             s = verifier.text_scores(torch.stack([emb_of[image_ids[k]] for k in captions]),
                                      [rows[k]["text"] for k in captions])
-        if captions:
             answer_rewards[captions] = shape(s, sentence_cal.baseline, sentence_cal.width).float()
         token_rewards = last_token_reward(rollouts.mask, answer_rewards)
         for k, score in zip(captions, s.tolist()):

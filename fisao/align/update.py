@@ -29,6 +29,7 @@ from fisao.align.ppo import ADVANTAGES, kl_loss, kl_per_token, masked_mean, mask
 from fisao.align.rollout import Rollouts, encode_prompts, response_hidden, token_logprobs
 from fisao.config import PPOConfig
 
+
 class ActorCritic(nn.Module):
     """Policy and optional value head behind one forward, so accelerate can wrap them together."""
 

@@ -16,6 +16,7 @@ The directory is built beside its target and renamed into place.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -89,6 +90,11 @@ def write_split(out: Path, cfg: WorldConfig, split: str, scenes: list[Scene], tr
         io.write_jsonl(out / f"pope_{strategy}.jsonl", rows)
 
 
+def world_json_bytes(cfg: WorldConfig) -> bytes:
+    """The exact bytes of a world's `world.json` (so a recorded world can be recognised by its md5)."""
+    return (json.dumps({"config": cfg.model_dump(mode="json"), "format": 1}, indent=2) + "\n").encode("utf-8")
+
+
 def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Path:
     """Generate the whole world into `out` (replacing it atomically) and return `out`."""
     out = Path(out)
@@ -96,7 +102,7 @@ def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Pat
     scenes = {split: sample_split(cfg, split) for split in splits}
     train_stats = class_statistics([s.classes for s in scenes["train"]])
     with io.atomic_dir(out) as tmp:
-        io.write_json(tmp / "world.json", {"config": cfg.model_dump(mode="json"), "format": 1})
+        io.atomic_write_bytes(tmp / "world.json", world_json_bytes(cfg))
         io.atomic_write_text(tmp / "vocab.txt", "\n".join(vocabulary_lines(cfg)) + "\n")
         for split in splits:
             write_split(tmp / split, cfg, split, scenes[split], train_stats, progress)

@@ -1,0 +1,45 @@
+"""Progress bars that stay readable when stderr is not a terminal.
+
+On a terminal, tqdm redraws one line with '\\r'. Written to a file or a pipe (a log, `make run >
+log`, a Prefect worker), those redraws become one huge line. There, `bar` prints a plain line
+every `LOG_SECONDS` seconds instead, and the bar's final state when it ends; a bar that ends
+sooner prints nothing.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Iterable, TextIO, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+# Seconds between two progress lines when stderr is not a terminal.
+LOG_SECONDS = 10.0
+_CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves for nested bars
+
+
+class _Lines:
+    """A stream for tqdm that turns its '\\r' redraws into whole lines (blank clears are dropped)."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for part in _CURSOR.sub("", text).replace("\r", "\n").split("\n"):
+            if part.strip():
+                self.stream.write(part.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def bar(iterable: Iterable[T], desc: str, enabled: bool = True, leave: bool = False, **kwargs) -> tqdm:
+    """tqdm over `iterable`; on a non-terminal stderr, a line every LOG_SECONDS (and one at the end)."""
+    stream = sys.stderr
+    if not enabled:
+        return tqdm(iterable, disable=True, **kwargs)
+    if stream.isatty():
+        return tqdm(iterable, desc=desc, leave=leave, **kwargs)
+    return tqdm(iterable, desc=desc, file=_Lines(stream), mininterval=LOG_SECONDS, maxinterval=LOG_SECONDS,
+                delay=LOG_SECONDS, leave=True, ncols=80, **kwargs)

@@ -129,6 +129,9 @@ def check_writable(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write there: {existing} is a file, not a folder", str(path))
     probe = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +142,8 @@ def check_writable(path: str | Path) -> Path:
     except OSError as e:
         raise OSError(e.errno, f"cannot write there: {e.strerror}", str(path)) from e
     finally:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never made, or its folder is not one
+            probe.unlink()
     return path
 
 

@@ -1,0 +1,41 @@
+"""Progress bars written to a file or pipe are whole lines, not one line of '\\r' redraws."""
+from __future__ import annotations
+
+import io
+import sys
+import time
+
+from fisao import progress
+
+
+class Pipe(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+def test_a_non_terminal_gets_a_line_every_few_seconds_and_the_end(monkeypatch):
+    pipe = Pipe()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    monkeypatch.setattr(progress, "LOG_SECONDS", 0.05)
+    for _ in progress.bar(range(6), "steps"):
+        time.sleep(0.03)
+    text = pipe.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and "\x1b" not in text
+    assert 2 <= len(lines) <= 6 and all(line.startswith("steps:") for line in lines)
+    assert "6/6" in lines[-1]
+
+
+def test_a_short_bar_on_a_non_terminal_prints_nothing(monkeypatch):
+    pipe = Pipe()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    assert list(progress.bar(range(3), "quick")) == [0, 1, 2]
+    assert pipe.getvalue() == ""
+
+
+def test_disabled_bars_print_nothing_anywhere(monkeypatch):
+    pipe = Pipe()
+    pipe.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", pipe)
+    assert list(progress.bar(range(3), "off", enabled=False)) == [0, 1, 2]
+    assert pipe.getvalue() == ""

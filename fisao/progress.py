@@ -34,6 +34,13 @@ class _Lines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """A bar whose postfix updates (a training loss) wait for the next timed line."""
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = False, **kwargs) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
 def bar(iterable: Iterable[T], desc: str, enabled: bool = True, leave: bool = False, **kwargs) -> tqdm:
     """tqdm over `iterable`; on a non-terminal stderr, a line every LOG_SECONDS (and one at the end)."""
     stream = sys.stderr
@@ -41,5 +48,5 @@ def bar(iterable: Iterable[T], desc: str, enabled: bool = True, leave: bool = Fa
         return tqdm(iterable, disable=True, **kwargs)
     if stream.isatty():
         return tqdm(iterable, desc=desc, leave=leave, **kwargs)
-    return tqdm(iterable, desc=desc, file=_Lines(stream), mininterval=LOG_SECONDS, maxinterval=LOG_SECONDS,
-                delay=LOG_SECONDS, leave=True, ncols=80, **kwargs)
+    return _LogBar(iterable, desc=desc, file=_Lines(stream), mininterval=LOG_SECONDS, maxinterval=LOG_SECONDS,
+                   delay=LOG_SECONDS, leave=True, ncols=80, **kwargs)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from fisao.dvcdata import DataMismatch
 from fisao.localstate import apply_local_state
 from fisao.locks import CampaignLocked
 
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_local_state(args.project)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CampaignLocked) as e:
+    except (ValueError, FileNotFoundError, CampaignLocked, DataMismatch) as e:
         print(f"fisao: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # read-only or full disk: the path and the cause, in one line

@@ -209,3 +209,10 @@ def test_rollout_shards_default_to_one_per_process_and_must_share_out_evenly():
     assert ScaleConfig(processes=2, rollout_shards=6).shards == 6 and ScaleConfig(rollout_shards=3).shards == 3
     with pytest.raises(ValueError, match=r"scale.rollout_shards \(3\) must be a multiple of scale.processes \(2\)"):
         load_config(None, {"scale.processes": 2, "scale.rollout_shards": 3})
+
+
+def test_the_tiny_config_is_the_test_suites_tiny_settings():
+    from tests.conftest import TINY
+
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert tiny == load_config(None, {**TINY, "name": "tiny", "data_dir": "data-tiny"})

@@ -17,13 +17,15 @@ def test_a_non_terminal_gets_a_line_every_few_seconds_and_the_end(monkeypatch):
     pipe = Pipe()
     monkeypatch.setattr(sys, "stderr", pipe)
     monkeypatch.setattr(progress, "LOG_SECONDS", 0.05)
-    for _ in progress.bar(range(6), "steps"):
+    steps = progress.bar(range(6), "steps")
+    for i in steps:
+        steps.set_postfix(loss=f"{i:.3f}")  # as the training loops do: no line of its own
         time.sleep(0.03)
     text = pipe.getvalue()
     lines = text.splitlines()
     assert "\r" not in text and "\x1b" not in text
     assert 2 <= len(lines) <= 6 and all(line.startswith("steps:") for line in lines)
-    assert "6/6" in lines[-1]
+    assert "6/6" in lines[-1] and "loss=5.000" in lines[-1]
 
 
 def test_a_short_bar_on_a_non_terminal_prints_nothing(monkeypatch):

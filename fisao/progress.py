@@ -7,6 +7,7 @@ sooner prints nothing.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Iterable, TextIO, TypeVar
@@ -20,15 +21,17 @@ _CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves for nested
 
 
 class _Lines:
-    """A stream for tqdm that turns its '\\r' redraws into whole lines (blank clears are dropped)."""
+    """A stream for tqdm that turns its '\\r' redraws into whole lines (blank clears and repeats dropped)."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> None:
         for part in _CURSOR.sub("", text).replace("\r", "\n").split("\n"):
-            if part.strip():
-                self.stream.write(part.rstrip() + "\n")
+            if part.strip() and part.rstrip() != self.last:  # the closing line repeats the last timed one
+                self.last = part.rstrip()
+                self.stream.write(self.last + "\n")
 
     def flush(self) -> None:
         self.stream.flush()
@@ -50,3 +53,10 @@ def bar(iterable: Iterable[T], desc: str, enabled: bool = True, leave: bool = Fa
         return tqdm(iterable, desc=desc, leave=leave, **kwargs)
     return _LogBar(iterable, desc=desc, file=_Lines(stream), mininterval=LOG_SECONDS, maxinterval=LOG_SECONDS,
                    delay=LOG_SECONDS, leave=True, ncols=80, **kwargs)
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal, turn off the bars of the Hugging Face libraries (weights loading), which
+    would print as one '\\r' line; call before they are imported. Variables already set win."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -16,6 +16,7 @@ from pathlib import Path
 from fisao.dvcdata import DataMismatch
 from fisao.localstate import apply_local_state
 from fisao.locks import CampaignLocked
+from fisao.progress import quiet_library_bars
 
 
 def _world_build(args: argparse.Namespace) -> int:
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               "(the one that holds configs/ and data.dvc)", file=sys.stderr)
         return 2
     apply_local_state(args.project)
+    quiet_library_bars()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, CampaignLocked, DataMismatch) as e:

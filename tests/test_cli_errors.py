@@ -109,3 +109,17 @@ def test_run_set_is_validated_like_the_file(tmp_path, capsys):
         assert main(["run", "--config", str(tmp_path / "c.yaml"), "--set", setting]) == 2
         assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_chair_details_to_an_unwritable_path_is_one_line_and_no_figures(tmp_path, capsys):
+    io.write_json(tmp_path / "instances.json", {
+        "images": [{"id": 1, "file_name": "1.png"}], "categories": [{"id": 1, "name": "dog"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1}]})
+    io.write_jsonl(tmp_path / "caps.jsonl", [{"image_id": 1, "caption": "a dog"}])
+    (tmp_path / "ro").write_text("a file where a folder should be")
+    details = tmp_path / "ro" / "details.jsonl"
+    assert main(["eval", "chair", "--captions", str(tmp_path / "caps.jsonl"), "--annotations",
+                 str(tmp_path / "instances.json"), "--details", str(details)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"fisao: error: {details}: cannot write there: {tmp_path / 'ro'} is a file, not a folder\n"

@@ -41,3 +41,17 @@ def test_disabled_bars_print_nothing_anywhere(monkeypatch):
     monkeypatch.setattr(sys, "stderr", pipe)
     assert list(progress.bar(range(3), "off", enabled=False)) == [0, 1, 2]
     assert pipe.getvalue() == ""
+
+
+def test_library_bars_are_turned_off_only_off_a_terminal(monkeypatch):
+    import os
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    terminal = Pipe()
+    terminal.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress.quiet_library_bars()
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    monkeypatch.setattr(sys, "stderr", Pipe())
+    progress.quiet_library_bars()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"

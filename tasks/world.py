@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 
 from fisao.config import WorldConfig
 from fisao.locks import exclusive
-from fisao.world.store import ensure_world, world_data_dir
+from fisao.world.store import ensure_world
 
 
 @task(name="world")
@@ -16,9 +16,10 @@ def prepare_world(project: str, data_dir: str, world: WorldConfig) -> dict:
     """Verify, pull or regenerate the world; returns its path, the data md5 and what was done.
 
     A world that `<data_dir>.dvc` does not record goes to a data directory of its own
-    (`world_data_dir`). One process at a time per data directory: two campaigns starting
-    together must not both regenerate it and `dvc add` it."""
-    with exclusive(Path(project) / f".fisao-{world_data_dir(project, data_dir, world)}.lock"):
+    (`world_data_dir`, decided under the lock). One process at a time per project data directory
+    and the worlds beside it: two campaigns starting together must not both regenerate one and
+    `dvc add` it."""
+    with exclusive(Path(project) / f".fisao-{data_dir}.lock"):
         status = ensure_world(project, data_dir, world)
     log = get_run_logger()
     log.info("world %s: %s (data md5 %s)", status.action, status.path, status.md5)

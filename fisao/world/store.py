@@ -12,11 +12,10 @@ trial, a sweep over seeds) live side by side with the recorded one.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-
-import hashlib
 
 from fisao import dvcdata, io
 from fisao.config import WorldConfig, config_hash

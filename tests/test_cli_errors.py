@@ -123,3 +123,15 @@ def test_chair_details_to_an_unwritable_path_is_one_line_and_no_figures(tmp_path
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"fisao: error: {details}: cannot write there: {tmp_path / 'ro'} is a file, not a folder\n"
+
+
+def test_a_deployments_negative_round_count_is_refused_too():
+    from fisao.config import load_config
+    from flows.campaign import target_rounds
+
+    cfg = load_config(None, {"ppo.rounds": 0})
+    assert target_rounds(cfg, 0, None, None) == 0  # ppo.rounds: 0 is the base model only, as --rounds 0
+    assert target_rounds(cfg, 2, None, 1) == 3 and target_rounds(cfg, 2, 0, None) == 0
+    for rounds, add in ((-1, None), (None, -1)):
+        with pytest.raises(ValueError, match="must be a whole number >= 0, got -1"):
+            target_rounds(cfg, 0, rounds, add)

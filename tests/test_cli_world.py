@@ -152,3 +152,19 @@ def test_a_project_that_does_not_exist_is_not_created(tmp_path, capsys):
     assert main(["--project", str(missing), "runs"]) == 2
     assert f"--project {missing} is not a directory" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_check_fits_names_memory_when_memory_is_short(tmp_path, monkeypatch):
+    from fisao.config import load_config
+    from fisao.world import target
+
+    cfg = load_config(None, {"world.sizes": SIZES, "world.pretrain_size": 0}).world
+    disk, memory = target.estimate_bytes(cfg)
+    assert disk == 18 * (4096 + 64 * 64 // 8 + 1024) and memory == 18 * 2048
+    target.check_fits(tmp_path, cfg)  # 18 images fit anywhere
+    monkeypatch.setattr(target, "available_ram", lambda: memory - 1)
+    with pytest.raises(ValueError, match=r"make 18 images: about 0.0 GiB, but 0.0 GiB are of memory available"):
+        target.check_fits(tmp_path, cfg)
+    monkeypatch.setattr(target, "free_disk", lambda path: disk - 1)
+    with pytest.raises(ValueError, match=f"are free on the disk of {tmp_path}"):
+        target.check_fits(tmp_path, cfg)

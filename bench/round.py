@@ -46,14 +46,6 @@ def peak_gpu_gib() -> float | None:
     return round(peak, 2)
 
 
-def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        out[key] = json.loads(value) if value[:1] in "0123456789-[{tf\"" else value
-    return out
-
-
 def main() -> int:
     import os
 
@@ -63,13 +55,13 @@ def main() -> int:
     p.add_argument("--world", default=None, help="world directory (default: build one in a temp dir)")
     p.add_argument("--clip", default=None, help="CLIP directory (default: build)")
     p.add_argument("--llava", default=None, help="base LLaVA directory (default: build)")
-    p.add_argument("--set", nargs="*", default=[], help="config overrides, dotted.key=value")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides, dotted.key=value (the value as in YAML)")
     args = p.parse_args()
 
     from fisao.align import stages
-    from fisao.config import load_config
+    from fisao.config import load_config, parse_settings
 
-    cfg = load_config(args.config, parse_set(args.set))
+    cfg = load_config(args.config, parse_settings(args.set))
     work = Path(tempfile.mkdtemp(prefix="fisao-bench-"))
     times: dict[str, float] = {}
     gpu: dict[str, float | None] = {}

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fisao.world.config import SPLITS, Split, WorldConfig
 
@@ -22,7 +23,8 @@ __all__ = ["SPLITS", "Split", "WorldConfig", "ClipBuildConfig", "LlavaBuildConfi
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` (and NaN) are refused in every float, bounded or not.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClipBuildConfig(_Strict):
@@ -168,7 +170,8 @@ class PPOConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     # "base": the model with adapters disabled; "previous": the policy that sampled this round.
     reference: Literal["base", "previous"] = "base"
-    rounds: int = Field(3, ge=1)
+    # 0: the base model, its evaluation and the verifier's calibration only (as `--rounds 0`).
+    rounds: int = Field(3, ge=0)
     seed: int = 0
 
 
@@ -261,6 +264,18 @@ class ScaleConfig(_Strict):
         return self.processes if self.rollout_shards is None else self.rollout_shards
 
 
+# A campaign name is one path component (outputs/campaigns/NAME/) and an MLflow experiment name.
+NAME_CHARACTERS = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_campaign_name(name: str) -> str:
+    """`name` if it is safe as one path component, else a ValueError saying which names are."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"campaign name {name!r} is not allowed: use {NAME_CHARACTERS} (e.g. demo-2)")
+    return name
+
+
 class Config(_Strict):
     """A whole campaign: world, base models, evaluation."""
 
@@ -279,6 +294,8 @@ class Config(_Strict):
     model: ModelConfig | None = None
     data: DataConfig | None = None
     scale: ScaleConfig = ScaleConfig()
+
+    _name = field_validator("name")(check_campaign_name)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -308,9 +325,15 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist; see configs/ for examples")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                             "save it as UTF-8") from e
         except yaml.YAMLError as e:
             raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        if data is None:
+            raise ValueError(f"config file {path} is empty (no keys, only blanks or comments): write the settings to "
+                             "change (configs/demo.yaml lists them), or pass no --config")
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
     for key, value in (overrides or {}).items():
@@ -334,7 +357,28 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 def _set_dotted(data: dict, dotted: str, value) -> None:
     parts = dotted.split(".")
+    if not all(parts):
+        raise ValueError(f"{dotted!r} is not a dotted key such as ppo.rounds")
     node = data
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted}: {'.'.join(parts[:i + 1])} is a value, not a section")
     node[parts[-1]] = value
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """`KEY=VALUE` strings (the command line's `--set`) -> {dotted key: value}.
+
+    VALUE is read as YAML, as in a config file: `ppo.rounds=1`, `ppo.beta_kl=0.1`,
+    `world.sizes={train: 48, val: 16, test: 12}`, `rollout.prompt=Describe it.`"""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. --set ppo.rounds=1")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {pair!r}: the value is not valid YAML ({e.problem or e})") from e
+    return out

@@ -12,17 +12,17 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from fisao.models.families import family_of, prompt
+from fisao.models.source import check_model_source
+from fisao.progress import bar as progress_bar
 
 
 def load_policy(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """(model, processor) from a Hugging Face directory or hub id, in eval mode."""
     path = str(path)
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
+    check_model_source(path)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     family_of(model)  # an unsupported model stops here, not in the middle of a round
@@ -65,7 +65,7 @@ def answer(
     device = next(model.parameters()).device
     suppress = banned_token_ids(processor)
     out: list[str] = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(images), batch_size), desc, progress):
         prompts = [chat_prompt(processor, q) for q in questions[i : i + batch_size]]
         inputs = processor(images=list(images[i : i + batch_size]), text=prompts, return_tensors="pt", padding=True).to(device)
         seqs = model.generate(

@@ -9,6 +9,7 @@ name the file and line.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -112,10 +113,42 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def read_json(path: str | Path) -> Any:
+def require_file(path: str | Path) -> Path:
+    """`path` if it is a file; else FileNotFoundError saying it is a directory or does not exist."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a directory, not a file: give the file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    return path
+
+
+def check_writable(path: str | Path) -> Path:
+    """`path` if a file can be written there now (its folder is made if missing); else an OSError
+    naming `path` and the cause (read-only, permission, full disk), before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write there: {existing} is a file, not a folder", str(path))
+    probe = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write there: {e.strerror}", str(path)) from e
+    finally:
+        with contextlib.suppress(OSError):  # never made, or its folder is not one
+            probe.unlink()
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    path = require_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -125,9 +158,7 @@ def read_json(path: str | Path) -> Any:
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) per non-blank line of a JSON-lines file, so callers can name the line
     of a row whose content is wrong; a malformed line stops with the file name and line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    path = require_file(path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fisao.config import Config, LoraConfig, PPOConfig, RolloutConfig
+from fisao.host import available_ram
 from fisao.models.known import VERIFIER_PARAMS, known_config, policy_config, verifier_parameters  # noqa: F401
 
 GIB = 1024 ** 3
@@ -140,9 +141,7 @@ def available_memory(device: str) -> tuple[int, str]:
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
         return free, f"free memory of {torch.cuda.get_device_name()} ({total / GIB:.1f} GiB in all)"
-    with open("/proc/meminfo") as f:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return info["MemAvailable"], "available RAM"
+    return available_ram(), "available RAM"
 
 
 def check_fits(est: Estimate, available: int, where: str) -> None:

@@ -63,6 +63,9 @@ def build_base(cfg: Config, project: str, world: dict, tags: dict, t0: float, re
 def target_rounds(cfg: Config, done: int, rounds: int | None, add_rounds: int | None) -> int:
     if rounds is not None and add_rounds is not None:
         raise ValueError("give either rounds (a total) or add_rounds (more than are done), not both")
+    for key, value in (("rounds", rounds), ("add_rounds", add_rounds)):
+        if value is not None and value < 0:  # a deployment's parameters do not pass the command line's check
+            raise ValueError(f"{key} must be a whole number >= 0, got {value}")
     if add_rounds is not None:
         return done + add_rounds
     return rounds if rounds is not None else cfg.ppo.rounds

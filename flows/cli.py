@@ -13,13 +13,16 @@ import sys
 import time
 from pathlib import Path
 
+from fisao.dvcdata import DataMismatch
 from fisao.localstate import apply_local_state
 from fisao.locks import CampaignLocked
+from fisao.progress import quiet_library_bars
 
 
 def _world_build(args: argparse.Namespace) -> int:
     from fisao.config import load_config
     from fisao.world.build import build_world
+    from fisao.world.target import check_target
 
     overrides = {"world.seed": args.seed} if args.seed is not None else {}
     cfg = load_config(args.config, overrides)
@@ -28,13 +31,17 @@ def _world_build(args: argparse.Namespace) -> int:
         inside = Path(args.out).resolve()
         if not inside.is_relative_to(project) or inside == project:
             raise ValueError(f"--track needs --out inside the project {project} (e.g. data/world), got {args.out}")
+    out = check_target(args.out, project, cfg.world, args.force)
     t = time.time()
-    out = build_world(args.out, cfg.world)
-    print(f"built the world (seed {cfg.world.seed}) in {out} in {time.time() - t:.1f}s")
+    try:
+        build_world(out, cfg.world)
+    except OSError as e:  # read-only folder, full disk: nothing is left half-written (atomic_dir)
+        raise OSError(e.errno, f"cannot write the world: {e.strerror or e}", str(out)) from e
+    print(f"built the world (seed {cfg.world.seed}) in {args.out} in {time.time() - t:.1f}s")
     if args.track:
         from fisao import dvcdata
 
-        data_dir = Path(args.out).resolve().relative_to(project).parts[0]
+        data_dir = out.relative_to(project).parts[0]
         md5 = dvcdata.track(project, data_dir)
         print(f"recorded {data_dir}/ as {md5} in {data_dir}.dvc and {data_dir}.md5: commit both")
     return 0
@@ -43,18 +50,31 @@ def _world_build(args: argparse.Namespace) -> int:
 def _eval_chair(args: argparse.Namespace) -> int:
     from fisao.benchmarks.chair import chair_from_files
 
-    print(json.dumps(chair_from_files(args.captions, args.annotations, args.references, args.vocab, args.details)))
+    metrics = chair_from_files(args.captions, args.annotations, args.references, args.vocab, args.details)
+    print(json.dumps(metrics))
+    if metrics["n_unknown_image"]:
+        total = metrics["n_captions"] + metrics["n_unknown_image"] + metrics["n_empty"]
+        print(f"fisao: warning: {metrics['n_unknown_image']} of {total} captions name image ids that "
+              f"{args.annotations} does not have; they are left out of every figure", file=sys.stderr)
     return 0
 
 
 def _eval_pope(args: argparse.Namespace) -> int:
-    from fisao.benchmarks.pope import pope_from_files
+    from fisao.benchmarks.pope import check_unclear, pope_from_files
 
-    print(json.dumps(pope_from_files(args.questions, args.answers)))
+    metrics = pope_from_files(args.questions, args.answers)
+    print(json.dumps(metrics))
+    print(f"unclear answers (neither yes nor no, scored as yes): {metrics['n_unclear']} of {metrics['n']}",
+          file=sys.stderr)
+    if not args.allow_unclear:
+        check_unclear(metrics)
     return 0
 
 
 def _eval_model(args: argparse.Namespace) -> int:
+    from fisao.models.source import check_model_source
+
+    check_model_source(args.model)  # before torch and transformers load: a wrong path is said at once
     from fisao.config import load_config
     from fisao.evaluate import evaluate_model
     from flows.report import table
@@ -122,9 +142,11 @@ def _campaign(args: argparse.Namespace, config: str | None, overrides: dict, nam
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fisao.config import load_config
+    from fisao.config import load_config, parse_settings
 
-    return _campaign(args, args.config, {}, args.run_name or load_config(args.config).name)
+    overrides = parse_settings(args.set)
+    name = args.run_name if args.run_name is not None else load_config(args.config, overrides).name
+    return _campaign(args, args.config, overrides, name)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -158,10 +180,22 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return value
+
+
 def _add_round_options(p: argparse.ArgumentParser) -> None:
     rounds = p.add_mutually_exclusive_group()
-    rounds.add_argument("--rounds", type=int, default=None, help="FiSAO rounds in all (default: the config's ppo.rounds)")
-    rounds.add_argument("--more-rounds", type=int, default=None,
+    rounds.add_argument("--rounds", type=_count, default=None,
+                        help="FiSAO rounds in all (default: the config's ppo.rounds; 0: the base model and calibration only)")
+    rounds.add_argument("--more-rounds", type=_count, default=None,
                         help="run this many rounds more than the campaign has finished (a schedule's 'one more round')")
     p.add_argument("--allow-changed-data", action="store_true",
                    help="continue a campaign although data/ or the config changed since it started (recorded per round)")
@@ -178,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     wb.add_argument("--seed", type=int, default=None, help="overrides world.seed of the config")
     wb.add_argument("--config", default=None, help="campaign YAML whose `world` section to use (default: built-in)")
     wb.add_argument("--track", action="store_true", help="then `dvc add` the data directory and write its manifest")
+    wb.add_argument("--force", action="store_true",
+                    help="replace a previous world of another config in --out (never a folder holding other files)")
     wb.set_defaults(func=_world_build)
 
     ev = sub.add_parser("eval", help="benchmarks: score files, or run a model").add_subparsers(dest="eval_command", required=True)
@@ -191,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     po = ev.add_parser("pope", help="POPE figures of answers, paired to questions by question_id")
     po.add_argument("--questions", required=True)
     po.add_argument("--answers", required=True, help='JSONL of {"question_id": ..., "text": ...}')
+    po.add_argument("--allow-unclear", action="store_true",
+                    help="accept more than 10%% unclear answers (neither yes nor no; POPE scores them as yes)")
     po.set_defaults(func=_eval_pope)
     mo = ev.add_parser("model", help="run a model on CHAIR/POPE/MME and print a table")
     mo.add_argument("--model", required=True, help="model directory (save_pretrained layout) or hub id")
@@ -223,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "calibration, FiSAO rounds, evaluation")
     run.add_argument("--config", default="configs/demo.yaml")
     run.add_argument("--run-name", default=None, help="name of the campaign (default: the config's name)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="change one setting of the config, as in the YAML (repeatable): --set ppo.rounds=1")
     _add_round_options(run)
     run.set_defaults(func=_run)
     res = sub.add_parser("resume", help="continue an interrupted campaign with the config it was started with")
@@ -244,11 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not Path(args.project).is_dir():  # checked first: MLflow would create it and a database in it
+        print(f"fisao: error: --project {args.project} is not a directory: give an existing project folder "
+              "(the one that holds configs/ and data.dvc)", file=sys.stderr)
+        return 2
     apply_local_state(args.project)
+    quiet_library_bars()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CampaignLocked) as e:
+    except (ValueError, FileNotFoundError, CampaignLocked, DataMismatch) as e:
         print(f"fisao: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # read-only or full disk: the path and the cause, in one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fisao: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

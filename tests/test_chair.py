@@ -142,8 +142,44 @@ def test_unparseable_captions_stop_with_file_and_line(tmp_path, line2, message):
 def test_annotation_category_outside_the_vocabulary(tmp_path):
     write_instances(tmp_path / "instances.json", {1: ["unicorn"]})
     io.write_jsonl(tmp_path / "caps.jsonl", [{"image_id": 1, "caption": "a dog"}])
-    with pytest.raises(ValueError, match="instances.json: 'unicorn' is not a name"):
+    # Without --vocab: the annotations need their own vocabulary, and the flag is named.
+    with pytest.raises(ValueError, match=r"instances.json names objects that are not COCO-80 names \('unicorn'\): "
+                                         r"pass the vocabulary of these annotations, e.g. --vocab data/world/vocab.txt"):
         chair_from_files(tmp_path / "caps.jsonl", tmp_path / "instances.json")
+    # With a vocabulary that lacks the name: that file is the one to extend.
+    (tmp_path / "vocab.txt").write_text("dog\n")
+    with pytest.raises(ValueError, match="instances.json: 'unicorn' is not a name in the vocabulary"):
+        chair_from_files(tmp_path / "caps.jsonl", tmp_path / "instances.json", vocab_file=tmp_path / "vocab.txt")
+
+
+def test_world_annotations_without_vocab_suggest_the_worlds_vocab_file(tmp_path):
+    from fisao.config import WorldConfig
+    from fisao.world.build import build_world
+
+    world = build_world(tmp_path / "world", WorldConfig(sizes={"train": 4, "val": 2, "test": 3}, pretrain_size=0),
+                        progress=False)
+    test = world / "test"
+    with pytest.raises(ValueError, match=f"e.g. --vocab {world / 'vocab.txt'} ") as e:
+        chair_from_files(test / "captions.jsonl", test / "instances.json")
+    assert "add it to that file" not in str(e.value)  # not the bundled COCO synonyms
+
+
+def test_captions_given_as_a_directory_say_so(tmp_path):
+    write_instances(tmp_path / "instances.json", {1: ["dog"]})
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a directory, not a file"):
+        chair_from_files(tmp_path, tmp_path / "instances.json")
+
+
+def test_an_unwritable_details_path_fails_before_scoring(tmp_path, monkeypatch):
+    import fisao.benchmarks.chair as chair_module
+
+    write_instances(tmp_path / "instances.json", {1: ["dog"]})
+    io.write_jsonl(tmp_path / "caps.jsonl", [{"image_id": 1, "caption": "a dog"}])
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(chair_module, "chair", lambda *a: pytest.fail("scored before checking --details"))
+    with pytest.raises(OSError) as e:
+        chair_from_files(tmp_path / "caps.jsonl", tmp_path / "instances.json", details_out=tmp_path / "file" / "d.jsonl")
+    assert (e.value.filename, e.value.strerror) == (str(tmp_path / "file" / "d.jsonl"), f"cannot write there: {tmp_path / 'file'} is a file, not a folder")
 
 
 def test_the_worlds_own_captions_hallucinate_nothing(tmp_path):

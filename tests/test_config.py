@@ -21,7 +21,6 @@ def test_demo_config_loads():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.name == "demo" and cfg.eval.split == "test"
     assert cfg.world == WorldConfig()  # the demo spells out the defaults
-    assert cfg.world_dir == Path("data") / "world"
 
 
 def test_defaults_and_dotted_overrides():
@@ -79,8 +78,68 @@ def test_missing_invalid_and_non_mapping_files(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="must hold a mapping at the top level"):
         load_config(bad)
-    bad.write_text("")  # an empty file is the defaults
-    assert load_config(bad) == Config()
+    for empty in ("", "# only a comment\n\n"):  # an empty file is said so, not run as the full demo
+        bad.write_text(empty)
+        with pytest.raises(ValueError, match=f"config file {bad} is empty"):
+            load_config(bad)
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("rollout:\n  prompt: D\xe9cris\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"config file {bad} is not UTF-8 text \(byte 20: b'\\xe9'\); save it as UTF-8"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"ppo.beta_kl": float("inf")}, "ppo.beta_kl"),
+    ({"ppo.lr": float("-inf")}, "ppo.lr"),
+    ({"model.policy": "p", "model.verifier": "v", "model.memory_gib": float("inf"), "data.root": "d",
+      "rollout.split": "train"}, "model.memory_gib"),
+    ({"world.cooccurrence": {"train": float("inf"), "val": 0.3, "test": 0.3}}, "world.cooccurrence.train"),
+    ({"reward.span_words": 3, "clip.name_loss_weight": float("nan")}, "clip.name_loss_weight"),
+])
+def test_infinities_and_nan_are_refused_in_every_float(overrides, key):
+    with pytest.raises(ValueError, match=rf"\n  {key}: Input should be a finite number"):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("name", ["", "/abs/path", "../../x", "..", ".hidden", "a/b", "a b", "x" * 101, "-x"])
+def test_campaign_names_must_be_one_safe_path_component(name):
+    with pytest.raises(ValueError, match=r"\n  name: campaign name .* is not allowed: use letters, digits, '\.', '_' and '-'"):
+        load_config(None, {"name": name})
+
+
+def test_safe_campaign_names_are_kept():
+    for name in ("demo", "demo-2", "llava_1.5-7b", "A" * 100):
+        assert load_config(None, {"name": name}).name == name
+
+
+def test_zero_rounds_is_the_base_model_only_as_on_the_command_line():
+    assert load_config(None, {"ppo.rounds": 0}).ppo.rounds == 0
+    with pytest.raises(ValueError, match=r"ppo.rounds: Input should be greater than or equal to 0"):
+        load_config(None, {"ppo.rounds": -1})
+
+
+def test_settings_from_the_command_line_are_read_as_yaml_and_validated():
+    from fisao.config import parse_settings
+
+    settings = parse_settings(["ppo.rounds=1", "world.sizes={train: 48, val: 16, test: 12}",
+                               "rollout.prompt='Describe it: all of it.'", "name=tiny-2"])
+    assert settings == {"ppo.rounds": 1, "world.sizes": {"train": 48, "val": 16, "test": 12},
+                        "rollout.prompt": "Describe it: all of it.", "name": "tiny-2"}
+    cfg = load_config(None, settings)
+    assert (cfg.ppo.rounds, cfg.world.sizes["train"], cfg.name) == (1, 48, "tiny-2")
+    for bad, message in (("ppo.rounds", "expected KEY=VALUE"), ("=1", "expected KEY=VALUE"),
+                         ("world.sizes={train: [", "the value is not valid YAML")):
+        with pytest.raises(ValueError, match=message):
+            parse_settings([bad])
+    with pytest.raises(ValueError, match="ppo.rounds: Input should be greater than or equal to 0"):
+        load_config(None, parse_settings(["ppo.rounds=-2"]))
+    with pytest.raises(ValueError, match=r"ppo.roundz: unknown key"):
+        load_config(None, parse_settings(["ppo.roundz=2"]))
+    with pytest.raises(ValueError, match="cannot set ppo.rounds.x: ppo.rounds is a value, not a section"):
+        load_config(None, {"ppo.rounds": 2, "ppo.rounds.x": 1})
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -150,3 +209,10 @@ def test_rollout_shards_default_to_one_per_process_and_must_share_out_evenly():
     assert ScaleConfig(processes=2, rollout_shards=6).shards == 6 and ScaleConfig(rollout_shards=3).shards == 3
     with pytest.raises(ValueError, match=r"scale.rollout_shards \(3\) must be a multiple of scale.processes \(2\)"):
         load_config(None, {"scale.processes": 2, "scale.rollout_shards": 3})
+
+
+def test_the_tiny_config_is_the_test_suites_tiny_settings():
+    from tests.conftest import TINY
+
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert tiny == load_config(None, {**TINY, "name": "tiny", "data_dir": "data-tiny"})

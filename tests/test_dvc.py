@@ -182,13 +182,33 @@ def test_ensure_world_stops_on_a_stray_file_it_cannot_regenerate(project):
         ensure_world(project, "data", world_cfg(), progress=False)
 
 
-def test_another_seed_than_the_recorded_one_is_a_mismatch(project):
-    with pytest.raises(DataMismatch) as e:
-        ensure_world(project, "data", world_cfg(seed=1), progress=False)
-    message = str(e.value)
-    assert "changed: world/pretrain/captions.jsonl, world/pretrain/images/000001.png" in message
-    assert "world/world.json" in message or "more)" in message
-    assert "record the new version: `dvc add data`" in message
+def test_another_world_than_the_recorded_one_gets_its_own_data_directory(project, recorded):
+    from fisao.config import config_hash
+    from fisao.world.store import world_data_dir
+
+    world = project / "data" / "world"
+    before = {p: p.stat().st_mtime_ns for p in world.rglob("*")}
+    other = world_cfg(seed=1)
+    own = f"data-world-{config_hash(other)[:12]}"
+    assert world_data_dir(project, "data", other) == own and world_data_dir(project, "data", world_cfg()) == "data"
+    status = ensure_world(project, "data", other, progress=False)
+    assert (status.action, status.data_dir, status.path) == ("created", own, str(project / own / "world"))
+    assert read_dvc_file(project / f"{own}.dvc").md5 == status.md5 == verify(project, own)
+    # The recorded world was not touched: same files, same times, still what data.dvc records.
+    assert {p: p.stat().st_mtime_ns for p in world.rglob("*")} == before
+    assert verify(project, "data") == recorded[1].md5
+    # Both are found again where they are, and verified.
+    assert ensure_world(project, "data", other, progress=False).action == "verified"
+    assert ensure_world(project, "data", world_cfg(), progress=False).path == str(world)
+
+
+def test_without_the_manifest_the_world_on_disk_decides(project, recorded):
+    from fisao.world.store import world_data_dir
+
+    (project / "data.md5").unlink()
+    assert world_data_dir(project, "data", world_cfg()) == "data"
+    assert world_data_dir(project, "data", world_cfg(seed=1)).startswith("data-world-")
+    assert world_data_dir(project, "elsewhere", world_cfg(seed=1)) == "elsewhere"  # nothing recorded there yet
 
 
 def test_without_the_manifest_the_mismatch_still_says_so(project):

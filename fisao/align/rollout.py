@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from fisao import io
 from fisao.align.ppo import selective_log_softmax
 from fisao.generate import banned_token_ids, chat_prompt
 from fisao.models.families import decoder_hidden, hf_model
+from fisao.progress import bar as progress_bar
 
 TENSORS = "rollouts.safetensors"
 ROWS = "rollouts.jsonl"
@@ -143,7 +143,7 @@ def sample_rollouts(
     model.eval()
     ids, masks, logps, texts = [], [], [], []
     starts = range(0, len(image_index), batch_size)
-    for b, start in enumerate(tqdm(starts, desc="rollouts", disable=not progress, leave=False)):
+    for b, start in enumerate(progress_bar(starts, "rollouts", progress)):
         rows = image_index[start : start + batch_size]
         inputs = encode_prompts(processor, [images[i] for i in rows.tolist()], [prompts[i] for i in rows.tolist()], device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -193,6 +193,18 @@ def _references(path: Path, file_ids: Mapping[str, int]) -> dict[ImageId, list[s
     return out
 
 
+def _check_coco_names(objects: Mapping[ImageId, Sequence[str]], vocab: Vocabulary, annotations: Path) -> None:
+    """Without --vocab, annotations with names outside COCO-80 need their own vocabulary: say which file."""
+    unknown = sorted({n for names in objects.values() for n in names if vocab.category_of(n) is None})
+    if unknown:
+        near = [p for p in (annotations.parent / "vocab.txt", annotations.parent.parent / "vocab.txt") if p.is_file()]
+        suggestion = near[0] if near else "data/world/vocab.txt"
+        raise ValueError(
+            f"{annotations} names objects that are not COCO-80 names ({', '.join(map(repr, unknown[:5]))}"
+            f"{' and more' if len(unknown) > 5 else ''}): pass the vocabulary of these annotations, e.g. "
+            f"--vocab {suggestion} (a world's is its vocab.txt)")
+
+
 def chair_from_files(
     captions_jsonl: str | Path,
     annotations_json: str | Path,
@@ -207,7 +219,9 @@ def chair_from_files(
     COCO captions .json), added to the ground truth. vocab_file: `category, synonym, ...` lines
     (default: COCO-80). details_out: a JSONL with every caption's mentions and verdict.
     """
-    captions_jsonl = Path(captions_jsonl)
+    captions_jsonl = io.require_file(captions_jsonl)
+    if details_out is not None:  # before the work: an unwritable path must not cost the metrics
+        io.check_writable(details_out)
     instances = load_instances(annotations_json)
     vocab = Vocabulary.from_file(vocab_file) if vocab_file is not None else Vocabulary.coco()
     file_ids = {name: image_id for image_id, name in instances.file_names.items()}
@@ -219,6 +233,8 @@ def chair_from_files(
                 f"no image of {references_jsonl} is in {annotations_json}; "
                 "reference captions must describe the annotated images"
             )
+    if vocab_file is None:
+        _check_coco_names(instances.objects, vocab, Path(annotations_json))
     try:
         truth = ground_truth_objects(instances.objects, vocab, references)
     except ValueError as e:

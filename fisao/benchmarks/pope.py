@@ -88,6 +88,21 @@ def pope(labels: Mapping[QuestionId, str], answers: Mapping[QuestionId, str]) ->
     }
 
 
+# Above this share of unclear answers, `fisao eval pope` fails (exit 2) unless --allow-unclear:
+# the rule scores an unclear answer as "yes", so F1 then measures the rule, not the model (every
+# answer empty scored F1 0.667).
+MAX_UNCLEAR_SHARE = 0.10
+
+
+def check_unclear(metrics: Mapping[str, float | int], max_share: float = MAX_UNCLEAR_SHARE) -> None:
+    """ValueError when more than `max_share` of the scored answers are unclear (neither yes nor no)."""
+    if metrics["n_unclear"] > max_share * metrics["n"]:
+        raise ValueError(
+            f"{metrics['n_unclear']} of {metrics['n']} answers ({metrics['n_unclear'] / metrics['n']:.0%}) are unclear, "
+            f"neither yes nor no (more than {max_share:.0%}), and the POPE rule scored them as yes: check the answers "
+            "file (empty or off-topic answers?), or pass --allow-unclear to accept these figures")
+
+
 def _question_id(row: dict, where: str) -> QuestionId:
     if "question_id" not in row:
         raise ValueError(f"{where}: needs a 'question_id'")

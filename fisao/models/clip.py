@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
 from fisao.auroc import auroc
 from fisao.config import ClipBuildConfig, WorldConfig
 from fisao.models.images import clip_image_processor, pixel_values
+from fisao.progress import bar as progress_bar
 from fisao.world.data import Example
 
 PROMPT_TEMPLATE = "a photo of a {}."
@@ -108,7 +108,7 @@ def train_clip(
     g = torch.Generator().manual_seed(cfg.seed)
     curves: dict[str, list[float]] = {"loss": [], "loss_caption": [], "loss_names": []}
     model.train()
-    bar = tqdm(range(cfg.steps), desc="train CLIP", disable=not progress)
+    bar = progress_bar(range(cfg.steps), "train CLIP", progress, leave=True)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.steps, cfg.lr)

@@ -14,13 +14,13 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from fisao.coco import load_image
 from fisao.config import LlavaBuildConfig
 from fisao.generate import chat_prompt
 from fisao.models.images import pixel_values
+from fisao.progress import bar as progress_bar
 from fisao.world.data import Example
 
 # LLaVA-1.5's conversation format, as in llava-hf's processors.
@@ -117,7 +117,7 @@ def train_llava(
     )
     curve: list[float] = []
     model.train()
-    bar = tqdm(range(cfg.steps), desc="train LLaVA", disable=not progress)
+    bar = progress_bar(range(cfg.steps), "train LLaVA", progress, leave=True)
     for step in bar:
         n_q = sum(rng.random() < cfg.question_share for _ in range(cfg.batch_size))
         items = rng.sample(questions, n_q) + rng.sample(captions, cfg.batch_size - n_q)

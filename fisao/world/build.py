@@ -16,16 +16,18 @@ The directory is built beside its target and renamed into place.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from fisao import io
 from fisao.config import SPLITS, WorldConfig
+from fisao.progress import bar as progress_bar
 from fisao.world.pope import STRATEGIES, class_statistics, pope_questions
 from fisao.world.render import render
 from fisao.world.scenes import Scene, sample_scene
+from fisao.world.target import check_fits
 from fisao.world.text import caption, questions, vocabulary_lines
 
 CAPTIONS_PER_IMAGE = 3
@@ -38,11 +40,10 @@ def _rng(cfg: WorldConfig, split: str, purpose: str) -> random.Random:
 PRETRAIN = "pretrain"
 
 
-def sample_split(cfg: WorldConfig, split: str) -> list[Scene]:
+def sample_split(cfg: WorldConfig, split: str, progress: bool = False) -> list[Scene]:
     rng = _rng(cfg, split, "scenes")
-    if split == PRETRAIN:
-        return [sample_scene(rng, cfg, cfg.pretrain_cooccurrence) for _ in range(cfg.pretrain_size)]
-    return [sample_scene(rng, cfg, cfg.cooccurrence[split]) for _ in range(cfg.sizes[split])]
+    n, p = (cfg.pretrain_size, cfg.pretrain_cooccurrence) if split == PRETRAIN else (cfg.sizes[split], cfg.cooccurrence[split])
+    return [sample_scene(rng, cfg, p) for _ in progress_bar(range(n), f"scenes {split}", progress)]
 
 
 def instances(cfg: WorldConfig, scenes: list[Scene], split: str) -> dict:
@@ -66,7 +67,7 @@ def instances(cfg: WorldConfig, scenes: list[Scene], split: str) -> dict:
 
 def write_split(out: Path, cfg: WorldConfig, split: str, scenes: list[Scene], train_stats, progress: bool) -> None:
     (out / "images").mkdir(parents=True)
-    for image_id, scene in enumerate(tqdm(scenes, desc=f"world {split}", disable=not progress, leave=False), start=1):
+    for image_id, scene in enumerate(progress_bar(scenes, f"world {split}", progress), start=1):
         render(scene, cfg.canvas).save(out / "images" / f"{image_id:06d}.png", format="PNG")
     io.write_json(out / "instances.json", instances(cfg, scenes, split), indent=None)
 
@@ -89,14 +90,22 @@ def write_split(out: Path, cfg: WorldConfig, split: str, scenes: list[Scene], tr
         io.write_jsonl(out / f"pope_{strategy}.jsonl", rows)
 
 
+def world_json_bytes(cfg: WorldConfig) -> bytes:
+    """The exact bytes of a world's `world.json` (so a recorded world can be recognised by its md5)."""
+    return (json.dumps({"config": cfg.model_dump(mode="json"), "format": 1}, indent=2) + "\n").encode("utf-8")
+
+
 def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Path:
-    """Generate the whole world into `out` (replacing it atomically) and return `out`."""
+    """Generate the whole world into `out` (replacing it atomically) and return `out`.
+
+    Refuses (ValueError, before anything is written) a world too large for the disk or memory."""
     out = Path(out)
+    check_fits(out.parent, cfg)
     splits = SPLITS + ((PRETRAIN,) if cfg.pretrain_size else ())
-    scenes = {split: sample_split(cfg, split) for split in splits}
+    scenes = {split: sample_split(cfg, split, progress) for split in splits}
     train_stats = class_statistics([s.classes for s in scenes["train"]])
     with io.atomic_dir(out) as tmp:
-        io.write_json(tmp / "world.json", {"config": cfg.model_dump(mode="json"), "format": 1})
+        io.atomic_write_bytes(tmp / "world.json", world_json_bytes(cfg))
         io.atomic_write_text(tmp / "vocab.txt", "\n".join(vocabulary_lines(cfg)) + "\n")
         for split in splits:
             write_split(tmp / split, cfg, split, scenes[split], train_stats, progress)

@@ -16,7 +16,7 @@ SPLITS: tuple[Split, ...] = ("train", "val", "test")
 class WorldConfig(BaseModel):
     """The shapes world: classes, colours, co-occurrence priors and split sizes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)  # as every section of fisao.config
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # as every section of fisao.config
 
     seed: int = 0
     canvas: int = Field(64, ge=32, le=512)

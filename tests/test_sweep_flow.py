@@ -1,0 +1,142 @@
+"""End to end: `fisao sweep` on tiny worlds with the real Prefect (test harness), MLflow and DVC.
+
+Two world seeds × one training seed, one round each. The first invocation is interrupted in the
+second campaign's round 1 (after its world and base models were built); the second, through the
+command line, takes the finished campaign (no stage computed, its MLflow round run kept), resumes
+the other, prints the table and writes sweep.json; the sweep's MLflow parent run and the
+campaigns' tags are checked, and `data/` and `data.dvc` are left as they were.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fisao import dvcdata, io
+from fisao.localstate import local_state_env
+from fisao.sweep import FIELDS, aggregate, plan, run_record
+from tests.conftest import copy_project
+
+pytestmark = pytest.mark.e2e
+SWEEP = "sw"
+# World seeds whose tiny models pass the calibration guard (correct mentions scoring above hallucinated
+# ones on average; TINY's CLIP is barely trained): world 1 fails it, 0 and 2 pass (AUROC 0.62 and 0.75).
+WORLDS = (0, 2)
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def _campaign_runs(client, campaign: str) -> dict[str, list]:
+    exp = client.get_experiment_by_name(campaign)
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`fisao.complete` = 'true'")
+    out: dict[str, list] = {}
+    for r in runs:
+        out.setdefault(r.data.tags["fisao.kind"] + r.data.tags.get("fisao.round", ""), []).append(r.info.run_id)
+    return out
+
+
+def test_sweep_interrupted_then_continued_prints_table_writes_json_and_logs_mlflow(
+        base_project, tmp_path_factory, harness, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    import flows.campaign
+    from fisao.config import load_config
+    from flows.cli import main
+    from flows.sweep import sweep
+
+    project = copy_project(base_project, tmp_path_factory.mktemp("sweep") / "project")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    for key in local_state_env(project):  # whatever `main` sets is undone after the test
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    config = str(project / "tiny.yaml")
+    data_dvc, data_md5 = (project / "data.dvc").read_bytes(), dvcdata.verify(project, "data")
+    runs = plan(load_config(config), SWEEP, WORLDS, (0,))
+
+    real_round = flows.campaign.fisao_round
+
+    def interrupted_in_second(cfg, *args, **kwargs):
+        if cfg.name == runs[1].name:
+            raise Interrupted("stopped in round 1 of the second campaign")
+        return real_round(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(flows.campaign, "fisao_round", interrupted_in_second)
+    with pytest.raises(Interrupted):
+        sweep(config_path=config, worlds=list(WORLDS), seeds=[0], project=str(project), rounds=1, name=SWEEP)
+    monkeypatch.setattr(flows.campaign, "fisao_round", real_round)
+
+    client = MlflowClient()
+    parent = client.search_runs([client.get_experiment_by_name(SWEEP).experiment_id])[0]
+    assert parent.data.tags["fisao.status"] == "failed" and parent.info.status == "FAILED"
+    assert "Interrupted" in parent.data.tags["fisao.error"]
+    first_w0 = _campaign_runs(client, runs[0].name)
+    assert len(first_w0["round1"]) == 1
+    assert "round1" not in _campaign_runs(client, runs[1].name)
+
+    rc = main(["--project", str(project), "sweep", "--config", config, "--worlds", ",".join(map(str, WORLDS)), "--seeds", "0",
+               "--rounds", "1", "--name", SWEEP])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+
+    result = io.read_json(project / "outputs" / "sweeps" / SWEEP / "sweep.json")
+    assert [r["run"] for r in result["runs"]] == [r.name for r in runs]
+    assert (result["worlds"], result["seeds"]) == (list(WORLDS), [0])
+    summaries = [io.read_json(project / "outputs" / "campaigns" / r.name / "summary.json") for r in runs]
+
+    # The finished campaign was taken: its round verified, no stage computed, its MLflow runs kept.
+    done, resumed = summaries
+    assert done["resume"]["verified_rounds"] == [1]
+    assert all(s["cached"] for s in done["stages"].values()), done["stages"]
+    assert _campaign_runs(client, runs[0].name) == first_w0
+    # The interrupted one was resumed: its world and base models from the first invocation, round 1 computed.
+    assert resumed["resume"]["verified_rounds"] == []
+    assert resumed["stages"]["clip"]["cached"] and resumed["stages"]["llava"]["cached"] and not resumed["stages"]["update-1"]["cached"]
+    assert len(_campaign_runs(client, runs[1].name)["round1"]) == 1
+
+    # Each world its own data directory and DVC record; data/ and data.dvc untouched.
+    assert done["world"]["path"] == str(project / runs[0].data_dir / "world") and done["world"]["md5"] != resumed["world"]["md5"]
+    assert all((project / f"{r.data_dir}.dvc").is_file() for r in runs)
+    assert (project / "data.dvc").read_bytes() == data_dvc and dvcdata.verify(project, "data") == data_md5
+
+    # sweep.json: each record from its campaign's summary; mean and std of those records.
+    for run, rec, summary in zip(runs, result["runs"], summaries):
+        assert rec == run_record(run, summary["rounds"], summary["calibration"]["figures"])
+        assert rec["base_chair_i"] == summary["rounds"][0]["chair_i"]
+        assert rec["final_pope_adversarial_f1"] == summary["rounds"][1]["pope_adversarial_f1"]
+        assert rec["final_kl"] == summary["rounds"][1]["update/kl"]
+        assert rec["verifier_auroc"] == summary["calibration"]["figures"]["auroc"]
+    mean, std = aggregate(result["runs"])
+    assert (result["mean"], result["std"]) == (mean, std)
+    a, b = (r["verifier_auroc"] for r in result["runs"])
+    assert mean["verifier_auroc"] == pytest.approx((a + b) / 2)
+    assert std["verifier_auroc"] == pytest.approx(abs(a - b) / 2 ** 0.5)
+
+    # The table: a row per run with base→final, then mean and std.
+    lines = out.splitlines()
+    row = next(line for line in lines if line.startswith("w0 s0"))
+    rec = result["runs"][0]
+    assert f"{rec['base_chair_i']:.3f}→{rec['final_chair_i']:.3f}" in row and f"{rec['verifier_auroc']:.3f}" in row
+    assert any(line.startswith(f"w{WORLDS[1]} s0") for line in lines)
+    assert any(line.startswith("mean ") and f"{mean['base_recall']:.3f}→{mean['final_recall']:.3f}" in line
+               for line in lines)
+    assert any(line.startswith("std ") for line in lines)
+
+    # MLflow: the sweep's parent run (finished now) with mean/std metrics and sweep.json; the campaigns tagged.
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.tags["fisao.status"] == "finished" and parent.info.status == "FINISHED"
+    assert parent.data.tags["fisao.kind"] == "sweep" and parent.data.tags["fisao.campaigns"] == ",".join(r.name for r in runs)
+    for field in ("final_chair_i", "base_pope_adversarial_f1", "verifier_auroc", "final_kl"):
+        assert parent.data.metrics[f"mean/{field}"] == pytest.approx(mean[field])
+        assert parent.data.metrics[f"std/{field}"] == pytest.approx(std[field])
+    assert {m.step for m in client.get_metric_history(parent.info.run_id, "mean/final_chair_i")} == {2}
+    logged = client.download_artifacts(parent.info.run_id, "sweep.json", str(tmp_path_factory.mktemp("dl")))
+    assert io.read_json(logged) == result
+    ids = [e.experiment_id for e in client.search_experiments()]
+    tagged = client.search_runs(ids, filter_string=f"tags.`fisao.sweep` = '{SWEEP}' and tags.`fisao.kind` = 'campaign'")
+    assert sorted(r.data.tags["fisao.campaign"] for r in tagged) == sorted(r.name for r in runs)
+    assert {r.data.tags["fisao.sweep_world"] for r in tagged} == {str(w) for w in WORLDS}
+    assert set(FIELDS) <= set(result["mean"])

@@ -127,3 +127,17 @@ def test_sweep_lock_refuses_a_second_holder_by_name(tmp_path):
         holder.wait()
     with sweep_lock(tmp_path, "outputs", "q"):  # free again once its holder died
         assert lock.is_file()
+
+
+def test_cli_sweep_refuses_bad_seeds_before_starting_anything(tmp_path, monkeypatch, capsys):
+    from fisao.localstate import local_state_env
+    from flows.cli import main
+
+    for key, value in local_state_env(tmp_path).items():  # main() sets these; monkeypatch undoes them
+        monkeypatch.setenv(key, value)
+    rc = main(["--project", str(tmp_path), "sweep", "--config", "configs/demo.yaml", "--worlds", "10,x"])
+    assert rc == 2 and "--worlds takes comma-separated integers such as 10,11,12, got '10,x'" in capsys.readouterr().err
+    rc = main(["--project", str(tmp_path), "sweep", "--config", "configs/demo.yaml", "--worlds", "1", "--seeds", "0,0"])
+    assert rc == 2 and "--seeds names a seed twice" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
+

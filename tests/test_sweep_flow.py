@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 
 from fisao import dvcdata, io
 from fisao.localstate import local_state_env
@@ -140,3 +141,12 @@ def test_sweep_interrupted_then_continued_prints_table_writes_json_and_logs_mlfl
     assert sorted(r.data.tags["fisao.campaign"] for r in tagged) == sorted(r.name for r in runs)
     assert {r.data.tags["fisao.sweep_world"] for r in tagged} == {str(w) for w in WORLDS}
     assert set(FIELDS) <= set(result["mean"])
+
+    # The same sweep name with another config is refused, and the sweep's run is left as it was.
+    changed = yaml.safe_load((project / "tiny.yaml").read_text())
+    changed["ppo"]["lr"] = 0.002
+    (project / "changed.yaml").write_text(yaml.safe_dump(changed))
+    rc = main(["--project", str(project), "sweep", "--config", str(project / "changed.yaml"), "--worlds", "0", "--name", SWEEP])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"sweep '{SWEEP}'" in err and "was started with another config" in err and "new --name" in err
+    assert client.get_run(parent.info.run_id).data.tags["fisao.status"] == "finished"

@@ -156,7 +156,7 @@ def _sweep(args: argparse.Namespace) -> int:
         result = sweep(config_path=args.config, worlds=list(worlds), seeds=list(seeds), project=project,
                        rounds=args.rounds, name=name)
     print_sweep(result)
-    return 0
+    return 1 if result["failed"] else 0
 
 
 def _runs(args: argparse.Namespace) -> int:

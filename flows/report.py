@@ -86,5 +86,10 @@ def print_sweep(result: dict) -> None:
           f"{result['seeds']} (base → final; mean and std over the runs)")
     print(sweep_table(result["runs"], result["mean"], result["std"]))
     print()
+    for f in result.get("failed", []):
+        print(f"FAILED {f['run']} (world {f['world']}, seed {f['seed']}): {f['error']}")
+    if result.get("failed"):
+        print(f"mean and std are over the {len(result['runs'])} finished runs; run the same command again to retry "
+              "the failed ones")
     print(f"sweep.json: {result['path']}")
     print(f"MLflow: experiment {result['name']!r}; its campaigns are tagged fisao.sweep = '{result['name']}'")

@@ -6,7 +6,9 @@ an ordinary campaign (fisao/sweep.py says what its seeds and data directory are)
 sweep again continues it: a finished campaign is taken (its rounds verified against their
 manifests and read from MLflow, its stages cache hits), an unfinished one resumed where it
 stopped, a missing one started. The sweep then writes `outputs/sweeps/NAME/sweep.json` and logs
-its parent run to MLflow (tasks/sweeps.py).
+its parent run to MLflow (tasks/sweeps.py). A campaign that fails (say, a world whose verifier
+cannot tell correct from hallucinated mentions) is reported and the others still run; the mean
+and std are over the finished runs, and the sweep's run ends failed, naming it.
 """
 from __future__ import annotations
 
@@ -43,12 +45,19 @@ def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project:
                 "fisao.config": str(config_path), "fisao.campaigns": ",".join(r.name for r in runs)}
         parent = open_sweep(name, config_identity_hash(cfg), identity(cfg), tags)
         try:
-            records, campaigns = [], {}
+            records, campaigns, failed = [], {}, []
             for i, run in enumerate(runs, start=1):
                 log.info("sweep %s: campaign %d of %d, %s (world %d, seed %d, data %s/)", name, i, len(runs),
                          run.name, run.world, run.seed, run.data_dir)
-                summary = campaign(config_path=config_path, project=project, overrides=run.overrides,
-                                   run_name=run.name, rounds=rounds)
+                try:
+                    summary = campaign(config_path=config_path, project=project, overrides=run.overrides,
+                                       run_name=run.name, rounds=rounds)
+                except Exception as e:  # one world's failure must not cost the others (Ctrl-C still stops all)
+                    log.error("sweep %s: campaign %s failed (%s: %s); the sweep goes on, and running it again "
+                              "retries it", name, run.name, type(e).__name__, e)
+                    failed.append({"run": run.name, "world": run.world, "seed": run.seed,
+                                   "error": f"{type(e).__name__}: {e}"[:2000]})
+                    continue
                 tag_campaign(run.name, {"fisao.sweep": name, "fisao.sweep_world": str(run.world),
                                         "fisao.sweep_seed": str(run.seed)})
                 records.append(run_record(run, summary["rounds"], summary["calibration"]["figures"]))
@@ -56,14 +65,16 @@ def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project:
                                        "stages": summary["stages"], "summary_path": summary["summary_path"]}
             mean, std = aggregate(records)
             result = {"name": name, "config": config_path, "worlds": list(worlds), "seeds": list(seeds),
-                      "runs": records, "mean": mean, "std": std}
+                      "runs": records, "mean": mean, "std": std, "failed": failed}
             path = io.write_json(sweep_dir(project, cfg.outputs_dir, name) / "sweep.json", result)
             figures = {f"{which['run']}/{k}": v for which in (mean, std) for k, v in which.items()
                        if k != "run" and v is not None}
-            close_sweep(parent["run_id"], figures, len(records), str(path), tags)
+            close_sweep(parent["run_id"], figures, len(records), str(path),
+                        {**tags, "fisao.failed": ",".join(f["run"] for f in failed) or "none"},
+                        "failed" if failed else "finished")
         except BaseException as e:  # Ctrl-C included: the sweep's run says how it ended, then the error goes on
             end = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             campaign_state(parent["run_id"], {"fisao.error": f"{type(e).__name__}: {e}"[:4000]}, end=end)
             raise
-    log.info("sweep %s: %d campaigns, sweep.json %s", name, len(records), path)
+    log.info("sweep %s: %d campaigns finished, %d failed; sweep.json %s", name, len(records), len(failed), path)
     return {**result, "path": str(path), "campaigns": campaigns}

@@ -58,10 +58,12 @@ def tag_campaign(campaign: str, tags: dict[str, str]) -> None:
 
 
 @task(name="close-sweep")
-def close_sweep(run_id: str, figures: dict[str, float], step: int, result_file: str, tags: dict[str, str]) -> None:
-    """Log the sweep's figures at `step` (points already there are kept), its result file, and finish the run."""
+def close_sweep(run_id: str, figures: dict[str, float], step: int, result_file: str, tags: dict[str, str],
+                end: str = "finished") -> None:
+    """Log the sweep's figures at `step` (points already there are kept) and its result file, then end
+    the run as `end` ("finished", or "failed" when a campaign failed)."""
     client = MlflowClient()
     log_curve_points(client, run_id, figures, step)
-    log_batch(client, run_id, tags={**tags, "fisao.status": "finished"})
+    log_batch(client, run_id, tags={**tags, "fisao.status": end})
     client.log_artifact(run_id, result_file)
-    client.set_terminated(run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED" if end == "finished" else "FAILED")

@@ -1,9 +1,9 @@
 """End to end: `fisao sweep` on tiny worlds with the real Prefect (test harness), MLflow and DVC.
 
-Two world seeds × one training seed, one round each. The first invocation is interrupted in the
-second campaign's round 1 (after its world and base models were built); the second, through the
-command line, takes the finished campaign (no stage computed, its MLflow round run kept), resumes
-the other, prints the table and writes sweep.json; the sweep's MLflow parent run and the
+Two world seeds × one training seed, one round each. In the first invocation the first campaign
+fails in round 1 (after its world and base models were built) and the sweep goes on with the
+second; the second invocation, through the command line, takes the finished campaign (no stage
+computed, its MLflow round run kept), resumes the failed one, prints the table and writes sweep.json; the sweep's MLflow parent run and the
 campaigns' tags are checked, and `data/` and `data.dvc` are left as they were.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ SWEEP = "sw"
 WORLDS = (0, 2)
 
 
-class Interrupted(RuntimeError):
+class Stopped(RuntimeError):
     pass
 
 
@@ -60,46 +60,50 @@ def test_sweep_interrupted_then_continued_prints_table_writes_json_and_logs_mlfl
 
     real_round = flows.campaign.fisao_round
 
-    def interrupted_in_second(cfg, *args, **kwargs):
-        if cfg.name == runs[1].name:
-            raise Interrupted("stopped in round 1 of the second campaign")
+    def fails_in_first(cfg, *args, **kwargs):
+        if cfg.name == runs[0].name:
+            raise Stopped("stopped in round 1 of the first campaign")
         return real_round(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(flows.campaign, "fisao_round", interrupted_in_second)
-    with pytest.raises(Interrupted):
-        sweep(config_path=config, worlds=list(WORLDS), seeds=[0], project=str(project), rounds=1, name=SWEEP)
+    monkeypatch.setattr(flows.campaign, "fisao_round", fails_in_first)
+    first = sweep(config_path=config, worlds=list(WORLDS), seeds=[0], project=str(project), rounds=1, name=SWEEP)
     monkeypatch.setattr(flows.campaign, "fisao_round", real_round)
 
+    # The failure was reported and the sweep went on with the other world.
+    assert [f["run"] for f in first["failed"]] == [runs[0].name] and "Stopped: stopped in round 1" in first["failed"][0]["error"]
+    assert [r["run"] for r in first["runs"]] == [runs[1].name]
     client = MlflowClient()
     parent = client.search_runs([client.get_experiment_by_name(SWEEP).experiment_id])[0]
     assert parent.data.tags["fisao.status"] == "failed" and parent.info.status == "FAILED"
-    assert "Interrupted" in parent.data.tags["fisao.error"]
-    first_w0 = _campaign_runs(client, runs[0].name)
-    assert len(first_w0["round1"]) == 1
-    assert "round1" not in _campaign_runs(client, runs[1].name)
+    assert parent.data.tags["fisao.failed"] == runs[0].name
+    finished_before = _campaign_runs(client, runs[1].name)
+    assert len(finished_before["round1"]) == 1
+    assert "round1" not in _campaign_runs(client, runs[0].name)
 
-    rc = main(["--project", str(project), "sweep", "--config", config, "--worlds", ",".join(map(str, WORLDS)), "--seeds", "0",
-               "--rounds", "1", "--name", SWEEP])
+    rc = main(["--project", str(project), "sweep", "--config", config, "--worlds", ",".join(map(str, WORLDS)),
+               "--seeds", "0", "--rounds", "1", "--name", SWEEP])
     out = capsys.readouterr().out
     assert rc == 0, out
 
     result = io.read_json(project / "outputs" / "sweeps" / SWEEP / "sweep.json")
-    assert [r["run"] for r in result["runs"]] == [r.name for r in runs]
+    assert [r["run"] for r in result["runs"]] == [r.name for r in runs] and result["failed"] == []
     assert (result["worlds"], result["seeds"]) == (list(WORLDS), [0])
     summaries = [io.read_json(project / "outputs" / "campaigns" / r.name / "summary.json") for r in runs]
 
     # The finished campaign was taken: its round verified, no stage computed, its MLflow runs kept.
-    done, resumed = summaries
+    resumed, done = summaries
     assert done["resume"]["verified_rounds"] == [1]
     assert all(s["cached"] for s in done["stages"].values()), done["stages"]
-    assert _campaign_runs(client, runs[0].name) == first_w0
-    # The interrupted one was resumed: its world and base models from the first invocation, round 1 computed.
+    assert _campaign_runs(client, runs[1].name) == finished_before
+    # The failed one was resumed: its world and base models from the first invocation, round 1 computed.
     assert resumed["resume"]["verified_rounds"] == []
-    assert resumed["stages"]["clip"]["cached"] and resumed["stages"]["llava"]["cached"] and not resumed["stages"]["update-1"]["cached"]
-    assert len(_campaign_runs(client, runs[1].name)["round1"]) == 1
+    assert resumed["stages"]["clip"]["cached"] and resumed["stages"]["llava"]["cached"]
+    assert not resumed["stages"]["update-1"]["cached"]
+    assert len(_campaign_runs(client, runs[0].name)["round1"]) == 1
 
     # Each world its own data directory and DVC record; data/ and data.dvc untouched.
-    assert done["world"]["path"] == str(project / runs[0].data_dir / "world") and done["world"]["md5"] != resumed["world"]["md5"]
+    assert [s["world"]["path"] for s in summaries] == [str(project / r.data_dir / "world") for r in runs]
+    assert resumed["world"]["md5"] != done["world"]["md5"]
     assert all((project / f"{r.data_dir}.dvc").is_file() for r in runs)
     assert (project / "data.dvc").read_bytes() == data_dvc and dvcdata.verify(project, "data") == data_md5
 
@@ -129,11 +133,14 @@ def test_sweep_interrupted_then_continued_prints_table_writes_json_and_logs_mlfl
     # MLflow: the sweep's parent run (finished now) with mean/std metrics and sweep.json; the campaigns tagged.
     parent = client.get_run(parent.info.run_id)
     assert parent.data.tags["fisao.status"] == "finished" and parent.info.status == "FINISHED"
+    assert parent.data.tags["fisao.failed"] == "none"
     assert parent.data.tags["fisao.kind"] == "sweep" and parent.data.tags["fisao.campaigns"] == ",".join(r.name for r in runs)
     for field in ("final_chair_i", "base_pope_adversarial_f1", "verifier_auroc", "final_kl"):
         assert parent.data.metrics[f"mean/{field}"] == pytest.approx(mean[field])
         assert parent.data.metrics[f"std/{field}"] == pytest.approx(std[field])
-    assert {m.step for m in client.get_metric_history(parent.info.run_id, "mean/final_chair_i")} == {2}
+    # One point per invocation that finished runs, at step = runs finished: the first had one, the second both.
+    history = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "mean/verifier_auroc")}
+    assert history == pytest.approx({1: first["mean"]["verifier_auroc"], 2: mean["verifier_auroc"]})
     logged = client.download_artifacts(parent.info.run_id, "sweep.json", str(tmp_path_factory.mktemp("dl")))
     assert io.read_json(logged) == result
     ids = [e.experiment_id for e in client.search_experiments()]

@@ -141,3 +141,20 @@ def test_cli_sweep_refuses_bad_seeds_before_starting_anything(tmp_path, monkeypa
     assert rc == 2 and "--seeds names a seed twice" in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
 
+
+
+def test_print_sweep_names_failed_campaigns_and_says_what_the_mean_covers(capsys):
+    from flows.report import print_sweep
+
+    cfg = load_config(None)
+    ok, bad = plan(cfg, "q", (10, 11), (0,))
+    rec = run_record(ok, [_round(0.2), _round(0.1, kl=0.2)], {"auroc": 0.9, "hallucinated_share": 0.2})
+    mean, std = aggregate([rec])
+    print_sweep({"name": "q", "config": "c.yaml", "worlds": [10, 11], "seeds": [0], "runs": [rec], "mean": mean,
+                 "std": std, "path": "outputs/sweeps/q/sweep.json",
+                 "failed": [{"run": bad.name, "world": 11, "seed": 0, "error": "ValueError: cannot tell them apart"}],
+                 "campaigns": {ok.name: {"seconds": 1.5, "resume": {"verified_rounds": [1]}}}})
+    out = capsys.readouterr().out
+    assert "FAILED q-w11-s0 (world 11, seed 0): ValueError: cannot tell them apart" in out
+    assert "mean and std are over the 1 finished runs" in out
+    assert any(line.startswith("w10 s0") and "50.0%" in line for line in out.splitlines())

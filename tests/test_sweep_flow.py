@@ -3,8 +3,9 @@
 Two world seeds × one training seed, one round each. In the first invocation the first campaign
 fails in round 1 (after its world and base models were built) and the sweep goes on with the
 second; the second invocation, through the command line, takes the finished campaign (no stage
-computed, its MLflow round run kept), resumes the failed one, prints the table and writes sweep.json; the sweep's MLflow parent run and the
-campaigns' tags are checked, and `data/` and `data.dvc` are left as they were.
+computed, its MLflow round run kept), resumes the failed one, prints the table and writes
+sweep.json. The sweep's MLflow parent run and the campaigns' tags are checked, and `data/` and
+`data.dvc` are left as they were.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _campaign_runs(client, campaign: str) -> dict[str, list]:
     return out
 
 
-def test_sweep_interrupted_then_continued_prints_table_writes_json_and_logs_mlflow(
+def test_sweep_goes_past_a_failed_campaign_then_continues_prints_writes_json_and_logs_mlflow(
         base_project, tmp_path_factory, harness, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -70,7 +71,8 @@ def test_sweep_interrupted_then_continued_prints_table_writes_json_and_logs_mlfl
     monkeypatch.setattr(flows.campaign, "fisao_round", real_round)
 
     # The failure was reported and the sweep went on with the other world.
-    assert [f["run"] for f in first["failed"]] == [runs[0].name] and "Stopped: stopped in round 1" in first["failed"][0]["error"]
+    assert [f["run"] for f in first["failed"]] == [runs[0].name]
+    assert "Stopped: stopped in round 1" in first["failed"][0]["error"]
     assert [r["run"] for r in first["runs"]] == [runs[1].name]
     client = MlflowClient()
     parent = client.search_runs([client.get_experiment_by_name(SWEEP).experiment_id])[0]
@@ -134,7 +136,8 @@ def test_sweep_interrupted_then_continued_prints_table_writes_json_and_logs_mlfl
     parent = client.get_run(parent.info.run_id)
     assert parent.data.tags["fisao.status"] == "finished" and parent.info.status == "FINISHED"
     assert parent.data.tags["fisao.failed"] == "none"
-    assert parent.data.tags["fisao.kind"] == "sweep" and parent.data.tags["fisao.campaigns"] == ",".join(r.name for r in runs)
+    assert parent.data.tags["fisao.kind"] == "sweep"
+    assert parent.data.tags["fisao.campaigns"] == ",".join(r.name for r in runs)
     for field in ("final_chair_i", "base_pope_adversarial_f1", "verifier_auroc", "final_kl"):
         assert parent.data.metrics[f"mean/{field}"] == pytest.approx(mean[field])
         assert parent.data.metrics[f"std/{field}"] == pytest.approx(std[field])
@@ -153,7 +156,8 @@ def test_sweep_interrupted_then_continued_prints_table_writes_json_and_logs_mlfl
     changed = yaml.safe_load((project / "tiny.yaml").read_text())
     changed["ppo"]["lr"] = 0.002
     (project / "changed.yaml").write_text(yaml.safe_dump(changed))
-    rc = main(["--project", str(project), "sweep", "--config", str(project / "changed.yaml"), "--worlds", "0", "--name", SWEEP])
+    rc = main(["--project", str(project), "sweep", "--config", str(project / "changed.yaml"), "--worlds", "0",
+               "--name", SWEEP])
     err = capsys.readouterr().err
     assert rc == 2 and f"sweep '{SWEEP}'" in err and "was started with another config" in err and "new --name" in err
     assert client.get_run(parent.info.run_id).data.tags["fisao.status"] == "finished"

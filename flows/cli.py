@@ -161,6 +161,26 @@ def _resume(args: argparse.Namespace) -> int:
     return _campaign(args, None, inputs["resolved"], args.name)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """One campaign per world seed × training seed, one table (flows/sweep.py); the lock is taken before Prefect starts."""
+    from fisao.config import load_config
+    from fisao.sweep import default_name, parse_seeds, sweep_lock
+
+    worlds, seeds = parse_seeds(args.worlds, "--worlds"), parse_seeds(args.seeds, "--seeds")
+    project, cfg = str(Path(args.project).resolve()), load_config(args.config)
+    name = args.name or default_name(cfg)
+    with sweep_lock(project, cfg.outputs_dir, name):
+        from flows.ephemeral import start_api
+        from flows.report import print_sweep
+        from flows.sweep import sweep
+
+        start_api(project)
+        result = sweep(config_path=args.config, worlds=list(worlds), seeds=list(seeds), project=project,
+                       rounds=args.rounds, name=name)
+    print_sweep(result)
+    return 1 if result["failed"] else 0
+
+
 def _runs(args: argparse.Namespace) -> int:
     from flows.inspect import campaign_detail, runs_overview
     from tasks.records import all_campaigns
@@ -269,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("name")
     _add_round_options(res)
     res.set_defaults(func=_resume)
+    sw = sub.add_parser("sweep", help="run a config on several world seeds x training seeds; one table of base and "
+                                      "final figures with mean and std (rerun to continue an interrupted sweep)")
+    sw.add_argument("--config", default="configs/demo.yaml")
+    sw.add_argument("--worlds", required=True, help="world seeds, e.g. 10,11,12 (each its own data-sweep-w<seed>-*/)")
+    sw.add_argument("--seeds", default="0", help="training seeds (rollout.seed and ppo.seed), e.g. 0,1 (default: 0)")
+    sw.add_argument("--rounds", type=int, default=None, help="FiSAO rounds per campaign (default: the config's ppo.rounds)")
+    sw.add_argument("--name", default=None, help="the sweep's name (default: the config's name + '-sweep'); "
+                                                "its campaigns are NAME-w<world>-s<seed>")
+    sw.set_defaults(func=_sweep)
     runs = sub.add_parser("runs", help="list campaigns (rounds, status, best round), or show one")
     runs.add_argument("name", nargs="?")
     runs.add_argument("--metric", default="chair_i", help="metric that picks the best round (default: chair_i, lower is better)")

@@ -50,3 +50,46 @@ HEADERS = {"score/reward_mean": "reward", "update/kl": "kl", "seconds/round": "t
 def rounds_table(rounds: list[dict]) -> str:
     rows = [["base" if k == 0 else f"round {k}", *[m.get(c, "-") for c in ROUND_COLUMNS]] for k, m in enumerate(rounds)]
     return table(["model", *[HEADERS.get(c, c) for c in ROUND_COLUMNS]], rows)
+
+
+SWEEP_COLUMNS = (("chair_s", "chair_s"), ("chair_i", "chair_i"), ("recall", "recall"),
+                 ("pope_random_f1", "pope_rnd_f1"), ("pope_popular_f1", "pope_pop_f1"),
+                 ("pope_adversarial_f1", "pope_adv_f1"))
+
+
+def _cell(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def sweep_table(runs: list[dict], mean: dict, std: dict) -> str:
+    """One row per run and a mean and a std row: base→final figures, the relative CHAIR_i cut, the
+    verifier's AUROC on the base policy's mentions, the POPE yes-ratios (random/popular/adversarial)
+    after the last round and the last round's KL."""
+    rows = []
+    for r in [*runs, mean, std]:
+        label = r["run"] if r["run"] in ("mean", "std") else f"w{r['world']} s{r['seed']}"
+        pairs = [f"{_cell(r[f'base_{m}'])}→{_cell(r[f'final_{m}'])}" for m, _ in SWEEP_COLUMNS]
+        cut = "-" if r["chair_i_cut"] is None else f"{r['chair_i_cut']:.1%}"
+        yes = "/".join(_cell(r[f"final_pope_{s}_yes_ratio"]) for s in ("random", "popular", "adversarial"))
+        rows.append([label, *pairs, cut, _cell(r["verifier_auroc"]), yes, _cell(r["final_kl"])])
+    headers = ["run", *[h for _, h in SWEEP_COLUMNS], "chair_i_cut", "auroc", "yes_ratio r/p/a", "kl"]
+    return table(headers, rows)
+
+
+def print_sweep(result: dict) -> None:
+    print()
+    print(table(["campaign", "seconds", "rounds taken as done"],
+                [[k, v["seconds"], ",".join(map(str, v["resume"]["verified_rounds"])) or "-"]
+                 for k, v in result["campaigns"].items()]))
+    print()
+    print(f"sweep {result['name']}: config {result['config']}, worlds {result['worlds']}, training seeds "
+          f"{result['seeds']} (base → final; mean and std over the runs)")
+    print(sweep_table(result["runs"], result["mean"], result["std"]))
+    print()
+    for f in result.get("failed", []):
+        print(f"FAILED {f['run']} (world {f['world']}, seed {f['seed']}): {f['error']}")
+    if result.get("failed"):
+        print(f"mean and std are over the {len(result['runs'])} finished runs; run the same command again to retry "
+              "the failed ones")
+    print(f"sweep.json: {result['path']}")
+    print(f"MLflow: experiment {result['name']!r}; its campaigns are tagged fisao.sweep = '{result['name']}'")

@@ -39,10 +39,10 @@ PRETRAIN = "pretrain"
 
 
 def sample_split(cfg: WorldConfig, split: str) -> list[Scene]:
-    rng = _rng(cfg, split, "scenes")
+    rng, hard = _rng(cfg, split, "scenes"), _rng(cfg, split, "hardness")
     if split == PRETRAIN:
-        return [sample_scene(rng, cfg, cfg.pretrain_cooccurrence) for _ in range(cfg.pretrain_size)]
-    return [sample_scene(rng, cfg, cfg.cooccurrence[split]) for _ in range(cfg.sizes[split])]
+        return [sample_scene(rng, cfg, cfg.pretrain_cooccurrence, hard) for _ in range(cfg.pretrain_size)]
+    return [sample_scene(rng, cfg, cfg.cooccurrence[split], hard) for _ in range(cfg.sizes[split])]
 
 
 def instances(cfg: WorldConfig, scenes: list[Scene], split: str) -> dict:
@@ -96,11 +96,17 @@ def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Pat
     scenes = {split: sample_split(cfg, split) for split in splits}
     train_stats = class_statistics([s.classes for s in scenes["train"]])
     with io.atomic_dir(out) as tmp:
-        io.write_json(tmp / "world.json", {"config": cfg.model_dump(mode="json"), "format": 1})
+        io.write_json(tmp / "world.json", {"config": world_record(cfg), "format": 1})
         io.atomic_write_text(tmp / "vocab.txt", "\n".join(vocabulary_lines(cfg)) + "\n")
         for split in splits:
             write_split(tmp / split, cfg, split, scenes[split], train_stats, progress)
     return out
+
+
+def world_record(cfg: WorldConfig) -> dict:
+    """What world.json records of the config: all of it, less `hardness` when it is off (so a world
+    built before the hardness options existed is byte-identical to one built now)."""
+    return cfg.model_dump(mode="json", exclude=None if cfg.hardness.active else {"hardness"})
 
 
 def read_world_config(world_dir: str | Path) -> WorldConfig:

@@ -41,9 +41,9 @@ PRETRAIN = "pretrain"
 
 
 def sample_split(cfg: WorldConfig, split: str, progress: bool = False) -> list[Scene]:
-    rng = _rng(cfg, split, "scenes")
+    rng, hard = _rng(cfg, split, "scenes"), _rng(cfg, split, "hardness")
     n, p = (cfg.pretrain_size, cfg.pretrain_cooccurrence) if split == PRETRAIN else (cfg.sizes[split], cfg.cooccurrence[split])
-    return [sample_scene(rng, cfg, p) for _ in progress_bar(range(n), f"scenes {split}", progress)]
+    return [sample_scene(rng, cfg, p, hard) for _ in progress_bar(range(n), f"scenes {split}", progress)]
 
 
 def instances(cfg: WorldConfig, scenes: list[Scene], split: str) -> dict:
@@ -92,7 +92,7 @@ def write_split(out: Path, cfg: WorldConfig, split: str, scenes: list[Scene], tr
 
 def world_json_bytes(cfg: WorldConfig) -> bytes:
     """The exact bytes of a world's `world.json` (so a recorded world can be recognised by its md5)."""
-    return (json.dumps({"config": cfg.model_dump(mode="json"), "format": 1}, indent=2) + "\n").encode("utf-8")
+    return (json.dumps({"config": world_record(cfg), "format": 1}, indent=2) + "\n").encode("utf-8")
 
 
 def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Path:
@@ -110,6 +110,12 @@ def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Pat
         for split in splits:
             write_split(tmp / split, cfg, split, scenes[split], train_stats, progress)
     return out
+
+
+def world_record(cfg: WorldConfig) -> dict:
+    """What world.json records of the config: all of it, less `hardness` when it is off (so a world
+    built before the hardness options existed is byte-identical to one built now)."""
+    return cfg.model_dump(mode="json", exclude=None if cfg.hardness.active else {"hardness"})
 
 
 def read_world_config(world_dir: str | Path) -> WorldConfig:

@@ -13,6 +13,46 @@ Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
 
+class Hardness(BaseModel):
+    """Objects that are hard to verify and to describe, the way real photographs make them.
+
+    CLIP on photographs is fallible because objects are small, faint, partly hidden, surrounded by
+    things outside the vocabulary that resemble things in it, and seen through sensor noise; a
+    world whose every object is a crisp, whole shape gives a verifier that never errs (AUROC 1.0 on
+    the policy's own mentions). Each option recreates one of these causes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Look-alikes: each image holds up to `lookalikes` shapes outside the vocabulary that resemble a
+    # class (a hexagon beside circles, an oblong beside squares): in photos most pixels belong to
+    # things no vocabulary names, and CLIP scores a named look-alike high. Each is added with
+    # probability `lookalike_prob`; they are never annotated, captioned or asked about.
+    lookalikes: int = Field(0, ge=0, le=4)
+    lookalike_prob: float = Field(0.5, ge=0, le=1)
+    # Faint objects: drawn at low contrast (opacity drawn from `faint_alpha`), as in shadow or haze.
+    faint_prob: float = Field(0.0, ge=0, le=1)
+    faint_alpha: tuple[float, float] = (0.3, 0.55)
+    # Occlusion: a grey bar covers a share (drawn from `occlusion_cover`) of the object's box along
+    # one side, as when an object is partly behind another.
+    occlusion_prob: float = Field(0.0, ge=0, le=1)
+    occlusion_cover: tuple[float, float] = (0.3, 0.6)
+    # Sensor noise: standard deviation of per-pixel Gaussian noise, in 0-255 units.
+    noise: float = Field(0.0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Hardness":
+        for key in ("faint_alpha", "occlusion_cover"):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi < 1:
+                raise ValueError(f"world.hardness.{key} {getattr(self, key)} must satisfy 0 < lo <= hi < 1")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.lookalikes and self.lookalike_prob) or bool(self.faint_prob or self.occlusion_prob or self.noise)
+
+
 class WorldConfig(BaseModel):
     """The shapes world: classes, colours, co-occurrence priors and split sizes."""
 
@@ -60,6 +100,9 @@ class WorldConfig(BaseModel):
     # Free layout: largest allowed intersection over the smaller box (shapes stay recognisable).
     max_overlap: float = Field(0.15, ge=0, le=1)
     synonym_prob: float = Field(0.2, ge=0, le=1)
+    # What makes an object hard to verify, as in photographs (all off by default: the world then
+    # renders exactly as before these options existed). Each draws from its own random stream.
+    hardness: Hardness = Hardness()
 
     @model_validator(mode="after")
     def _check(self) -> "WorldConfig":

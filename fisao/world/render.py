@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:  # scenes imports config, whose validator imports this module
@@ -73,6 +74,17 @@ def _moon(d: ImageDraw.ImageDraw, s: int) -> None:
     d.ellipse([off, -s * 0.1, s - 1 + off, s - 1 - s * 0.1], fill=0)
 
 
+def _oblong(d: ImageDraw.ImageDraw, s: int) -> None:
+    m = round(s * 0.22)
+    d.rectangle([0, m, s - 1, s - 1 - m], fill=255)
+
+
+def _ring(d: ImageDraw.ImageDraw, s: int) -> None:
+    d.ellipse([0, 0, s - 1, s - 1], fill=255)
+    t = s * 0.28
+    d.ellipse([t, t, s - 1 - t, s - 1 - t], fill=0)
+
+
 SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, int], None]] = {
     "circle": _circle,
     "square": _square,
@@ -84,14 +96,35 @@ SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, int], None]] = {
     "moon": _moon,
     "hexagon": _polygon([(0.5 + 0.5 * math.cos(a), 0.5 + 0.5 * math.sin(a))
                          for a in (math.pi / 3 * k + math.pi / 6 for k in range(6))]),
+    # Look-alikes (fisao.world.scenes.LOOKALIKES): outside the vocabulary, each near a class.
+    "oblong": _oblong,
+    "kite": _polygon([(0.5, 0.0), (0.85, 0.35), (0.5, 1.0), (0.15, 0.35)]),
+    "pentagon": _polygon([(0.5 + 0.5 * math.cos(a), 0.53 + 0.5 * math.sin(a))
+                          for a in (-math.pi / 2 + 2 * math.pi / 5 * k for k in range(5))]),
+    "ring": _ring,
 }
 
 
 def render(scene: "Scene", canvas: int) -> Image.Image:
-    """Draw `scene` on a `canvas` x `canvas` RGB image (objects in scene order)."""
+    """Draw `scene` on a `canvas` x `canvas` RGB image (objects, then look-alikes, then noise)."""
     image = Image.new("RGB", (canvas, canvas), scene.background)
-    for obj in scene.objects:
+    draw = ImageDraw.Draw(image)
+    for obj in (*scene.objects, *scene.extras):
         mask = Image.new("L", (obj.size, obj.size), 0)
         SHAPES[obj.shape](ImageDraw.Draw(mask), obj.size)
+        if obj.alpha < 1:
+            mask = mask.point(lambda v, a=obj.alpha: round(v * a))
         image.paste(PALETTE[obj.colour], (obj.x, obj.y), mask)
+        if obj.occluder is not None:
+            x, y, w, h, grey = obj.occluder
+            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=(grey, grey, grey))
+    if scene.noise:
+        image = _add_noise(image, scene.noise_seed, scene.noise)
     return image
+
+
+def _add_noise(image: Image.Image, seed: int, std: float) -> Image.Image:
+    """Per-pixel Gaussian noise of standard deviation `std` (0-255 units), seeded."""
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = pixels + np.random.default_rng(seed).normal(0.0, std, pixels.shape).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))

@@ -19,6 +19,9 @@ class ShapeObject:
     x: int  # left edge, pixels
     y: int  # top edge, pixels
     size: int  # side of the (square) box, pixels
+    alpha: float = 1.0  # opacity (world.hardness.faint_prob)
+    # A grey bar drawn over the object: (x, y, width, height, grey level) (world.hardness.occlusion_prob)
+    occluder: tuple[int, int, int, int, int] | None = None
 
     @property
     def bbox(self) -> tuple[int, int, int, int]:
@@ -30,6 +33,10 @@ class ShapeObject:
 class Scene:
     objects: tuple[ShapeObject, ...]
     background: tuple[int, int, int]
+    # Shapes outside the vocabulary (world.hardness.lookalikes): drawn, never annotated or named.
+    extras: tuple[ShapeObject, ...] = ()
+    noise: float = 0.0  # per-pixel noise std, 0-255 units (world.hardness.noise)
+    noise_seed: int = 0
 
     @property
     def classes(self) -> list[str]:
@@ -117,9 +124,76 @@ def place_free(rng: random.Random, cfg: WorldConfig, classes: list[str]) -> list
 LAYOUTS = {"grid": place_grid, "free": place_free}
 
 
-def sample_scene(rng: random.Random, cfg: WorldConfig, p_cooccur: float) -> Scene:
-    """One scene: classes under the pair prior, placed on a light, slightly varying background."""
+def sample_scene(rng: random.Random, cfg: WorldConfig, p_cooccur: float, hard_rng: random.Random | None = None) -> Scene:
+    """One scene: classes under the pair prior, placed on a light, slightly varying background.
+
+    `hard_rng` draws what `cfg.hardness` adds (look-alikes, faint and occluded objects, noise) from a
+    stream of its own, so that a world without hardness is the same scene for scene as one with it.
+    """
     objects = LAYOUTS[cfg.layout](rng, cfg, sample_classes(rng, cfg, p_cooccur))
     grey = rng.randint(215, 245)
     background = (grey + rng.randint(-8, 8), grey + rng.randint(-8, 8), grey + rng.randint(-8, 8))
-    return Scene(tuple(objects), tuple(min(255, max(0, c)) for c in background))
+    scene = Scene(tuple(objects), tuple(min(255, max(0, c)) for c in background))
+    if cfg.hardness.active:
+        scene = harden(hard_rng or random.Random(f"{cfg.seed}/hardness"), cfg, scene)
+    return scene
+
+
+# Shapes outside any vocabulary, each resembling a class (render.SHAPES draws them).
+LOOKALIKES: dict[str, str] = {"hexagon": "circle", "oblong": "square", "kite": "diamond", "pentagon": "star",
+                              "ring": "moon"}
+
+
+def _free_spot(rng: random.Random, cfg: WorldConfig, taken: list[ShapeObject], size: int) -> tuple[int, int] | None:
+    """Top-left corner for a new box: a free grid cell, or a place overlapping no object by more than allowed."""
+    if cfg.layout == "grid":
+        n = cfg.canvas // cfg.cell
+        used = {(o.y // cfg.cell) * n + o.x // cfg.cell for o in taken}
+        free = [c for c in range(n * n) if c not in used]
+        if not free:
+            return None
+        row, col = divmod(rng.choice(free), n)
+        return col * cfg.cell + rng.randint(0, cfg.cell - size), row * cfg.cell + rng.randint(0, cfg.cell - size)
+    for _ in range(60):
+        x, y = rng.randint(0, cfg.canvas - size), rng.randint(0, cfg.canvas - size)
+        probe = ShapeObject("", "", x, y, size)
+        if all(_overlap(probe, o) <= cfg.max_overlap for o in taken):
+            return x, y
+    return None
+
+
+def _occluder(rng: random.Random, obj: ShapeObject, cover: tuple[float, float]) -> tuple[int, int, int, int, int]:
+    """A grey bar over one side of `obj`'s box, covering a share drawn from `cover`."""
+    depth = max(1, round(obj.size * rng.uniform(*cover)))
+    side = rng.choice("lrtb")
+    x, y, w, h = obj.x, obj.y, obj.size, obj.size
+    if side == "l":
+        w = depth
+    elif side == "r":
+        x, w = obj.x + obj.size - depth, depth
+    elif side == "t":
+        h = depth
+    else:
+        y, h = obj.y + obj.size - depth, depth
+    return x, y, w, h, rng.randint(110, 190)
+
+
+def harden(rng: random.Random, cfg: WorldConfig, scene: Scene) -> Scene:
+    """Add `cfg.hardness` to a scene: look-alikes in free places, faint and occluded objects, a noise seed."""
+    hard = cfg.hardness
+    objects = []
+    for obj in scene.objects:
+        alpha = rng.uniform(*hard.faint_alpha) if rng.random() < hard.faint_prob else 1.0
+        occluder = _occluder(rng, obj, hard.occlusion_cover) if rng.random() < hard.occlusion_prob else None
+        objects.append(ShapeObject(obj.shape, obj.colour, obj.x, obj.y, obj.size, alpha, occluder))
+    kinds = [k for k, cls in LOOKALIKES.items() if cls in cfg.classes]
+    extras: list[ShapeObject] = []
+    lo, hi = cfg.object_size
+    for _ in range(hard.lookalikes if kinds else 0):
+        if rng.random() >= hard.lookalike_prob:
+            continue
+        size = rng.randint(lo, hi)
+        spot = _free_spot(rng, cfg, objects + extras, size)
+        if spot is not None:
+            extras.append(ShapeObject(rng.choice(kinds), rng.choice(cfg.colours), *spot, size))
+    return Scene(tuple(objects), scene.background, tuple(extras), hard.noise, rng.randrange(2 ** 31))

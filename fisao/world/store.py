@@ -19,7 +19,7 @@ from typing import Literal
 
 from fisao import dvcdata, io
 from fisao.config import WorldConfig, config_hash
-from fisao.world.build import build_world, world_json_bytes
+from fisao.world.build import build_world, world_json_bytes, world_record
 
 Action = Literal["verified", "pulled", "rebuilt", "created"]
 
@@ -36,7 +36,7 @@ class WorldStatus:
 
 def _same_config(world_dir: Path, cfg: WorldConfig) -> bool:
     try:
-        return io.read_json(world_dir / "world.json")["config"] == cfg.model_dump(mode="json")
+        return io.read_json(world_dir / "world.json")["config"] == world_record(cfg)
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return False
 

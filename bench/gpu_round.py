@@ -222,8 +222,21 @@ def calibration_from_random_mentions(verifier: Verifier, images, seed: int):
     return calibrate(scores, [s < median for s in scores])
 
 
-def score(verifier: Verifier, tok, images, rollouts, cal, reward_cfg) -> tuple[torch.Tensor, dict]:
-    """(N, T) token rewards of the rollouts and figures: mentions, rewarded tokens, one example."""
+def build_verifier(policy, config: CLIPConfig, processor: CLIPProcessor, vocab: Vocabulary, template: str, device: str,
+                   dtype: torch.dtype, seed: int) -> Verifier:
+    """The CLIP materialised on `device` with the policy's vision tower, as a `Verifier` (its
+    vocabulary's text embeddings computed), checked to share the policy's eyes."""
+    clip = materialise(CLIPModel, config, device, dtype, seed)
+    clip.vision_model.load_state_dict(vision_tower(policy).state_dict())
+    verifier = Verifier(clip, processor, vocab, template, source="bench (random CLIP)")
+    check_vision_tower(policy, verifier, require_equal=True, names=("the bench policy", "the bench verifier"))
+    return verifier
+
+
+def score(verifier: Verifier, tok, images, rollouts, reward_cfg, seed: int) -> tuple[torch.Tensor, dict]:
+    """Calibrate, then the (N, T) token rewards of the rollouts, and figures: mentions, rewarded
+    tokens, one example."""
+    cal = calibration_from_random_mentions(verifier, images, seed)
     emb = verifier.image_embeddings(images)
     n, width = rollouts.response_ids.shape
     token_rewards = torch.zeros(n, width)
@@ -334,15 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     rollouts = stages.run("rollouts", est.peaks["rollouts"], "rollouts", sample_rollouts, policy, processor, images,
                           r.prompt, r.n_per_image, temperature=r.temperature, top_p=r.top_p,
                           max_new_tokens=r.max_new_tokens, batch_size=r.batch_size, seed=r.seed, progress=False)
-    clip = stages.run("build_verifier", est.weights + est.verifier_weights, "weights + verifier", materialise, CLIPModel,
-                      verifier_cfg, args.device, dtype, args.seed + 1)
-    clip.vision_model.load_state_dict(vision_tower(policy).state_dict())
-    verifier = Verifier(clip, clip_processor, vocab, cfg.reward.template, source="bench (random CLIP)")
-    check_vision_tower(policy, verifier, require_equal=True, names=("the bench policy", "the bench verifier"))
-    cal = calibration_from_random_mentions(verifier, images, args.seed)
+    verifier = stages.run("build_verifier", est.weights + est.verifier_weights, "weights + verifier", build_verifier,
+                          policy, verifier_cfg, clip_processor, vocab, cfg.reward.template, args.device, dtype,
+                          args.seed + 1)
     token_rewards, scored = stages.run("score", est.peaks["calibration"], "calibration", score, verifier, tok, images,
-                                       rollouts, cal, cfg.reward)
-    del verifier, clip
+                                       rollouts, cfg.reward, args.seed)
+    del verifier
     if stages.cuda:
         torch.cuda.empty_cache()
     model, updated = stages.run("update", est.peaks["update"], "update", update, policy, processor, images, rollouts,

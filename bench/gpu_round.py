@@ -143,8 +143,10 @@ def processors(policy_config: LlavaConfig, tok, clip_tok) -> tuple[LlavaProcesso
 
 
 def materialise(cls, config, device: str, dtype: torch.dtype, seed: int):
-    """`cls(config)` built on the meta device, then allocated and initialised on `device` in `dtype`
-    (transformers' own `_init_weights`, which also fills the rotary and position-id buffers)."""
+    """`cls(config)` built on the meta device, then allocated and initialised on `device` in `dtype`:
+    transformers' own `_init_weights` (which also fills the rotary and position-id buffers), and
+    CLIP's `logit_scale`, which it leaves to the checkpoint. Every float tensor is NaN until then,
+    so one that nothing initialised stops the run instead of holding whatever memory held."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -153,9 +155,18 @@ def materialise(cls, config, device: str, dtype: torch.dtype, seed: int):
     finally:
         torch.set_default_dtype(previous)
     model.to_empty(device=device)
-    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
-        torch.manual_seed(seed)
-        model.init_weights()
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for t in tensors.values():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+        with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+            torch.manual_seed(seed)
+            model.init_weights()
+        if isinstance(model, CLIPModel):
+            model.logit_scale.fill_(config.logit_scale_init_value)
+    left = [n for n, t in tensors.items() if t.is_floating_point() and bool(t.isnan().any())]
+    assert not left, f"{cls.__name__}: nothing initialised {left[:5]}"
     return model.eval()
 
 

@@ -3,6 +3,7 @@ import guard that blocks every installed distribution the bare GPU machine lacks
 its LLaVA-1.5-7B and CLIP ViT-L/14-336 configurations have the real checkpoints' sizes."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -86,6 +87,40 @@ def blocked_modules() -> set[str]:
 def guarded(script: Path | str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", GUARD, ",".join(sorted(blocked_modules())), str(script), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def imported_modules(script: Path) -> dict[str, set[str]]:
+    """Top-level modules imported anywhere (lazy imports in functions too) by `script` and by the
+    fisao modules it reaches, fisao's own left out: {module: files importing it}."""
+    seen, found, todo = set(), {}, [script]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name.split(".")[0] == "fisao":
+                    module = ROOT.joinpath(*name.split("."))
+                    todo.append(module / "__init__.py" if module.is_dir() else module.with_suffix(".py"))
+                else:
+                    found.setdefault(name.split(".")[0], set()).add(path.relative_to(ROOT).as_posix())
+    return found
+
+
+def test_bench_imports_only_what_the_gpu_machine_has():
+    """Statically, without the dependency closure the runtime guard allows: every module the bench
+    and its fisao modules name is the standard library's or a listed distribution's."""
+    allowed = _names(GPU / "machine-packages.txt") | _names(GPU / "requirements.txt")
+    dists = packages_distributions()
+    found = imported_modules(BENCH)
+    assert {"torch", "transformers", "pydantic", "inflect"} <= set(found)
+    outside = {m: sorted(files) for m, files in found.items()
+               if m not in sys.stdlib_module_names and not any(_normal(d) in allowed for d in dists.get(m, []))}
+    assert not outside, f"imported but neither on the GPU machine nor carried (bench/gpu/): {outside}"
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def steer_to_objects(policy, tok, sigma: float = 12.0, seed: int = 0) -> list[in
     """Make a random policy name objects: the LM-head rows of OBJECT_WORDS and GLUE_WORDS become
     random vectors whose logits on the final RMS-normed state (norm √H) are ~N(0, sigma²); every
     other row is 0 (EOS included), so answers are runs of those words to the last new token.
-    Returns the steered token ids. (tests/realmodels.py steers tiny models the same way, EOS kept.)"""
+    Returns the steered token ids. (tests/realmodels.py steers its tiny models likewise, keeping EOS.)"""
     head = policy.get_output_embeddings().weight  # (V, H)
     ids = [tok.convert_tokens_to_ids("\u0120" + w) for w in OBJECT_WORDS + GLUE_WORDS]
     assert tok.unk_token_id not in ids and None not in ids and len(set(ids)) == len(ids), ids

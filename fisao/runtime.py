@@ -43,5 +43,9 @@ def prepare_for_training(model, runtime: ModelConfig | None) -> None:
     if runtime is None or not runtime.gradient_checkpointing:
         return
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf, "activation_checkpointing_enable"):  # newer transformers 5 (5.23 here)
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # earlier 5.x (5.17 on the GPU machine of bench/gpu/README.md) has only the older name
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     hf.enable_input_require_grads()

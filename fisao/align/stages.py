@@ -153,16 +153,8 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
                          "says_yes": says_yes, "score": round(s, 5), "reward": round(value, 5),
                          "present": claims[-1][2]})
             continue
-        mentions = parse_mentions(text, verifier.vocab)
-        scores = verifier.score(emb_of[image_ids[r]], [m.category for m in mentions]) if mentions else torch.zeros(0)
-        rewards = []
-        for m, s in zip(mentions, scores):
-            b, w = mention_cal.thresholds(m.category)
-            rewards.append(float(shape(s, b, w)))
-        rewards = REPEATS[reward.repeats]([m.category for m in mentions], rewards)
-        if reward.level == "token":
-            spans = SPANS[reward.span](text, [(m.start, m.end) for m in mentions], reward.span_words)
-            token_rewards[r] = place_rewards(offsets, spans, rewards, width)
+        mentions, scores, rewards, token_rewards[r] = answer_rewards_of(text, offsets, emb_of[image_ids[r]], verifier,
+                                                                       mention_cal, reward, width)
         records = []
         for m, s, rw in zip(mentions, scores.tolist(), rewards):
             hallucinated = None if truth is None else m.category not in truth
@@ -203,6 +195,27 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
         figures["seconds"] = round(time.time() - t0, 2)
         io.write_json(tmp / FIGURES, figures)
     return figures
+
+
+def answer_rewards_of(text: str, offsets: list[tuple[int, int]], image_embedding: torch.Tensor, verifier: Verifier,
+                      calibration: Calibration, reward: RewardConfig, width: int):
+    """One description's mentions, their verifier scores (M,), rewards (M,) and token rewards (width,).
+
+    The mentions are the CHAIR parser's; each reward is `reward.shape` of its score against the
+    calibration's (b, w), then `reward.repeats`; at `reward.level` "token" the rewards sit on the
+    tokens (character `offsets`, from `token_offsets`) of `reward.span`, else the row is all 0
+    (the sentence-level reward goes on the last token, from the whole answer's score).
+    """
+    mentions = parse_mentions(text, verifier.vocab)
+    scores = verifier.score(image_embedding, [m.category for m in mentions]) if mentions else torch.zeros(0)
+    shape = SHAPES[reward.shape]
+    rewards = [float(shape(s, *calibration.thresholds(m.category))) for m, s in zip(mentions, scores)]
+    rewards = REPEATS[reward.repeats]([m.category for m in mentions], rewards)
+    row = torch.zeros(width)
+    if reward.level == "token":
+        spans = SPANS[reward.span](text, [(m.start, m.end) for m in mentions], reward.span_words)
+        row = place_rewards(offsets, spans, rewards, width)
+    return mentions, scores, rewards, row
 
 
 def _claim_figures(claims: list[tuple[float, bool, bool | None]]) -> dict[str, float]:

@@ -45,23 +45,27 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _mark_campaign(name: str, end: str, error: str) -> None:
-    """Mark campaign `name`'s MLflow run `end` if it is still marked running (MLflow only, no Prefect)."""
+def _mark_campaign(name: str, end: str, error: str) -> bool:
+    """Mark campaign `name`'s MLflow run `end` if it is still marked running (MLflow only, no Prefect);
+    returns whether MLflow knows the campaign."""
     from tasks.campaigns import campaign_state
     from tasks.records import campaign_parent
 
     parent = campaign_parent(name)
     if parent is not None and parent.data.tags.get("fisao.status") == "running":
         campaign_state.fn(parent.info.run_id, {"fisao.error": error[:4000]}, end=end)
+    return parent is not None
 
 
-def resume_hint(name: str) -> str:
-    """The last line a stopped campaign prints: how to continue it."""
-    from tasks.records import campaign_parent
-
-    if campaign_parent(name) is None:
+def resume_hint(name: str, recorded: bool = True) -> str:
+    """The last line a stopped campaign prints: how to continue it (`recorded`: MLflow knows it)."""
+    if not recorded:
         return f"campaign {name!r} stopped before anything was recorded; start it again with the same `fisao run` command"
     return f"resume campaign {name!r} with: fisao resume {name}"
+
+
+def _ended(code: int) -> str:
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 
 class CampaignStop:
@@ -83,7 +87,8 @@ class CampaignStop:
 
     def __enter__(self) -> "CampaignStop":
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. a background job's SIGINT stays ignored
+                self._previous[signum] = signal.signal(signum, self._on_signal)
         threading.Thread(target=self._watch, name="fisao-campaign-watchdog", daemon=True).start()
         return self
 
@@ -119,13 +124,15 @@ class CampaignStop:
 
         APILogWorker.drain_all(timeout=BACKSTOP)  # here, not in logging.shutdown, where it waits 5 s for a lock
         atexit._run_exitfuncs()
-        print(f"fisao: {resume_hint(self.name)}", file=sys.stderr, flush=True)
+        from tasks.records import campaign_parent
+
+        print(f"fisao: {resume_hint(self.name, campaign_parent(self.name) is not None)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(self.code)
 
     def _on_signal(self, signum: int, frame) -> None:
-        if self.signum is not None:  # the second Ctrl-C: stop now (MLflow untouched: this thread may be inside it)
-            self.stop_now(None, f"second {signal.Signals(signum).name} while stopping", 128 + signum)
+        if self.signum is not None:  # the second Ctrl-C: stop now
+            self.stop_now("interrupted", f"second {signal.Signals(signum).name}", 128 + signum)
         self.signum, self.deadline = signum, time.monotonic() + self.grace
         print(f"fisao: {signal.Signals(signum).name}: stopping campaign {self.name!r} (again to stop at once)",
               file=sys.stderr, flush=True)
@@ -139,24 +146,28 @@ class CampaignStop:
                               128 + self.signum)
             server = self.server
             if self._running.is_set() and server is not None and server.poll() is not None:
-                self.stop_now("failed", f"Prefect's API server (pid {server.pid}) exited with code {server.returncode} "
-                                        f"while campaign {self.name!r} was running; nothing can record its progress, "
-                                        "so it stops here", 1)
+                self.stop_now("failed", f"Prefect's API server (pid {server.pid}) {_ended(server.returncode)} while "
+                                        f"campaign {self.name!r} was running; nothing can record its progress, so it "
+                                        "stops here", 1)
 
-    def stop_now(self, end: str | None, reason: str, code: int) -> None:
-        """Mark the campaign `end` in MLflow (None: leave it), release its lock, say how to resume and
-        exit with `code`, within `BACKSTOP` seconds whatever MLflow does."""
+    def stop_now(self, end: str, reason: str, code: int) -> None:
+        """Mark the campaign `end` in MLflow, release its lock, say how to resume and exit with `code`,
+        within `BACKSTOP` seconds whatever MLflow does."""
         if not self._stopping.acquire(blocking=False):  # another thread is already stopping the process
             return
         threading.Timer(BACKSTOP, os._exit, (code,)).start()
-        try:
-            print(f"fisao: error: {reason}" if end == "failed" else f"fisao: {reason}: stopping now",
+        try:  # a new line first: a progress bar may be half-drawn
+            print(f"\nfisao: error: {reason}" if end == "failed" else f"\nfisao: {reason}: stopping now",
                   file=sys.stderr, flush=True)
-            if end is not None:
-                _mark_campaign(self.name, end, reason)
+            recorded: list[bool] = []
+            # In a thread of its own: this thread may be a signal handler interrupting an MLflow write,
+            # which the mark would wait for; then the lock and the line below still come.
+            marker = threading.Thread(target=lambda: recorded.append(_mark_campaign(self.name, end, reason)), daemon=True)
+            marker.start()
+            marker.join(BACKSTOP / 2)
             if self.lock_path.is_file():
                 os.truncate(self.lock_path, 0)  # released cleanly; the flock goes with the process
-            print(f"fisao: {resume_hint(self.name)}", file=sys.stderr, flush=True)
+            print(f"fisao: {resume_hint(self.name, all(recorded))}", file=sys.stderr, flush=True)
         finally:
             sys.stdout.flush()
             os._exit(code)

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from prefect.exceptions import TerminationSignal
+
 GRACE = 6.0  # seconds from the first signal to a forced exit; the target is an exit within 10 s
 BACKSTOP = 2.0  # seconds a forced exit may spend on MLflow and the lock before it exits regardless
 POLL = 0.2  # seconds between the watchdog's looks at the API server
@@ -100,11 +102,11 @@ class CampaignStop:
 
     def __exit__(self, kind, exc, tb) -> bool:
         self._running.clear()  # from here on, the server is stopped at exit on purpose
-        if exc is not None and isinstance(exc, KeyboardInterrupt):
-            signum = self.signum or signal.SIGINT
-            if self.deadline is None:  # a TerminationSignal re-raised as Ctrl-C, or a bare KeyboardInterrupt
-                self.signum, self.deadline = signum, time.monotonic() + self.grace
-            self.code = 128 + signum
+        if isinstance(exc, (KeyboardInterrupt, TerminationSignal)):
+            if self.signum is None:  # not raised by our handler (Prefect's SIGTERM handler, interrupt_main)
+                self.signum = getattr(exc, "signal", signal.SIGINT)
+                self.deadline = time.monotonic() + self.grace
+            self.code = 128 + self.signum
             return True
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

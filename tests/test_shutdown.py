@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 # The child: a campaign body that takes its time to unwind after Ctrl-C (60 s unless stopped).
 CHILD = """
 import sys, time, subprocess
@@ -119,3 +121,26 @@ def test_a_dead_api_server_stops_the_campaign_with_a_clear_error(tmp_path):
     assert (tmp_path / ".lock").read_text() == ""
     status, end, error = campaign_status(tmp_path)
     assert (status, end) == ("FAILED", "failed") and error.startswith("Prefect's API server"), error
+
+
+def test_prefects_termination_signal_reaching_the_command_counts_as_sigterm(tmp_path):
+    """Prefect's SIGTERM handler raises TerminationSignal inside a flow; should it come out of the flow
+    as it is (not re-raised as our Interrupted), the command still ends as interrupted by SIGTERM."""
+    from prefect.exceptions import TerminationSignal
+
+    from flows.shutdown import CampaignStop
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with CampaignStop("c", tmp_path / ".lock", grace=1e9) as stop:  # no forced exit of this test process
+            raise TerminationSignal(signal.SIGTERM)
+        assert (stop.code, stop.signum) == (143, signal.SIGTERM)
+        with CampaignStop("c", tmp_path / ".lock", grace=1e9) as stop:
+            raise KeyboardInterrupt
+        assert stop.code == 130
+        with pytest.raises(ValueError):
+            with CampaignStop("c", tmp_path / ".lock", grace=1e9):
+                raise ValueError("not an interruption")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 
 from fisao import io
 from fisao.config import Config, load_config
@@ -118,8 +119,8 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
         campaign_state(parent["run_id"], {"fisao.target_rounds": str(target)})
         summary = _rounds(cfg, project, t0, stages, world, real, tags, finished, target)
         campaign_state(parent["run_id"], {"fisao.rounds_done": str(target)}, end="finished")
-    except BaseException as e:  # Ctrl-C included: the campaign's run says how it ended, then the error goes on
-        end = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+    except BaseException as e:  # Ctrl-C and SIGTERM included: the campaign's run says how it ended, then the error goes on
+        end = "interrupted" if isinstance(e, (KeyboardInterrupt, TerminationSignal)) else "failed"
         campaign_state(parent["run_id"], {"fisao.error": f"{type(e).__name__}: {e}"[:4000]}, end=end)
         raise
     log.info("campaign %s: %d rounds done (%d verified from an earlier run), summary %s", cfg.name, target,

@@ -125,7 +125,10 @@ def _campaign(args: argparse.Namespace, config: str | None, overrides: dict, nam
 
     project = str(Path(args.project).resolve())
     cfg = load_config(config, {**overrides, "name": name})
-    with RunLock(campaign_dir(project, cfg.outputs_dir, name) / ".lock", name) as lock:
+    from flows.shutdown import CampaignStop
+
+    with RunLock(campaign_dir(project, cfg.outputs_dir, name) / ".lock", name) as lock, \
+            CampaignStop(name, lock.path) as stop:  # Ctrl-C/SIGTERM: recorded, released, ends in seconds
         if lock.took_over:
             print(f"fisao: took over the lock of campaign {name!r} from {lock.took_over.describe()}, which is no "
                   "longer running", file=sys.stderr)
@@ -133,10 +136,12 @@ def _campaign(args: argparse.Namespace, config: str | None, overrides: dict, nam
         from flows.ephemeral import start_api
         from flows.report import print_summary
 
-        start_api(project)
+        stop.watch(start_api(project))
 
         summary = campaign(config_path=config, project=project, overrides=overrides, run_name=name,
                            rounds=args.rounds, add_rounds=args.more_rounds, allow_changed_data=args.allow_changed_data)
+    if stop.code is not None:
+        stop.finish()  # exits
     print_summary(summary)
     return 0
 

@@ -1,7 +1,9 @@
 """Prefect's ephemeral API server, which a flow run started without PREFECT_API_URL brings up.
 
-Prefect starts it as a child process and stops it at exit, but a process killed with SIGKILL
-never exits properly: its server lives on, orphaned. The campaign records its server's pid in
+Prefect starts it as a child process and stops it at exit. We start it first (`start_api`), in a
+session of its own: in Prefect's own start it shares the terminal's process group, so Ctrl-C
+killed it at once and the campaign then retried the dead API for minutes (see flows/shutdown.py).
+A process killed with SIGKILL never exits properly: its server lives on, orphaned. The campaign records its server's pid in
 its lock file, and the next run of that campaign, taking the stale lock over, stops the server
 if it is still there and still the same program (Linux: read from /proc; elsewhere, nothing).
 """
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 MARK = "prefect.server.api.server:create_app"
@@ -52,16 +56,44 @@ def stop_orphaned(pids: list[int], timeout: float = 5.0) -> list[int]:
     return stopped
 
 
-def start_api(project: str | Path) -> None:
-    """Start this process's ephemeral API now (when no PREFECT_API_URL is set), one process at a time.
+class _OwnSession:
+    """`subprocess` as Prefect's server module sees it while `start_api` starts the server: every
+    Popen starts a new session (so the terminal's SIGINT does not reach the server)."""
+
+    Popen = partial(subprocess.Popen, start_new_session=True)
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+
+def _start_in_own_session():
+    """Prefect's ephemeral server (the one its clients use), started now in its own session."""
+    from prefect.server.api import server as module
+
+    server = module.SubprocessASGIServer()  # one per process: Prefect's clients get this same one
+    if not server.running:
+        real, module.subprocess = module.subprocess, _OwnSession()
+        try:
+            server.start()
+        finally:
+            module.subprocess = real
+    return server
+
+
+def start_api(project: str | Path) -> subprocess.Popen | None:
+    """Start this process's ephemeral API now (when no PREFECT_API_URL is set), one process at a
+    time; returns its server process (None when PREFECT_API_URL names a server to use instead).
 
     Its first start migrates the project's Prefect database; two campaigns starting together on a
     fresh project would race on that. The flow then uses this same server.
     """
     from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
 
     from fisao.locks import exclusive
 
     with exclusive(Path(project) / ".fisao-init.lock"):
+        server = None if PREFECT_API_URL.value() else _start_in_own_session()
         with get_client(sync_client=True) as client:
             client.api_healthcheck()
+    return server.server_process if server is not None else None

@@ -1,9 +1,9 @@
 """Run `fisao` in a child process the way a user does, and read back what MLflow recorded.
 
-Each child starts its own ephemeral Prefect API (a server subprocess) with the project's own
-PREFECT_HOME; it runs in a new session so that whatever a killed child leaves behind (that
-server, which SIGKILL orphans) is killed with its process group afterwards, as a pre-empted
-machine would take it down too.
+Each child starts its own ephemeral Prefect API (a server subprocess, in a session of its own)
+with the project's own PREFECT_HOME; the child runs in a new session too. Whatever a killed child
+leaves behind is killed afterwards, as a pre-empted machine would take it down too: its process
+group, and its server (which SIGKILL orphans), found by a tag in the server's environment.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from fisao.localstate import local_state_env
 FISAO = str(Path(sys.executable).with_name("fisao"))
 # Figures that measure time, not results: they differ between any two runs.
 TIMINGS = ("seconds/", "rollouts/tokens_per_second")
+TAG = "FISAO_TEST_CHILD"  # names a child's log file in its environment and in its server's
 
 
 def fisao_env(project: Path, **extra: str) -> dict[str, str]:
@@ -30,6 +31,7 @@ def fisao_env(project: Path, **extra: str) -> dict[str, str]:
 def start_fisao(project: Path, *args: str, **env: str) -> tuple[subprocess.Popen, Path, float]:
     """Start `fisao --project PROJECT ARGS` in its own session; finish it with `wait_fisao`."""
     log = project / f".fisao-{time.time_ns()}.log"  # a file, not a pipe: an orphaned server would hold a pipe open
+    env = {TAG: log.name, **env}  # inherited by its server: `servers_of` finds it
     with open(log, "w") as out:
         proc = subprocess.Popen([FISAO, "--project", str(project), *args], cwd=project, env=fisao_env(project, **env),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -48,7 +50,9 @@ def wait_fisao(started: tuple[subprocess.Popen, Path, float], timeout: float = 3
         proc.wait(timeout=timeout)
     finally:
         if reap or proc.returncode is None:
-            kill_group(proc.pid)  # the orphaned ephemeral server of a killed run, if any
+            kill_group(proc.pid)
+            for server in servers_of(log.name):  # the orphaned ephemeral server of a killed run, if any
+                kill_group(server)  # its own session: its pid is its process group
         proc.wait()
     text = log.read_text()
     log.unlink()
@@ -66,6 +70,21 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def servers_of(tag: str) -> list[int]:
+    """Pids of the Prefect API servers started by the child of `start_fisao` that logs to `tag`."""
+    from flows.ephemeral import MARK
+
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{TAG}={tag}".encode() in environ.read_bytes().split(b"\0") and \
+                    MARK.encode() in (environ.parent / "cmdline").read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
 
 
 def alive(pid: int) -> bool:

@@ -61,7 +61,7 @@ def test_sigkill_anywhere_then_resume_ends_like_an_uninterrupted_run(base_projec
         assert rc == 0, out
         assert not any(alive(p) for p in orphans)
     finally:
-        for pgid in groups:
+        for pgid in groups + orphans:  # a server is its own process group
             kill_group(pgid)
     outcomes.append(("(none)", round(seconds, 1)))
     print("kill point, seconds until killed / finished:", outcomes)

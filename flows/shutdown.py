@@ -1,0 +1,175 @@
+"""How a campaign process stops: within seconds of Ctrl-C or SIGTERM, and never hanging on a dead API.
+
+The ephemeral Prefect API runs in a session of its own (flows/ephemeral.py), so the terminal's
+Ctrl-C reaches only the campaign. Before that, the server died with the campaign's process
+group and Prefect's client retried the dead API (five retries with back-off, about a minute per
+request): Ctrl-C took over two minutes and printed 150 lines of connection tracebacks.
+
+Under `CampaignStop`:
+- The first SIGINT or SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the main thread.
+  Inside the flow Prefect turns SIGTERM into its own TerminationSignal first; both unwind the
+  same way: Prefect records the crash, the flow marks the campaign's MLflow run interrupted
+  (KILLED), the lock is released, and the command ends with one line saying how to resume.
+- A second signal, or an unwinding that has not ended the process `GRACE` seconds after the
+  first, ends the process at once (`stop_now`).
+- A watchdog thread polls the API server; if it exits while the campaign runs, the campaign
+  stops at once with a clear error instead of retrying a dead API.
+`stop_now` never calls Prefect (its client would retry the dead API): it marks the campaign's
+MLflow run directly, empties the lock file (the kernel drops the flock with the process) and
+exits with os._exit. Nothing is left half-written: every stage writes atomically, and a round
+whose MLflow run was half-logged is logged again on resume (tests/test_chaos.py kills at those
+points with SIGKILL, which is harsher).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from prefect.exceptions import TerminationSignal
+
+GRACE = 6.0  # seconds from the first signal to a forced exit; the target is an exit within 10 s
+BACKSTOP = 2.0  # seconds a forced exit may spend on MLflow and the lock before it exits regardless
+POLL = 0.2  # seconds between the watchdog's looks at the API server
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached a campaign: unwind as Ctrl-C does, remembering which signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _mark_campaign(name: str, end: str, error: str) -> bool:
+    """Mark campaign `name`'s MLflow run `end` if it is still marked running (MLflow only, no Prefect);
+    returns whether MLflow knows the campaign."""
+    from tasks.campaigns import campaign_state
+    from tasks.records import campaign_parent
+
+    parent = campaign_parent(name)
+    if parent is not None and parent.data.tags.get("fisao.status") == "running":
+        campaign_state.fn(parent.info.run_id, {"fisao.error": error[:4000]}, end=end)
+    return parent is not None
+
+
+def resume_hint(name: str, recorded: bool = True) -> str:
+    """The last line a stopped campaign prints: how to continue it (`recorded`: MLflow knows it)."""
+    if not recorded:
+        return f"campaign {name!r} stopped before anything was recorded; start it again with the same `fisao run` command"
+    return f"resume campaign {name!r} with: fisao resume {name}"
+
+
+def _ended(code: int) -> str:
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+
+class CampaignStop:
+    """Signal handlers and the API watchdog for the campaign `name` holding the lock at `lock_path`.
+
+    Use as `with CampaignStop(...) as stop: stop.watch(server); ...`; an interruption is swallowed
+    on the way out (after the flow has recorded it), and `stop.code` is then the exit status.
+    """
+
+    def __init__(self, name: str, lock_path: str | Path, grace: float = GRACE):
+        self.name, self.lock_path, self.grace = name, Path(lock_path), grace
+        self.signum: int | None = None
+        self.deadline: float | None = None
+        self.code: int | None = None
+        self.server: subprocess.Popen | None = None
+        self._running = threading.Event()  # set while the API server must be alive
+        self._stopping = threading.Lock()
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "CampaignStop":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. a background job's SIGINT stays ignored
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        threading.Thread(target=self._watch, name="fisao-campaign-watchdog", daemon=True).start()
+        return self
+
+    def watch(self, server: subprocess.Popen | None) -> None:
+        """Stop the campaign at once should `server` (the API) exit before the `with` block ends."""
+        self.server = server
+        if server is not None:
+            self._running.set()
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        self._running.clear()  # from here on, the server is stopped at exit on purpose
+        if isinstance(exc, (KeyboardInterrupt, TerminationSignal)):
+            if self.signum is None:  # not raised by our handler (Prefect's SIGTERM handler, interrupt_main)
+                self.signum = getattr(exc, "signal", signal.SIGINT)
+                self.deadline = time.monotonic() + self.grace
+            self.code = 128 + self.signum
+            return True
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+    def finish(self) -> NoReturn:
+        """End the interrupted command now, its last line saying how to resume; exit status `code`.
+
+        Python's exit handlers run (Prefect's stop the API server and flush its logs); Python's
+        teardown of its modules does not: garbage collection over torch, transformers, Prefect and
+        MLflow took 3-4 s on 2 cores after a tiny campaign, and Prefect's log flush inside
+        logging.shutdown waited 5 s for a lock (its timeout): 9 s of the 10 s budget, before this.
+        """
+        if not self._stopping.acquire(blocking=False):  # a forced exit is under way in the watchdog
+            time.sleep(BACKSTOP + 1)
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=BACKSTOP)  # here, not in logging.shutdown, where it waits 5 s for a lock
+        atexit._run_exitfuncs()
+        from tasks.records import campaign_parent
+
+        print(f"fisao: {resume_hint(self.name, campaign_parent(self.name) is not None)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(self.code)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.signum is not None:  # the second Ctrl-C: stop now
+            self.stop_now("interrupted", f"second {signal.Signals(signum).name}", 128 + signum)
+        self.signum, self.deadline = signum, time.monotonic() + self.grace
+        print(f"fisao: {signal.Signals(signum).name}: stopping campaign {self.name!r} (again to stop at once)",
+              file=sys.stderr, flush=True)
+        raise Interrupted(signum)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(POLL)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self.stop_now("interrupted", f"{signal.Signals(self.signum).name}: not stopped after {self.grace:g}s",
+                              128 + self.signum)
+            server = self.server
+            if self._running.is_set() and server is not None and server.poll() is not None:
+                self.stop_now("failed", f"Prefect's API server (pid {server.pid}) {_ended(server.returncode)} while "
+                                        f"campaign {self.name!r} was running; nothing can record its progress, so it "
+                                        "stops here", 1)
+
+    def stop_now(self, end: str, reason: str, code: int) -> None:
+        """Mark the campaign `end` in MLflow, release its lock, say how to resume and exit with `code`,
+        within `BACKSTOP` seconds whatever MLflow does."""
+        if not self._stopping.acquire(blocking=False):  # another thread is already stopping the process
+            return
+        threading.Timer(BACKSTOP, os._exit, (code,)).start()
+        try:  # a new line first: a progress bar may be half-drawn
+            print(f"\nfisao: error: {reason}" if end == "failed" else f"\nfisao: {reason}: stopping now",
+                  file=sys.stderr, flush=True)
+            recorded: list[bool] = []
+            # In a thread of its own: this thread may be a signal handler interrupting an MLflow write,
+            # which the mark would wait for; then the lock and the line below still come.
+            marker = threading.Thread(target=lambda: recorded.append(_mark_campaign(self.name, end, reason)), daemon=True)
+            marker.start()
+            marker.join(BACKSTOP / 2)
+            if self.lock_path.is_file():
+                os.truncate(self.lock_path, 0)  # released cleanly; the flock goes with the process
+            print(f"fisao: {resume_hint(self.name, all(recorded))}", file=sys.stderr, flush=True)
+        finally:
+            sys.stdout.flush()
+            os._exit(code)

@@ -1,0 +1,146 @@
+"""CampaignStop (flows/shutdown.py) in a child process, without Prefect: a second Ctrl-C stops at
+once, an unwinding that hangs is cut at the grace deadline, an ignored SIGINT stays ignored, and a
+dead API server stops the campaign. Each forced exit releases the lock and ends with one line
+saying how to go on. (tests/test_interrupt.py does the same with a real campaign.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# The child: a campaign body that takes its time to unwind after Ctrl-C (60 s unless stopped).
+CHILD = """
+import sys, time, subprocess
+from fisao.locks import RunLock
+from flows.shutdown import CampaignStop
+import tasks.campaigns  # imported, with Prefect, before any campaign starts (flows/cli.py)
+from tasks.records import campaign_parent, experiment_id
+lock_path, grace, server, opened = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "server", sys.argv[4] == "opened"
+if opened:  # the campaign's parent run, as open_campaign leaves it
+    from mlflow.tracking import MlflowClient
+    MlflowClient().create_run(experiment_id("c"), run_name="c", tags={"fisao.campaign": "c", "fisao.kind": "campaign",
+                                                                       "fisao.status": "running"})
+assert (campaign_parent("c") is not None) == opened  # MLflow's store is created and its modules imported here
+with RunLock(lock_path, "c") as lock, CampaignStop("c", lock.path, grace=grace) as stop:
+    stop.watch(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) if server else None)
+    try:
+        print("ready", stop.server.pid if server else 0, flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        time.sleep(60)  # a slow unwinding
+        raise
+print("body ended", flush=True)
+"""
+
+
+def start(tmp_path: Path, grace: float = 30.0, server: bool = False, ignore_sigint: bool = False,
+          opened: bool = False):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "FISAO_PROJECT": str(tmp_path)}
+    preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / ".lock"), str(grace),
+                             "server" if server else "-", "opened" if opened else "-"], cwd=Path(__file__).parents[1], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec)
+    ready = ""
+    while not ready.startswith("ready"):  # after MLflow's messages about creating its store
+        ready = proc.stdout.readline()
+        assert ready, proc.stdout.read()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == proc.pid
+    return proc, int(ready.split()[1])
+
+
+def campaign_status(tmp_path: Path) -> tuple[str, str, str]:
+    """(MLflow status, fisao.status, fisao.error) of campaign `c`'s parent run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("c").experiment_id])[0]
+    return run.info.status, run.data.tags["fisao.status"], run.data.tags.get("fisao.error", "")
+
+
+def finish(proc, timeout: float = 20) -> tuple[int, list[str], float]:
+    t = time.time()
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, [line for line in out.splitlines() if line.strip()], time.time() - t
+
+
+def test_second_ctrl_c_stops_at_once_and_releases_the_lock(tmp_path):
+    proc, _ = start(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)  # the body is now unwinding slowly
+    assert proc.poll() is None
+    t = time.time()
+    proc.send_signal(signal.SIGINT)
+    rc, lines, _ = finish(proc)
+    assert time.time() - t < 3, lines
+    assert rc == 130, lines
+    assert "fisao: SIGINT: stopping campaign 'c' (again to stop at once)" in lines
+    assert "fisao: second SIGINT: stopping now" in lines
+    assert "Traceback (most recent call last):" not in lines
+    # MLflow knows no campaign `c` here: the line says to start it again rather than resume it.
+    assert lines[-1] == "fisao: campaign 'c' stopped before anything was recorded; start it again with the same " \
+                        "`fisao run` command"
+    assert (tmp_path / ".lock").read_text() == ""
+
+
+def test_an_unwinding_that_hangs_is_cut_at_the_grace_deadline_and_an_ignored_sigint_stays_ignored(tmp_path):
+    # A background job (`fisao run ... &` in a script) has SIGINT ignored: Ctrl-C must not stop it.
+    proc, _ = start(tmp_path, grace=2.0, opened=True, ignore_sigint=True)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rc, lines, _ = finish(proc)
+    seconds = time.time() - t
+    assert 2.0 <= seconds < 5, (seconds, lines)
+    assert rc == 143, lines
+    assert "fisao: SIGTERM: not stopped after 2s: stopping now" in lines
+    assert lines[-1] == "fisao: resume campaign 'c' with: fisao resume c"
+    assert (tmp_path / ".lock").read_text() == ""
+    assert campaign_status(tmp_path) == ("KILLED", "interrupted", "SIGTERM: not stopped after 2s")
+
+
+def test_a_dead_api_server_stops_the_campaign_with_a_clear_error(tmp_path):
+    proc, server = start(tmp_path, server=True, opened=True)
+    t = time.time()
+    os.kill(server, signal.SIGKILL)
+    rc, lines, _ = finish(proc)
+    assert time.time() - t < 3, lines
+    assert rc == 1, lines
+    assert f"fisao: error: Prefect's API server (pid {server}) was killed by SIGKILL while campaign 'c' was " \
+           "running; nothing can record its progress, so it stops here" in lines
+    assert "body ended" not in lines
+    assert lines[-1] == "fisao: resume campaign 'c' with: fisao resume c"
+    assert (tmp_path / ".lock").read_text() == ""
+    status, end, error = campaign_status(tmp_path)
+    assert (status, end) == ("FAILED", "failed") and error.startswith("Prefect's API server"), error
+
+
+def test_prefects_termination_signal_reaching_the_command_counts_as_sigterm(tmp_path):
+    """Prefect's SIGTERM handler raises TerminationSignal inside a flow; should it come out of the flow
+    as it is (not re-raised as our Interrupted), the command still ends as interrupted by SIGTERM."""
+    from prefect.exceptions import TerminationSignal
+
+    from flows.shutdown import CampaignStop
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with CampaignStop("c", tmp_path / ".lock", grace=1e9) as stop:  # no forced exit of this test process
+            raise TerminationSignal(signal.SIGTERM)
+        assert (stop.code, stop.signum) == (143, signal.SIGTERM)
+        with CampaignStop("c", tmp_path / ".lock", grace=1e9) as stop:
+            raise KeyboardInterrupt
+        assert stop.code == 130
+        with pytest.raises(ValueError):
+            with CampaignStop("c", tmp_path / ".lock", grace=1e9):
+                raise ValueError("not an interruption")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

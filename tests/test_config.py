@@ -143,8 +143,8 @@ def test_settings_from_the_command_line_are_read_as_yaml_and_validated():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"world.classes": ["circle", "square", "pentagon"], "world.pairs": [], "world.synonyms": {}},
-     r"world\.classes: no renderer for \['pentagon'\]"),
+    ({"world.classes": ["circle", "square", "octagon"], "world.pairs": [], "world.synonyms": {}},
+     r"world\.classes: no renderer for \['octagon'\]"),
     ({"world.pairs": [["circle", "unicorn"]]}, r"name classes not in world\.classes: \['unicorn'\]"),
     ({"world.pairs": [["circle", "square"], ["square", "star"]]}, "a class may belong to one pair only"),
     ({"world.cooccurrence": {"train": 1.5, "val": 0.5, "test": 0.5}}, r"must lie in \[0, 1\]"),

@@ -119,3 +119,12 @@ def test_without_hardness_world_json_is_as_before(tmp_path):
 def test_bad_hardness_values_are_refused_by_name(key, value):
     with pytest.raises(ValueError, match=key):
         world(**{key: value})
+
+
+def test_a_lookalike_that_is_a_class_of_the_world_is_never_drawn_unannotated():
+    classes = ["circle", "square", "star", "pentagon", "hexagon"]
+    cfg = load_config(None, {"world.sizes": SIZES, "world.pretrain_size": 6, "world.classes": classes,
+                             "world.pairs": [], "world.synonyms": {}, "world.hardness.lookalikes": 2,
+                             "world.hardness.lookalike_prob": 1.0}).world
+    extras = {e.shape for s in sample_split(cfg, "train") for e in s.extras}
+    assert extras == {"oblong"}  # hexagon and pentagon are classes here; kite, ring lack their class

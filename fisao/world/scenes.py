@@ -186,7 +186,7 @@ def harden(rng: random.Random, cfg: WorldConfig, scene: Scene) -> Scene:
         alpha = rng.uniform(*hard.faint_alpha) if rng.random() < hard.faint_prob else 1.0
         occluder = _occluder(rng, obj, hard.occlusion_cover) if rng.random() < hard.occlusion_prob else None
         objects.append(ShapeObject(obj.shape, obj.colour, obj.x, obj.y, obj.size, alpha, occluder))
-    kinds = [k for k, cls in LOOKALIKES.items() if cls in cfg.classes]
+    kinds = [k for k, cls in LOOKALIKES.items() if cls in cfg.classes and k not in cfg.classes]
     extras: list[ShapeObject] = []
     lo, hi = cfg.object_size
     for _ in range(hard.lookalikes if kinds else 0):

@@ -119,17 +119,18 @@ def relative_cut(base: float | None, final: float | None) -> float | None:
 
 
 def run_record(run: SweepRun, rounds: list[dict], calibration: dict) -> dict:
-    """A run's figures from its campaign: `rounds` as in summary.json (round 0 is the base model),
+    """A run's figures from its campaign: `rounds` as in summary.json (round 0 is the base model; a
+    sweep with `--rounds 0` checks base models only, its final figures are the base's),
     `calibration` the calibration figures (`auroc` and `hallucinated_share` on the base policy's mentions)."""
-    assert len(rounds) >= 2, "a sweep run has a base model and at least one round"
-    base, final = rounds[0], rounds[-1]
+    assert rounds, "a sweep run has at least its base model (round 0)"
+    base, final = rounds[0], rounds[-1]  # with --rounds 0 the base is also the final model
     record: dict = {"run": run.name, "world": run.world, "seed": run.seed, "rounds": len(rounds) - 1}
     for m in METRICS:
         record[f"base_{m}"], record[f"final_{m}"] = base.get(m), final.get(m)
     record["chair_i_cut"] = relative_cut(base.get("chair_i"), final.get("chair_i"))
     record["verifier_auroc"] = calibration.get("auroc")
     record["hallucinated_share"] = calibration.get("hallucinated_share")
-    ratios = [r[f"pope_{s}_yes_ratio"] for r in rounds[1:] for s in POPE_SPLITS if f"pope_{s}_yes_ratio" in r]
+    ratios = [r[f"pope_{s}_yes_ratio"] for r in rounds[1:] or rounds for s in POPE_SPLITS if f"pope_{s}_yes_ratio" in r]
     for s in POPE_SPLITS:
         record[f"final_pope_{s}_yes_ratio"] = final.get(f"pope_{s}_yes_ratio")
     record["yes_ratio_min"] = min(ratios) if ratios else None

@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--config", default="configs/demo.yaml")
     sw.add_argument("--worlds", required=True, help="world seeds, e.g. 10,11,12 (each its own data-sweep-w<seed>-*/)")
     sw.add_argument("--seeds", default="0", help="training seeds (rollout.seed and ppo.seed), e.g. 0,1 (default: 0)")
-    sw.add_argument("--rounds", type=int, default=None, help="FiSAO rounds per campaign (default: the config's ppo.rounds)")
+    sw.add_argument("--rounds", type=_count, default=None,
+                    help="FiSAO rounds per campaign (default: the config's ppo.rounds; 0: check the worlds and base models only)")
     sw.add_argument("--name", default=None, help="the sweep's name (default: the config's name + '-sweep'); "
                                                 "its campaigns are NAME-w<world>-s<seed>")
     sw.set_defaults(func=_sweep)

@@ -73,6 +73,15 @@ def test_run_record_takes_base_final_cut_auroc_yes_ratios_and_kl():
     assert set(FIELDS) <= set(rec)
 
 
+def test_a_base_only_run_record_is_the_base_models_figures():
+    """`fisao sweep --rounds 0` checks worlds and base models (verifier AUROC, base hallucination)."""
+    run = plan(load_config(None), "q", (3,), (1,))[0]
+    rec = run_record(run, [_round(0.2, yes=(0.3, 0.5, 0.7))], {"auroc": 0.85, "hallucinated_share": 0.2})
+    assert rec["rounds"] == 0 and rec["base_chair_i"] == rec["final_chair_i"] == 0.2
+    assert rec["chair_i_cut"] == 0.0 and (rec["yes_ratio_min"], rec["yes_ratio_max"]) == (0.3, 0.7)
+    assert rec["verifier_auroc"] == 0.85 and rec["final_kl"] is None
+
+
 def test_relative_cut_is_none_without_anything_to_cut():
     assert relative_cut(0.25, 0.1) == pytest.approx(0.6)
     assert relative_cut(0.1, 0.15) == pytest.approx(-0.5)

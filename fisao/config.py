@@ -191,6 +191,10 @@ class RewardConfig(_Strict):
     # "each" let the policy farm reward by naming a present object again and again (recall fell
     # 13 points on val); "first" does not pay for repeats.
     repeats: Literal["each", "first"] = "first"
+    # What a yes/no question's object reward is measured against (fisao/align/rewards.py
+    # QUESTION_BASELINES): "none", the verifier's reward as is; "mean", minus its mean over the
+    # round's questions, so that a constant yes or no earns nothing on average.
+    question_baseline: Literal["none", "mean"] = "none"
     per_class: bool = False
     template: str = "a photo of a {}."
     # Stop (instead of warning) when the policy's vision tower is not the verifier's vision model.

@@ -9,7 +9,7 @@ import torch
 
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
 from fisao.align.rewards import (
-    REPEATS, SHAPES, SPANS, binary, claim_reward, continuous, decision_spans, every_mention, first_mention, last_token_reward, mention_spans,
+    QUESTION_BASELINES, REPEATS, SHAPES, SPANS, binary, claim_reward, continuous, decision_spans, every_mention, first_mention, last_token_reward, mention_spans,
     phrase_spans, place_rewards, token_offsets,
 )
 from fisao.benchmarks.mentions import parse_mentions
@@ -71,6 +71,21 @@ def test_yes_no_claims_by_hand():
     assert decision_spans(" ... ") == []
     assert claim_reward(True, 0.7) == 0.7 and claim_reward(False, 0.7) == -0.7
     assert claim_reward(False, -0.4) == 0.4  # "no" about an object the verifier does not see is right
+
+
+def test_mean_question_baseline_makes_a_constant_answer_earn_nothing():
+    # 1 present object (+1) and 3 absent (-1): the verifier's mean is -0.5.
+    r = torch.tensor([1.0, -1.0, -1.0, -1.0])
+    assert QUESTION_BASELINES["none"](r).tolist() == r.tolist()
+    centred = QUESTION_BASELINES["mean"](r)
+    assert centred.tolist() == [1.5, -0.5, -0.5, -0.5]
+    always_no = sum(claim_reward(False, float(x)) for x in r) / 4
+    assert always_no == 0.5  # without a baseline, "no" to everything pays
+    assert sum(claim_reward(False, float(x)) for x in centred) == 0.0
+    assert sum(claim_reward(True, float(x)) for x in centred) == 0.0
+    right = [claim_reward(x > 0, float(c)) for x, c in zip(r, centred)]  # answers that follow the verifier
+    assert sum(right) / 4 == 0.75
+    assert QUESTION_BASELINES["mean"](torch.zeros(0)).numel() == 0
     # On tokens: the reward sits on the first word only.
     offsets = [(0, 1), (1, 4), (4, 5), (5, 11)]  # " " "Yes" "," " there"
     assert place_rewards(offsets, decision_spans(" Yes, there"), [0.5]).tolist() == [0, 0.5, 0, 0]

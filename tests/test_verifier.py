@@ -106,6 +106,19 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
         assert not rewards2[q["row"]][[t for t in range(rewards2.shape[1]) if t not in on]].any()
     assert len({(q["image_id"], q["category"]) for q in questions}) == 18  # 3 distinct objects per image
 
+    # reward.question_baseline "mean": each question's object reward less the round's mean of them.
+    centred_cfg = cfg.reward.model_copy(update={"question_baseline": "mean"})
+    stages.score_stage(tmp_path / "rollouts-q", llava, clip, tmp_path / "cal", world, centred_cfg, tmp_path / "scores-c")
+    rows3 = [json.loads(line) for line in (tmp_path / "scores-c" / stages.REWARDS).read_text().splitlines()]
+    q3 = [r for r in rows3 if r["kind"] == "question"]
+    objects = [max(-1.0, min(1.0, (q["score"] - cal_b) / cal_w)) for q in questions]
+    mean = sum(objects) / len(objects)
+    assert abs(mean) > 0.05  # the test below would not tell the two apart at a zero mean
+    for q, o, c in zip(questions, objects, q3):
+        assert c["score"] == q["score"] and c["says_yes"] == q["says_yes"]
+        assert c["reward"] == pytest.approx((o - mean) if c["says_yes"] else -(o - mean), abs=2 * rounding)
+    assert [r["mentions"] for r in rows3[:12]] == [r["mentions"] for r in rows2[:12]]  # descriptions unchanged
+
     before = {k: v.clone() for k, v in load_policy(llava)[0].model.vision_tower.state_dict().items()}
     u = stages.update_stage(llava, None, tmp_path / "rollouts-q", tmp_path / "scores-q", world, cfg.lora, cfg.ppo, 1,
                             tmp_path / "update")

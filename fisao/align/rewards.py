@@ -116,6 +116,26 @@ def claim_reward(says_yes: bool, object_reward: float) -> float:
     return object_reward if says_yes else -object_reward
 
 
+def no_question_baseline(object_rewards: Tensor) -> Tensor:
+    """(Q,) -> (Q,): each question's object reward as the verifier gives it (the paper has no questions)."""
+    return object_rewards
+
+
+def mean_question_baseline(object_rewards: Tensor) -> Tensor:
+    """(Q,) -> (Q,): object rewards minus their mean over the round's questions.
+
+    Questions ask about random objects, most of them absent, so the mean object reward is negative
+    and a constant "no" earns E[-r] > 0: the policy can gain by shifting its yes/no bias alone.
+    With a fallible verifier that shift wins (measured: POPE yes-ratio 0.000 after one round,
+    world 0 with clip.steps 500). Centred, a constant answer earns 0 on average and only answers
+    that follow the verifier earn reward: the balanced-accuracy form of the same claim reward.
+    """
+    return object_rewards - object_rewards.mean() if object_rewards.numel() else object_rewards
+
+
+QUESTION_BASELINES = {"none": no_question_baseline, "mean": mean_question_baseline}
+
+
 def token_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
     """The decoded text of `token_ids` and each token's (start, end) character span in it.
 

@@ -24,7 +24,7 @@ from transformers import AutoProcessor
 from fisao import io
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
 from fisao.align.rewards import (
-    REPEATS, SHAPES, SPANS, claim_reward, decision_spans, last_token_reward, place_rewards, token_offsets,
+    QUESTION_BASELINES, REPEATS, SHAPES, SPANS, claim_reward, decision_spans, last_token_reward, place_rewards, token_offsets,
 )
 from fisao.align.backends import BACKENDS
 from fisao.align.rollout import batch_seed, concat_rollouts, load_rollouts, sample_rollouts, save_rollouts
@@ -135,15 +135,19 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     rows, all_rewards, n_halluc, n_agree, n_known = [], [], 0, 0, 0
     claims: list[tuple[float, bool, bool | None]] = []  # (reward, says yes, object present) of each question
     answer_rewards = torch.zeros(n)
+    # Each question's object: its verifier score and reward, with the round's question baseline.
+    questions = [r for r in range(n) if kinds[r] == "question"]
+    q_scores = {r: float(verifier.score(emb_of[image_ids[r]], [asked[r]])[0]) for r in questions}
+    q_rewards = dict(zip(questions, QUESTION_BASELINES[reward.question_baseline](torch.tensor(
+        [float(shape(torch.tensor(q_scores[r]), *mention_cal.thresholds(asked[r]))) for r in questions])).tolist()))
     for r in range(n):
         ids = rollouts.response_ids[r][rollouts.mask[r]].tolist()
         text, offsets = token_offsets(tok, ids)
         truth = truth_of[image_ids[r]]  # None: no ground truth (COCO train2014 without instances)
         if kinds[r] == "question":
-            b, w = mention_cal.thresholds(asked[r])
-            s = float(verifier.score(emb_of[image_ids[r]], [asked[r]])[0])
+            s = q_scores[r]
             says_yes = pope_answer(text) == "yes"
-            value = claim_reward(says_yes, float(shape(torch.tensor(s), b, w)))
+            value = claim_reward(says_yes, q_rewards[r])
             answer_rewards[r] = value
             if reward.level == "token":
                 spans = decision_spans(text)

@@ -10,6 +10,10 @@ Under `CampaignStop`:
   Inside the flow Prefect turns SIGTERM into its own TerminationSignal first; both unwind the
   same way: Prefect records the crash, the flow marks the campaign's MLflow run interrupted
   (KILLED), the lock is released, and the command ends with one line saying how to resume.
+- A signal that lands while Prefect runs its own bookkeeping (setting up a task run, storing its
+  state) is held until the main thread is back in the campaign's code (the watchdog looks every
+  50 ms), then raised there: raised inside Prefect it surfaced as Prefect's own error. Should a
+  signal still surface as another error, the campaign is recorded as interrupted all the same.
 - A second signal, or an unwinding that has not ended the process `GRACE` seconds after the
   first, ends the process at once (`stop_now`).
 - A watchdog thread polls the API server; if it exits while the campaign runs, the campaign
@@ -22,6 +26,7 @@ points with SIGKILL, which is harsher).
 """
 from __future__ import annotations
 
+import _thread
 import atexit
 import os
 import signal
@@ -47,16 +52,34 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _mark_campaign(name: str, end: str, error: str) -> bool:
-    """Mark campaign `name`'s MLflow run `end` if it is still marked running (MLflow only, no Prefect);
-    returns whether MLflow knows the campaign."""
+def _mark_campaign(name: str, end: str, error: str, force: bool = False) -> bool:
+    """Mark campaign `name`'s MLflow run `end` if it is still marked running, or whatever it says when
+    `force` (MLflow only, no Prefect); returns whether MLflow knows the campaign."""
     from tasks.campaigns import campaign_state
     from tasks.records import campaign_parent
 
     parent = campaign_parent(name)
-    if parent is not None and parent.data.tags.get("fisao.status") == "running":
+    if parent is not None and (force or parent.data.tags.get("fisao.status") == "running"):
         campaign_state.fn(parent.info.run_id, {"fisao.error": error[:4000]}, end=end)
     return parent is not None
+
+
+def in_prefect(frame) -> bool:
+    """Whether `frame` runs Prefect's own code rather than the campaign's (fisao, tasks, flows).
+
+    The innermost frame of either decides (libraries such as torch or pydantic belong to whoever
+    called them). A KeyboardInterrupt raised inside Prefect's task bookkeeping is not survived as
+    one: measured, a SIGINT that landed in `initialize_run` surfaced as Prefect's "ValueError: Task
+    run is not set", a failed flow with a traceback and exit status 2.
+    """
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module == "prefect" or module.startswith("prefect."):
+            return True
+        if module.split(".")[0] in ("fisao", "tasks", "flows"):
+            return False
+        frame = frame.f_back
+    return False
 
 
 def resume_hint(name: str, recorded: bool = True) -> str:
@@ -86,6 +109,8 @@ class CampaignStop:
         self._running = threading.Event()  # set while the API server must be alive
         self._stopping = threading.Lock()
         self._previous: dict[int, object] = {}
+        self._deferred: int | None = None  # a signal that landed in Prefect's bookkeeping, raised once out of it
+        self._main = threading.main_thread().ident
 
     def __enter__(self) -> "CampaignStop":
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -106,6 +131,12 @@ class CampaignStop:
             if self.signum is None:  # not raised by our handler (Prefect's SIGTERM handler, interrupt_main)
                 self.signum = getattr(exc, "signal", signal.SIGINT)
                 self.deadline = time.monotonic() + self.grace
+            self.code = 128 + self.signum
+            return True
+        if exc is not None and self.signum is not None:
+            # The signal surfaced as another error (Prefect's, when it landed in Prefect's own code):
+            # still an interruption, recorded as one.
+            _mark_campaign(self.name, "interrupted", f"{signal.Signals(self.signum).name}: {exc}", force=True)
             self.code = 128 + self.signum
             return True
         for signum, handler in self._previous.items():
@@ -133,16 +164,25 @@ class CampaignStop:
         os._exit(self.code)
 
     def _on_signal(self, signum: int, frame) -> None:
-        if self.signum is not None:  # the second Ctrl-C: stop now
+        if self._deferred is not None:  # re-delivered by the watchdog once out of Prefect's code
+            signum, self._deferred = self._deferred, None
+        elif self.signum is not None:  # the second Ctrl-C: stop now
             self.stop_now("interrupted", f"second {signal.Signals(signum).name}", 128 + signum)
-        self.signum, self.deadline = signum, time.monotonic() + self.grace
-        print(f"fisao: {signal.Signals(signum).name}: stopping campaign {self.name!r} (again to stop at once)",
-              file=sys.stderr, flush=True)
+        else:
+            self.signum, self.deadline = signum, time.monotonic() + self.grace
+            print(f"fisao: {signal.Signals(signum).name}: stopping campaign {self.name!r} (again to stop at once)",
+                  file=sys.stderr, flush=True)
+        if in_prefect(frame):  # raised there, it would become Prefect's own error: wait until it returns
+            self._deferred = signum
+            return
         raise Interrupted(signum)
 
     def _watch(self) -> None:
         while True:
-            time.sleep(POLL)
+            time.sleep(POLL / 4 if self._deferred is not None else POLL)
+            deferred = self._deferred
+            if deferred is not None and not in_prefect(sys._current_frames().get(self._main)):
+                _thread.interrupt_main(deferred)  # runs _on_signal in the main thread, which raises now
             if self.deadline is not None and time.monotonic() > self.deadline:
                 self.stop_now("interrupted", f"{signal.Signals(self.signum).name}: not stopped after {self.grace:g}s",
                               128 + self.signum)

@@ -144,3 +144,61 @@ def test_prefects_termination_signal_reaching_the_command_counts_as_sigterm(tmp_
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+
+
+def _nested_frame(*modules: str):
+    """The innermost frame of calls through functions defined in `modules` (outermost first)."""
+    inner = None
+    for name in reversed(modules):
+        g = {"__name__": name, "inner": inner, "sys": sys}
+        exec("def call():\n    return inner() if inner else sys._getframe()\n", g)
+        inner = g["call"]
+    return inner()
+
+
+def test_in_prefect_tells_prefects_bookkeeping_from_the_campaigns_code():
+    from flows.shutdown import in_prefect
+
+    # The flow called a task; Prefect's engine is setting it up, inside a library it calls.
+    assert in_prefect(_nested_frame("flows.rounds", "prefect.task_engine", "pydantic.main"))
+    # The task body runs: the campaign's code (and the libraries it calls) is innermost.
+    assert not in_prefect(_nested_frame("flows.rounds", "prefect.task_engine", "tasks.models", "fisao.models.clip",
+                                        "torch.nn.modules.module"))
+    assert not in_prefect(_nested_frame("flows.campaign", "flows.report"))
+    assert not in_prefect(_nested_frame("__main__", "threading"))
+    assert not in_prefect(None)
+
+
+# A signal that lands in Prefect's code is raised once the main thread is back in the campaign's.
+DEFERRED = """
+import os, signal, sys, time
+from fisao.locks import RunLock
+from flows.shutdown import CampaignStop
+g = {"__name__": "prefect.task_engine", "os": os, "signal": signal, "time": time}
+exec("def bookkeeping():\\n    os.kill(os.getpid(), signal.SIGINT)\\n    t = time.time()\\n    while time.time() - t < 1.0:\\n        pass\\n", g)
+h = {"__name__": "fisao.work", "time": time}
+exec("def work():\\n    t = time.time()\\n    while time.time() - t < 20:\\n        pass\\n", h)
+with RunLock(sys.argv[1], "c") as lock, CampaignStop("c", lock.path, grace=30) as stop:
+    try:
+        g["bookkeeping"]()
+        print("bookkeeping ended undisturbed", flush=True)
+        t = time.time()
+        h["work"]()
+        print("work ran to its end", flush=True)
+    except KeyboardInterrupt as e:
+        print("interrupted in", "work" if "t" in dir() else "bookkeeping", round(time.time() - t, 2), type(e).__name__, flush=True)
+        raise
+print("code", stop.code, flush=True)
+"""
+
+
+def test_a_signal_in_prefects_code_is_raised_once_the_campaigns_code_runs(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "FISAO_PROJECT": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", DEFERRED, str(tmp_path / ".lock")], cwd=Path(__file__).parents[1],
+                         env=env, text=True, capture_output=True, timeout=60)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "bookkeeping ended undisturbed", out.stdout + out.stderr
+    _, _, where, seconds, kind = lines[1].split()
+    assert (where, kind) == ("work", "Interrupted"), out.stdout
+    assert float(seconds) < 1.0  # the watchdog looks every 50 ms while a signal waits
+    assert lines[2] == "code 130" and "work ran to its end" not in out.stdout

@@ -127,6 +127,9 @@ class CampaignStop:
 
     def __exit__(self, kind, exc, tb) -> bool:
         self._running.clear()  # from here on, the server is stopped at exit on purpose
+        # A signal held back while Prefect unwound (Prefect sends SIGTERM again once its flow has
+        # crashed) is spent: the campaign has stopped. Raised later, it would land in an exit handler.
+        self._deferred = None
         if isinstance(exc, (KeyboardInterrupt, TerminationSignal)):
             if self.signum is None:  # not raised by our handler (Prefect's SIGTERM handler, interrupt_main)
                 self.signum = getattr(exc, "signal", signal.SIGINT)
@@ -181,7 +184,7 @@ class CampaignStop:
         while True:
             time.sleep(POLL / 4 if self._deferred is not None else POLL)
             deferred = self._deferred
-            if deferred is not None and not in_prefect(sys._current_frames().get(self._main)):
+            if deferred is not None and not in_prefect(sys._current_frames().get(self._main)) and self._deferred:
                 _thread.interrupt_main(deferred)  # runs _on_signal in the main thread, which raises now
             if self.deadline is not None and time.monotonic() > self.deadline:
                 self.stop_now("interrupted", f"{signal.Signals(self.signum).name}: not stopped after {self.grace:g}s",

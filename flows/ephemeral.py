@@ -3,6 +3,7 @@
 Prefect starts it as a child process and stops it at exit. We start it first (`start_api`), in a
 session of its own: in Prefect's own start it shares the terminal's process group, so Ctrl-C
 killed it at once and the campaign then retried the dead API for minutes (see flows/shutdown.py).
+The server's own output goes to PREFECT_HOME/ephemeral-server.log, not the campaign's terminal.
 A process killed with SIGKILL never exits properly: its server lives on, orphaned. The campaign records its server's pid in
 its lock file, and the next run of that campaign, taking the stale lock over, stops the server
 if it is still there and still the same program (Linux: read from /proc; elsewhere, nothing).
@@ -58,21 +59,32 @@ def stop_orphaned(pids: list[int], timeout: float = 5.0) -> list[int]:
 
 class _OwnSession:
     """`subprocess` as Prefect's server module sees it while `start_api` starts the server: every
-    Popen starts a new session (so the terminal's SIGINT does not reach the server)."""
+    Popen starts a new session (so the terminal's SIGINT does not reach the server), its output
+    going to `log` (the server's own errors, e.g. the tracebacks of its event recorder when it is
+    stopped while flushing, are not the campaign's and do not belong in its terminal)."""
 
-    Popen = partial(subprocess.Popen, start_new_session=True)
+    def __init__(self, log):
+        self.Popen = partial(subprocess.Popen, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
 
     def __getattr__(self, name: str):
         return getattr(subprocess, name)
 
 
+SERVER_LOG = "ephemeral-server.log"  # in PREFECT_HOME
+
+
 def _start_in_own_session():
-    """Prefect's ephemeral server (the one its clients use), started now in its own session."""
+    """Prefect's ephemeral server (the one its clients use), started now in its own session, its
+    output appended to PREFECT_HOME/ephemeral-server.log."""
     from prefect.server.api import server as module
+    from prefect.settings import PREFECT_HOME
 
     server = module.SubprocessASGIServer()  # one per process: Prefect's clients get this same one
     if not server.running:
-        real, module.subprocess = module.subprocess, _OwnSession()
+        home = Path(PREFECT_HOME.value())
+        home.mkdir(parents=True, exist_ok=True)
+        log = open(home / SERVER_LOG, "ab")  # noqa: SIM115 (the server writes to it as long as it runs)
+        real, module.subprocess = module.subprocess, _OwnSession(log)
         try:
             server.start()
         finally:

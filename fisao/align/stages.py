@@ -135,11 +135,10 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     rows, all_rewards, n_halluc, n_agree, n_known = [], [], 0, 0, 0
     claims: list[tuple[float, bool, bool | None]] = []  # (reward, says yes, object present) of each question
     answer_rewards = torch.zeros(n)
-    # Each question's object: its verifier score and reward, with the round's question baseline.
-    questions = [r for r in range(n) if kinds[r] == "question"]
+    questions = [r for r in range(n) if kinds[r] == "question"]  # each asks about one object: score, reward
     q_scores = {r: float(verifier.score(emb_of[image_ids[r]], [asked[r]])[0]) for r in questions}
-    q_rewards = dict(zip(questions, QUESTION_BASELINES[reward.question_baseline](torch.tensor(
-        [float(shape(torch.tensor(q_scores[r]), *mention_cal.thresholds(asked[r]))) for r in questions])).tolist()))
+    objects = torch.tensor([float(shape(torch.tensor(q_scores[r]), *mention_cal.thresholds(asked[r]))) for r in questions])
+    q_rewards = dict(zip(questions, QUESTION_BASELINES[reward.question_baseline](objects).tolist()))
     for r in range(n):
         ids = rollouts.response_ids[r][rollouts.mask[r]].tolist()
         text, offsets = token_offsets(tok, ids)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import torch
+import torch.nn.functional as F
 from transformers import CLIPModel, LlavaForConditionalGeneration
 
 from fisao.coco import load_image
@@ -81,3 +82,88 @@ def test_tokenizer_training_is_deterministic_and_offsets_cover_the_text():
     clip_tok = wrap(train_bpe(texts, 300), "clip")
     ids = clip_tok("a star")["input_ids"]
     assert ids[0] == clip_tok.bos_token_id and ids[-1] == clip_tok.convert_tokens_to_ids(EOS)
+
+
+def test_clip_training_stops_at_the_first_check_that_reaches_the_target_auroc(tiny_models, monkeypatch):
+    """`clip.target_auroc`: the val AUROC is checked every `check_every` steps and training stops at
+    the first check at or above the target; without a target every step runs and nothing is checked."""
+    import fisao.models.clip as clip_module
+    from fisao.models.tokenizer import wrap
+    from fisao.models.build import tokenizer_corpus
+    from fisao.world.build import read_world_config
+    from fisao.world.data import load_split
+
+    world_dir, cfg = tiny_models["world"], tiny_models["config"]
+    world = read_world_config(world_dir)
+    train, val = load_split(world_dir, "train"), load_split(world_dir, "val")
+    prompts, _ = clip_module.name_prompts(world)
+    tokenizer = wrap(train_bpe(tokenizer_corpus(train, prompts), cfg.clip.vocab_size), "clip")
+    checks = iter([0.6, 0.75, 0.9, 0.95, 0.99])
+    seen: list[bool] = []
+
+    def fake_auroc(model, processor, examples, classes, pixels=None):
+        seen.append(model.training)
+        return next(checks) if len(seen) <= 5 else 0.5
+
+    monkeypatch.setattr(clip_module, "object_name_auroc", fake_auroc)
+    target = cfg.clip.model_copy(update={"steps": 20, "check_every": 3, "target_auroc": 0.9})
+    _, _, curves = clip_module.train_clip(train, val, world, target, tokenizer, progress=False)
+    assert curves["val_auroc_checks"] == [0.6, 0.75, 0.9]  # the checks after steps 3, 6, 9
+    assert curves["steps_trained"] == 9 and len(curves["loss"]) == 9
+    assert seen[:3] == [True, True, True]  # training mode is kept through a check
+
+    checks = iter([0.6, 0.7, 0.8, 0.85, 0.86, 0.87])
+    seen.clear()
+    _, _, curves = clip_module.train_clip(train, val, world, target.model_copy(update={"target_auroc": 0.99}),
+                                          tokenizer, progress=False)
+    assert curves["steps_trained"] == 20 and len(curves["val_auroc_checks"]) == 6  # never reached: all steps
+
+    seen.clear()
+    _, _, curves = clip_module.train_clip(train, val, world, target.model_copy(update={"target_auroc": None}),
+                                          tokenizer, progress=False)
+    assert curves["steps_trained"] == 20 and "val_auroc_checks" not in curves and len(seen) == 1  # the final val AUROC
+
+
+def test_sft_loss_token_mean_is_the_models_own_loss_and_kinds_weighs_captions_decisions_and_the_rest_equally():
+    from fisao.models.llava import sft_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g)
+    labels = torch.full((3, 5), -100)
+    labels[0, 2:] = torch.tensor([2, 4, 1])       # a question: 3 answer tokens, the first one deciding
+    labels[1, 1:] = torch.tensor([1, 2, 3, 6])    # two captions: 4 and 3 answer tokens
+    labels[2, 2:] = torch.tensor([5, 0, 1])
+    decision = torch.zeros(3, 5, dtype=torch.bool)
+    decision[:, 2] = True
+    # The naive reference: each counted token's -log p(next token), position by position.
+    nll = {}
+    for b in range(3):
+        for t in range(1, 5):
+            if labels[b, t] != -100:
+                nll[(b, t)] = float(-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]])
+    token = sum(nll.values()) / len(nll)
+    deciding = nll[(0, 2)]
+    rest = (nll[(0, 3)] + nll[(0, 4)]) / 2
+    caption = sum(v for (b, _), v in nll.items() if b > 0) / 7
+    assert abs(float(sft_loss(logits, labels, decision, 1, "token")) - token) < 1e-5
+    assert abs(float(sft_loss(logits, labels, decision, 1, "kinds")) - (deciding + rest + caption) / 3) < 1e-5
+    assert abs(float(sft_loss(logits, labels, decision, 0, "kinds")) - token) < 1e-5  # no questions: the captions' mean
+    questions_only = (nll[(0, 2)] + nll[(1, 2)] + nll[(2, 2)]) / 3 / 2 + (sum(nll.values()) - nll[(0, 2)] - nll[(1, 2)] - nll[(2, 2)]) / 7 / 2
+    assert abs(float(sft_loss(logits, labels, decision, 3, "kinds")) - questions_only) < 1e-5  # no captions
+    # The token mean is the Hugging Face causal-LM loss.
+    hf = F.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(float(sft_loss(logits, labels, decision, 1, "token")) - float(hf)) < 1e-6
+
+
+def test_collate_marks_each_answers_first_word(tiny_models):
+    from fisao.generate import load_policy
+    from fisao.models.llava import collate
+
+    _, processor = load_policy(tiny_models["llava"])[:2]
+    tok = processor.tokenizer
+    batch = collate(processor, 3, [(0, "Is there a circle in the image?", "Yes, there is a circle in the image."),
+                                   (0, "Describe.", "A red square.")])
+    words = [tok.decode([int(batch["input_ids"][r][batch["decision"][r]])]).strip() for r in range(2)]
+    # The first token of the answer's first word (the tiny vocabulary may split "Yes").
+    assert words[0] and "Yes".startswith(words[0]) and words[1] == "A" and batch["decision"].sum() == 2
+    assert (batch["labels"][batch["decision"]] != -100).all()

@@ -75,14 +75,23 @@ def _lr(step: int, total: int, base: float) -> float:
 
 
 @torch.no_grad()
-def object_name_auroc(model: CLIPModel, processor: CLIPProcessor, examples: list[Example], classes: tuple[str, ...]) -> float:
-    """AUROC of cos(image, "a photo of a {class}.") for present vs absent classes, pooled."""
+def object_name_auroc(
+    model: CLIPModel, processor: CLIPProcessor, examples: list[Example], classes: tuple[str, ...],
+    pixels: torch.Tensor | None = None,
+) -> float:
+    """AUROC of cos(image, "a photo of a {class}.") for present vs absent classes, pooled.
+
+    `pixels`: the examples' (N, 3, H, W) pixel values when the caller already has them.
+    """
+    was_training = model.training
     model.eval()
-    pixels = pixel_values(processor.image_processor, [e.image for e in examples])
+    if pixels is None:
+        pixels = pixel_values(processor.image_processor, [e.image for e in examples])
     img = torch.cat([embed_images(model, pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
     txt = embed_texts(model, processor.tokenizer, [PROMPT_TEMPLATE.format(c) for c in classes])
     scores = (img @ txt.T).numpy()
     labels = np.array([[c in e.objects for c in classes] for e in examples])
+    model.train(was_training)
     return auroc(scores, labels)
 
 
@@ -107,6 +116,7 @@ def train_clip(
     )
     g = torch.Generator().manual_seed(cfg.seed)
     curves: dict[str, list[float]] = {"loss": [], "loss_caption": [], "loss_names": []}
+    val_pixels = pixel_values(processor.image_processor, [e.image for e in val]) if cfg.target_auroc else None
     model.train()
     bar = progress_bar(range(cfg.steps), "train CLIP", progress, leave=True)
     for step in bar:
@@ -134,7 +144,15 @@ def train_clip(
             curves[key].append(round(float(value.detach()), 5))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    curves["val_auroc"] = object_name_auroc(model, processor, val, world.classes)
+        if cfg.target_auroc and (step + 1) % cfg.check_every == 0 and step + 1 < cfg.steps:
+            reached = object_name_auroc(model, processor, val, world.classes, val_pixels)
+            curves.setdefault("val_auroc_checks", []).append(round(reached, 5))
+            if reached >= cfg.target_auroc:
+                bar.set_postfix(val_auroc=f"{reached:.3f}", stopped="target")
+                break
+    bar.close()
+    curves["steps_trained"] = len(curves["loss"])
+    curves["val_auroc"] = object_name_auroc(model, processor, val, world.classes, val_pixels)
     return model, processor, curves
 
 

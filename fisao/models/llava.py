@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from fisao.coco import load_image
@@ -80,23 +81,52 @@ def sft_items(examples: list[Example], rng: random.Random) -> tuple[list[tuple[i
 
 
 def collate(processor: LlavaProcessor, n_image_tokens: int, items: list[tuple[int, str, str]]) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels (-100 outside the answers)."""
+    """Right-padded input ids, attention mask, labels (-100 outside the answers) and `decision`:
+    True at each answer's first word token (a yes/no answer's "Yes" or "No")."""
     tok = processor.tokenizer
     image = processor.image_token
-    rows, labels = [], []
+    rows, labels, decisions = [], [], []
     for _, question, answer in items:
         prompt = chat_prompt(processor, question).replace(image, image * n_image_tokens)
         p = tok(prompt, add_special_tokens=True)["input_ids"]
         a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append(p + a)
         labels.append([-100] * len(p) + a)
+        first = next(i for i, t in enumerate(a) if tok.decode([t]).strip())
+        decisions.append(len(p) + first)
     width = max(map(len, rows))
     pad = tok.pad_token_id
+    decision = torch.zeros(len(rows), width, dtype=torch.bool)
+    decision[torch.arange(len(rows)), torch.tensor(decisions)] = True
     return {
         "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
         "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+        "decision": decision,
     }
+
+
+def sft_loss(
+    logits: torch.Tensor, labels: torch.Tensor, decision: torch.Tensor, n_questions: int, mean: str = "kinds"
+) -> torch.Tensor:
+    """Next-token cross-entropy of a batch whose first `n_questions` rows are yes/no questions.
+
+    logits: (B, T, V); labels: (B, T), -100 where no loss is taken; decision: (B, T) bool, True at
+    each answer's first word. `mean="token"` averages over every answer token (what the model's own
+    `.loss` does). `mean="kinds"` averages three kinds of tokens separately and weighs their means
+    equally: the captions' tokens, the questions' deciding words ("Yes"/"No") and the questions'
+    other tokens (a kind absent from the batch leaves the others). Returns a scalar.
+    """
+    target = labels[:, 1:]
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100, reduction="none")
+    counted = target != -100
+    if mean == "token":
+        return token_loss[counted].mean()
+    is_question = torch.zeros_like(counted)
+    is_question[:n_questions] = True
+    deciding = decision[:, 1:] & counted
+    kinds = [counted & ~is_question, deciding & is_question, counted & is_question & ~deciding]
+    return torch.stack([token_loss[k].mean() for k in kinds if k.any()]).mean()
 
 
 def train_llava(
@@ -123,7 +153,8 @@ def train_llava(
         items = rng.sample(questions, n_q) + rng.sample(captions, cfg.batch_size - n_q)
         batch = collate(processor, n_tokens, items)
         batch["pixel_values"] = pixels[[i for i, _, _ in items]]
-        loss = model(**batch).loss
+        labels, decision = batch.pop("labels"), batch.pop("decision")
+        loss = sft_loss(model(**batch).logits, labels, decision, n_q, cfg.loss_mean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

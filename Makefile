@@ -39,10 +39,10 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e"
 
 # The deployments of prefect.yaml on the process pool, on the server PREFECT_API_URL names (see
-# README: Scheduling). The GPU campaign needs its own pool first (the comment atop prefect.yaml).
+# docs/scheduling.md). The GPU campaign needs its own pool first (the comment atop prefect.yaml).
 DEPLOYMENTS := demo-campaign nightly-campaign evaluate-checkpoint world
 deploy: $(STAMP)
-	@test -n "$$PREFECT_API_URL" || { echo "set PREFECT_API_URL to a running prefect server (README: Scheduling)"; exit 2; }
+	@test -n "$$PREFECT_API_URL" || { echo "set PREFECT_API_URL to a running prefect server (docs/scheduling.md)"; exit 2; }
 	$(BIN)/prefect work-pool inspect fisao-process >/dev/null 2>&1 || $(BIN)/prefect work-pool create fisao-process --type process
 	FISAO_CHECKOUT=$${FISAO_CHECKOUT:-$(CURDIR)} $(BIN)/prefect --no-prompt deploy $(addprefix -n ,$(DEPLOYMENTS))
 

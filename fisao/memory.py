@@ -152,7 +152,7 @@ def check_fits(est: Estimate, available: int, where: str) -> None:
             f"this campaign needs about {est.peak / GIB:.1f} GiB at its {stage} stage but {where} is "
             f"{available / GIB:.1f} GiB: use a GPU with more memory, lower ppo.minibatch_size (with ppo.grad_accum "
             f"to keep the step) or rollout.batch_size, keep model.gradient_checkpointing on, or spread the update "
-            f"over more GPUs (scale.processes; see README 'Run on LLaVA-1.5-7B')")
+            f"over more GPUs (scale.processes; see docs/real-models.md)")
 
 
 def report(est: Estimate, where: str | None = None, available: int | None = None) -> str:

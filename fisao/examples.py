@@ -58,7 +58,7 @@ def coco_examples(root: str | Path, split: str, limit: int | None = None, need_o
     folder = root / COCO_SPLITS[split]
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist: put the COCO {COCO_SPLITS[split]} images there "
-                                f"(see README, 'Run on LLaVA-1.5-7B')")
+                                f"(see docs/real-models.md, 'Data to prepare')")
     instances = root / "annotations" / f"instances_{COCO_SPLITS[split]}.json"
     if instances.is_file():
         inst = load_instances(instances)

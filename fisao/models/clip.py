@@ -117,6 +117,7 @@ def train_clip(
     g = torch.Generator().manual_seed(cfg.seed)
     curves: dict[str, list[float]] = {"loss": [], "loss_caption": [], "loss_names": []}
     val_pixels = pixel_values(processor.image_processor, [e.image for e in val]) if cfg.target_auroc else None
+    val_auroc: float | None = None  # set by the check that stops training, else measured at the end
     model.train()
     bar = progress_bar(range(cfg.steps), "train CLIP", progress, leave=True)
     for step in bar:
@@ -148,11 +149,14 @@ def train_clip(
             reached = object_name_auroc(model, processor, val, world.classes, val_pixels)
             curves.setdefault("val_auroc_checks", []).append(round(reached, 5))
             if reached >= cfg.target_auroc:
+                val_auroc = reached
                 bar.set_postfix(val_auroc=f"{reached:.3f}", stopped="target")
                 break
     bar.close()
     curves["steps_trained"] = len(curves["loss"])
-    curves["val_auroc"] = object_name_auroc(model, processor, val, world.classes, val_pixels)
+    if val_auroc is None:
+        val_auroc = object_name_auroc(model, processor, val, world.classes, val_pixels)
+    curves["val_auroc"] = val_auroc
     return model, processor, curves
 
 

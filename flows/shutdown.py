@@ -19,8 +19,8 @@ Under `CampaignStop`:
 - A watchdog thread polls the API server; if it exits while the campaign runs, the campaign
   stops at once with a clear error instead of retrying a dead API.
 `stop_now` never calls Prefect (its client would retry the dead API): it marks the campaign's
-MLflow run directly, empties the lock file (the kernel drops the flock with the process) and
-exits with os._exit. Nothing is left half-written: every stage writes atomically, and a round
+MLflow run directly, empties the lock file (the kernel drops the flock with the process), stops
+the API server (Prefect's exit handler, which would, does not run) and exits with os._exit. Nothing is left half-written: every stage writes atomically, and a round
 whose MLflow run was half-logged is logged again on resume (tests/test_chaos.py kills at those
 points with SIGKILL, which is harsher).
 """
@@ -41,6 +41,7 @@ from prefect.exceptions import TerminationSignal
 
 GRACE = 6.0  # seconds from the first signal to a forced exit; the target is an exit within 10 s
 BACKSTOP = 2.0  # seconds a forced exit may spend on MLflow and the lock before it exits regardless
+SERVER_WAIT = 0.5  # seconds a forced exit waits for the API server to stop after SIGTERM (then SIGKILL)
 POLL = 0.2  # seconds between the watchdog's looks at the API server
 
 
@@ -200,7 +201,9 @@ class CampaignStop:
         within `BACKSTOP` seconds whatever MLflow does."""
         if not self._stopping.acquire(blocking=False):  # another thread is already stopping the process
             return
-        threading.Timer(BACKSTOP, os._exit, (code,)).start()
+        threading.Timer(BACKSTOP, self._exit, (code, 0.0)).start()
+        if self.server is not None and self.server.poll() is None:
+            self.server.terminate()  # os._exit skips Prefect's exit handler, which would stop it
         try:  # a new line first: a progress bar may be half-drawn
             print(f"\nfisao: error: {reason}" if end == "failed" else f"\nfisao: {reason}: stopping now",
                   file=sys.stderr, flush=True)
@@ -213,6 +216,19 @@ class CampaignStop:
             if self.lock_path.is_file():
                 os.truncate(self.lock_path, 0)  # released cleanly; the flock goes with the process
             print(f"fisao: {resume_hint(self.name, all(recorded))}", file=sys.stderr, flush=True)
+        finally:
+            self._exit(code, SERVER_WAIT)
+
+    def _exit(self, code: int, wait: float) -> NoReturn:
+        """os._exit(code), the API server gone first: given `wait` seconds after its SIGTERM, then SIGKILL."""
+        server = self.server
+        try:
+            if server is not None and server.poll() is None:
+                try:
+                    server.wait(wait)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait(SERVER_WAIT)
         finally:
             sys.stdout.flush()
             os._exit(code)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.campaign_process import alive
+
 # The child: a campaign body that takes its time to unwind after Ctrl-C (60 s unless stopped).
 CHILD = """
 import sys, time, subprocess
@@ -71,7 +73,7 @@ def finish(proc, timeout: float = 20) -> tuple[int, list[str], float]:
 
 
 def test_second_ctrl_c_stops_at_once_and_releases_the_lock(tmp_path):
-    proc, _ = start(tmp_path)
+    proc, server = start(tmp_path, server=True)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)  # the body is now unwinding slowly
     assert proc.poll() is None
@@ -87,11 +89,12 @@ def test_second_ctrl_c_stops_at_once_and_releases_the_lock(tmp_path):
     assert lines[-1] == "fisao: campaign 'c' stopped before anything was recorded; start it again with the same " \
                         "`fisao run` command"
     assert (tmp_path / ".lock").read_text() == ""
+    assert not alive(server), "a forced exit left the API server running"
 
 
 def test_an_unwinding_that_hangs_is_cut_at_the_grace_deadline_and_an_ignored_sigint_stays_ignored(tmp_path):
     # A background job (`fisao run ... &` in a script) has SIGINT ignored: Ctrl-C must not stop it.
-    proc, _ = start(tmp_path, grace=2.0, opened=True, ignore_sigint=True)
+    proc, server = start(tmp_path, grace=2.0, opened=True, ignore_sigint=True, server=True)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)
     assert proc.poll() is None
@@ -105,6 +108,7 @@ def test_an_unwinding_that_hangs_is_cut_at_the_grace_deadline_and_an_ignored_sig
     assert lines[-1] == "fisao: resume campaign 'c' with: fisao resume c"
     assert (tmp_path / ".lock").read_text() == ""
     assert campaign_status(tmp_path) == ("KILLED", "interrupted", "SIGTERM: not stopped after 2s")
+    assert not alive(server), "a forced exit left the API server running"  # Prefect's exit handler did not run
 
 
 def test_a_dead_api_server_stops_the_campaign_with_a_clear_error(tmp_path):

@@ -58,7 +58,7 @@ class ClipBuildConfig(_Strict):
     # `check_every` steps); None trains all `steps`. CLIP on photographs is far from perfect: a
     # verifier built to a set accuracy makes every world seed's verifier as fallible as the next,
     # by construction rather than by how hard a seed's scenes happen to be.
-    target_auroc: float | None = Field(None, gt=0.5, le=1.0)
+    target_auroc: float | None = Field(0.9, gt=0.5, le=1.0)
     check_every: int = Field(100, ge=1)
     seed: int = 0
 
@@ -75,7 +75,9 @@ class LlavaBuildConfig(_Strict):
     vision_feature_layer: int = Field(-1, le=-1)
     steps: int = 1200
     batch_size: int = 32
-    lr: float = 2e-3
+    # 2e-3 learnt the yes/no answers for some LLaVA seeds only on the hard world (val yes/no AUROC
+    # 0.51 for seed 0 on world 1, 0.81 for seed 1); 1e-3 learnt them for all three tried (0.83-0.89).
+    lr: float = 1e-3
     weight_decay: float = 0.0
     # Share of training examples that are yes/no questions (the rest are detailed captions). A yes/no
     # answer is decided by one token, a caption by many: at 0.5 the answers stayed at chance
@@ -86,7 +88,7 @@ class LlavaBuildConfig(_Strict):
     # (measured: yes/no AUROC 0.51 on val, POPE yes-ratio 1.00, with a CLIP trained to 0.92). `kinds`:
     # the captions' tokens, the questions' deciding words and the questions' other tokens each
     # have their own mean, weighed equally.
-    loss_mean: Literal["token", "kinds"] = "token"
+    loss_mean: Literal["token", "kinds"] = "kinds"
     seed: int = 0
 
 

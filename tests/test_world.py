@@ -22,6 +22,7 @@ from fisao.config import SPLITS, WorldConfig, load_config
 from fisao.dvcdata import file_md5s
 from fisao.world import build as world_build
 from fisao.world.build import build_world, read_world_config, sample_split
+from fisao.world.config import CRISP
 from fisao.world.data import load_split
 from fisao.world.pope import STRATEGIES
 from fisao.world.render import PALETTE, SHAPES
@@ -38,7 +39,10 @@ def world_config(sizes: dict, **world) -> WorldConfig:
 
 @pytest.fixture(scope="module")
 def cfg() -> WorldConfig:
-    return world_config({"train": 600, "val": 20, "test": 300})
+    # The crisp world (no hardness: pixels can be checked exactly; tests/test_world_hardness.py
+    # checks what hardness draws) with a strong train prior (the pair statistics stand out).
+    return world_config({"train": 600, "val": 20, "test": 300}, cooccurrence={"train": 0.95, "val": 0.3, "test": 0.3},
+                        **{f"hardness.{k}": v for k, v in CRISP.items()})
 
 
 @pytest.fixture(scope="module")

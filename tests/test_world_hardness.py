@@ -14,6 +14,7 @@ from fisao.config import load_config
 from fisao.dvcdata import file_md5s
 from fisao.world.build import build_world, read_world_config, sample_split
 from fisao.world.render import SHAPES, render
+from fisao.world.config import CRISP
 from fisao.world.scenes import LOOKALIKES, Scene, ShapeObject
 
 SIZES = {"train": 40, "val": 4, "test": 30}
@@ -27,7 +28,7 @@ def world(**hardness):
 
 
 def test_hardness_keeps_each_scenes_objects_and_adds_only_what_it_says():
-    plain, hard = world(), world(**HARD)
+    plain, hard = world(**CRISP), world(**HARD)
     for split in ("train", "test", "pretrain"):
         for a, b in zip(sample_split(plain, split), sample_split(hard, split), strict=True):
             assert [(o.shape, o.colour, o.x, o.y, o.size) for o in a.objects] == \
@@ -102,15 +103,17 @@ def test_a_hard_world_is_deterministic_and_never_annotates_lookalikes(tmp_path):
     assert names == set(cfg.classes) and not names & set(LOOKALIKES)
     text = (tmp_path / "a" / "train" / "captions.jsonl").read_text() + (tmp_path / "a" / "test" / "questions.jsonl").read_text()
     assert not any(shape in text for shape in LOOKALIKES)
-    plain = file_md5s(build_world(tmp_path / "c", world(), progress=False))
+    plain = file_md5s(build_world(tmp_path / "c", world(**CRISP), progress=False))
     assert plain["train/instances.json"] == a["train/instances.json"]  # same objects, other pixels
     assert plain["train/images/000001.png"] != a["train/images/000001.png"]
 
 
 def test_without_hardness_world_json_is_as_before(tmp_path):
-    build_world(tmp_path / "w", world(), progress=False)
+    build_world(tmp_path / "w", world(**CRISP), progress=False)
     assert "hardness" not in io.read_json(tmp_path / "w" / "world.json")["config"]
-    build_world(tmp_path / "h", world(noise=4.0), progress=False)
+    assert read_world_config(tmp_path / "w") == world(**CRISP)  # read back as the crisp world, not the default
+    assert world().hardness.active  # the default (the demo's) world is hard
+    build_world(tmp_path / "h", world(**{**CRISP, "noise": 4.0}), progress=False)
     assert io.read_json(tmp_path / "h" / "world.json")["config"]["hardness"]["noise"] == 4.0
 
 

@@ -27,6 +27,7 @@ from fisao.progress import bar as progress_bar
 from fisao.world.pope import STRATEGIES, class_statistics, pope_questions
 from fisao.world.render import render
 from fisao.world.scenes import Scene, sample_scene
+from fisao.world.config import config_of_record
 from fisao.world.target import check_fits
 from fisao.world.text import caption, questions, vocabulary_lines
 
@@ -122,6 +123,6 @@ def read_world_config(world_dir: str | Path) -> WorldConfig:
     """The config a world directory was built with (from its world.json)."""
     meta = io.read_json(Path(world_dir) / "world.json")
     try:
-        return WorldConfig.model_validate(meta["config"])
-    except (KeyError, ValueError) as e:
+        return config_of_record(meta["config"])
+    except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{Path(world_dir) / 'world.json'} does not describe a world: {e}") from e

@@ -15,6 +15,7 @@ from pathlib import Path
 from fisao import io
 from fisao.config import WorldConfig
 from fisao.host import available_ram, free_disk
+from fisao.world.config import config_of_record
 
 # What a world directory holds at its top level (fisao/world/build.py; mme/ may be added by hand).
 WORLD_ENTRIES = frozenset({"world.json", "vocab.txt", "train", "val", "test", "pretrain", "mme"})
@@ -31,7 +32,7 @@ def _previous_world(out: Path) -> WorldConfig | None:
     """The config of the world in `out`, or None when `out` holds no world.json of ours."""
     try:
         meta = io.read_json(out / "world.json")
-        return WorldConfig.model_validate(meta["config"]) if meta.get("format") == 1 else None
+        return config_of_record(meta["config"]) if meta.get("format") == 1 else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

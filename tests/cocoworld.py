@@ -26,12 +26,13 @@ from transformers import LlavaProcessor
 
 from fisao import io
 from fisao.coco import load_image
-from fisao.config import ClipBuildConfig, LlavaBuildConfig, WorldConfig
+from fisao.config import ClipBuildConfig, LlavaBuildConfig
 from fisao.models.build import tokenizer_corpus
 from fisao.models.clip import name_prompts, save_clip, train_clip
 from fisao.models.llava import CHAT_TEMPLATE, llava_from_clip, save_llava, train_llava
 from fisao.models.tokenizer import train_bpe, wrap
 from fisao.world.build import PRETRAIN, build_world
+from fisao.world.config import WorldConfig
 from fisao.world.data import Example, load_split
 from fisao.world.text import plural
 

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from fisao import io
 from fisao.align.ppo import selective_log_softmax
-from fisao.generate import banned_token_ids, chat_prompt
-from fisao.models.families import decoder_hidden, hf_model
+from fisao.generate import banned_token_ids
+from fisao.models.families import chat_prompt, decoder_hidden, hf_model
 from fisao.progress import bar as progress_bar
 
 TENSORS = "rollouts.safetensors"

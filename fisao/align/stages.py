@@ -306,6 +306,28 @@ def shard_dirs(out: str | Path, count: int) -> list[Path]:
     return [out.parent / f"{out.name}-shard{i}" for i in range(count)]
 
 
+def sample_shards(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutConfig, round_index: int,
+                  out: str | Path, shards: int, process: tuple[int, int] | None = None,
+                  runtime: ModelConfig | None = None, backend: str = "hf", device: str | None = None) -> list[Path]:
+    """Sample the shards of the rollouts bound for `out` that are not complete yet; returns the
+    directories of all `shards` shards, to gather with `merge_rollout_shards`.
+
+    process (index, count): only shards index, index + count, … (one of several processes under
+    `accelerate launch`, fisao/align/launch.py), without progress bars, each shard's figures
+    recording the process that sampled it; None: every shard, in this process.
+    """
+    parts = shard_dirs(out, shards)
+    index, count = process or (0, 1)
+    for i in range(index, shards, count):
+        if (parts[i] / FIGURES).is_file():
+            continue
+        figures = rollout_stage(policy_dir, world_dir, cfg, round_index, parts[i], progress=process is None,
+                                runtime=runtime, shard=(i, shards), backend=backend, device=device)
+        if process is not None:
+            io.write_json(parts[i] / FIGURES, {**figures, "process": [index, count]})
+    return parts
+
+
 def merge_rollout_shards(shard_dirs: list[str | Path], out: str | Path) -> dict:
     """Gather shards of one round's rollouts into one rollouts directory (rows shard after shard)."""
     parts = [load_rollouts(d) for d in shard_dirs]

@@ -33,7 +33,6 @@ from fisao.align.update import make_accelerator, ppo_update
 from fisao.align.verifier import Verifier, check_vision_tower
 from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.pope import pope_answer
-from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
 from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig
 from fisao.crashpoints import crash_point
@@ -48,13 +47,8 @@ TOKEN_REWARDS = "token_rewards.safetensors"
 REWARDS = "rewards.jsonl"
 
 
-def world_vocabulary(world_dir: str | Path) -> Vocabulary:
-    """The object vocabulary of a world or COCO directory (fisao/examples.py)."""
-    return data_vocabulary(world_dir)
-
-
 def load_verifier(clip_dir: str | Path, world_dir: str | Path, cfg: RewardConfig, runtime: ModelConfig | None = None) -> Verifier:
-    return Verifier.from_pretrained(clip_dir, world_vocabulary(world_dir), cfg.template, device=runtime_device(runtime),
+    return Verifier.from_pretrained(clip_dir, data_vocabulary(world_dir), cfg.template, device=runtime_device(runtime),
                                     trust_remote_code=bool(runtime and runtime.trust_remote_code))
 
 

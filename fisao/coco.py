@@ -1,7 +1,8 @@
 """Read COCO-format data: instances files and image folders (the world uses the same layout).
 
 A malformed file stops with its name and what is wrong; a missing or unreadable image stops
-with its path. Both the world and real COCO (`instances_val2014.json`, `val2014/`) load here.
+with its path. Both the world and real COCO (`instances_val2014.json`, `captions_val2014.json`,
+`val2014/`) load here.
 """
 from __future__ import annotations
 
@@ -47,6 +48,20 @@ def load_instances(path: str | Path) -> Instances:
             "(id, file_name), 'annotations' (image_id, category_id) and 'categories' (id, name)"
         ) from e
     return Instances(path, file_names, objects, categories)
+
+
+def load_captions(path: str | Path) -> dict[int, list[str]]:
+    """Parse a COCO captions JSON (`annotations` with image_id, caption): captions by image id, in file order."""
+    captions: dict[int, list[str]] = {}
+    try:
+        for ann in io.read_json(path)["annotations"]:
+            captions.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not a COCO captions file ({type(e).__name__}: {e}); it needs "
+            "'annotations' with 'image_id' and 'caption' (or give a JSONL file)"
+        ) from e
+    return captions
 
 
 def load_image(path: str | Path) -> Image.Image:

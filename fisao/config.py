@@ -1,6 +1,6 @@
 """Campaign configuration: one YAML file, validated once into frozen pydantic models.
 
-The `world` section lives in fisao/world/config.py (re-exported here); the others are below.
+The `world` section lives in fisao/world/config.py; the others are below.
 Every section rejects unknown keys and wrong types with the YAML file's name and the key's
 dotted path, so a typo stops the run before anything is built.
 """
@@ -15,9 +15,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fisao.world.config import SPLITS, Split, WorldConfig
+from fisao.world.config import Split, WorldConfig
 
-__all__ = ["SPLITS", "Split", "WorldConfig", "ClipBuildConfig", "LlavaBuildConfig", "EvalConfig", "RolloutConfig",
+__all__ = ["ClipBuildConfig", "LlavaBuildConfig", "EvalConfig", "RolloutConfig",
            "LoraConfig", "PPOConfig", "RewardConfig", "ModelConfig", "DataConfig", "ScaleConfig", "Config",
            "config_hash", "load_config"]
 

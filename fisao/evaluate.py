@@ -29,13 +29,11 @@ from fisao.benchmarks.chair import chair, ground_truth_objects
 from fisao.benchmarks.mme import MmeItem, attach_answers, mme, read_mme_questions, write_mme_dir
 from fisao.benchmarks.pope import pope
 from fisao.benchmarks.vocab import Vocabulary
-from fisao.coco import Instances, load_image, load_instances
+from fisao.coco import Instances, load_captions, load_image, load_instances
 from fisao.config import EvalConfig
 from fisao.generate import answer, load_policy
 from fisao.runtime import load_runtime_policy
 from fisao.world.pope import STRATEGIES
-
-BENCHMARKS = ("chair", "pope", "mme")
 
 
 @dataclass(frozen=True)
@@ -130,12 +128,7 @@ def run_chair(model, processor, data: EvalData, cfg: EvalConfig, out: Path, prog
     images = _Images(data.images_dir)
     captions = answer(model, processor, [images(inst.file_names[i]) for i in ids], [cfg.caption_prompt] * len(ids),
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress, desc="CHAIR captions")
-    references = None
-    if data.references:
-        refs: dict[int, list[str]] = {}
-        for ann in io.read_json(data.references)["annotations"]:
-            refs.setdefault(int(ann["image_id"]), []).append(ann["caption"])
-        references = refs
+    references = load_captions(data.references) if data.references else None
     truth = ground_truth_objects({i: inst.objects[i] for i in ids}, vocab, references)
     result = chair(list(zip(ids, captions)), truth, vocab)
     io.write_jsonl(out / "captions.jsonl", ({"image_id": i, "caption": c} for i, c in zip(ids, captions)))

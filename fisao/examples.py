@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fisao import io
 from fisao.benchmarks.vocab import Vocabulary
-from fisao.coco import load_instances
+from fisao.coco import load_captions, load_instances
 from fisao.world.data import Example, load_split
 
 COCO_SPLITS = {"train": "train2014", "val": "val2014", "test": "val2014"}
@@ -42,11 +42,7 @@ def data_vocabulary(data_dir: str | Path) -> Vocabulary:
 def coco_references(root: str | Path, split: str = "val") -> dict[int, list[str]]:
     """Reference captions of a COCO split by image id ({} when the captions file is absent)."""
     path = Path(root) / "annotations" / f"captions_{COCO_SPLITS[split]}.json"
-    refs: dict[int, list[str]] = {}
-    if path.is_file():
-        for ann in io.read_json(path)["annotations"]:
-            refs.setdefault(int(ann["image_id"]), []).append(ann["caption"])
-    return refs
+    return load_captions(path) if path.is_file() else {}
 
 
 def coco_examples(root: str | Path, split: str, limit: int | None = None, need_objects: bool = False) -> list[Example]:

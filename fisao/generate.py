@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from fisao.models.families import family_of, prompt
+from fisao.models.families import chat_prompt, family_of
 from fisao.models.source import check_model_source
 from fisao.progress import bar as progress_bar
 
@@ -28,13 +28,6 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: torch.dtype | None
     family_of(model)  # an unsupported model stops here, not in the middle of a round
     processor.tokenizer.padding_side = "left"
     return model.to(device).eval(), processor
-
-
-def chat_prompt(processor, question: str) -> str:
-    """The model's own format for one image and one question, ready for the answer: the chat
-    template of LLaVA-family processors, the plain instruction for InstructBLIP (see
-    fisao/models/families.py)."""
-    return prompt(processor, question)
 
 
 def banned_token_ids(processor) -> list[int]:

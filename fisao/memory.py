@@ -28,7 +28,7 @@ import torch
 
 from fisao.config import Config, LoraConfig, PPOConfig, RolloutConfig
 from fisao.host import available_ram
-from fisao.models.known import VERIFIER_PARAMS, known_config, policy_config, verifier_parameters  # noqa: F401
+from fisao.models.known import policy_config, verifier_parameters
 
 GIB = 1024 ** 3
 OVERHEAD = 1.2

@@ -42,14 +42,15 @@ def print_summary(summary: dict) -> None:
     print("Compare runs: make mlflow-ui  (or: mlflow ui --backend-store-uri sqlite:///mlflow.db), then open http://127.0.0.1:5000")
 
 
-ROUND_COLUMNS = ("chair_s", "chair_i", "recall", "len", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
-                 "score/reward_mean", "update/kl", "seconds/round")
+# The columns of the summary table printed after a campaign, one row per model (base, round 1, …).
+SUMMARY_COLUMNS = ("chair_s", "chair_i", "recall", "len", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
+                   "score/reward_mean", "update/kl", "seconds/round")
 HEADERS = {"score/reward_mean": "reward", "update/kl": "kl", "seconds/round": "train_s"}
 
 
 def rounds_table(rounds: list[dict]) -> str:
-    rows = [["base" if k == 0 else f"round {k}", *[m.get(c, "-") for c in ROUND_COLUMNS]] for k, m in enumerate(rounds)]
-    return table(["model", *[HEADERS.get(c, c) for c in ROUND_COLUMNS]], rows)
+    rows = [["base" if k == 0 else f"round {k}", *[m.get(c, "-") for c in SUMMARY_COLUMNS]] for k, m in enumerate(rounds)]
+    return table(["model", *[HEADERS.get(c, c) for c in SUMMARY_COLUMNS]], rows)
 
 
 SWEEP_COLUMNS = (("chair_s", "chair_s"), ("chair_i", "chair_i"), ("recall", "recall"),

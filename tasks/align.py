@@ -14,7 +14,7 @@ from fisao import io
 from fisao.align.launch import write_args
 from fisao.align import stages
 from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig, config_hash
-from tasks.common import build_once, cached_task, is_complete, key_of
+from tasks.common import build_once, cached_task, key_of
 
 
 def _rt(runtime: ModelConfig | None) -> tuple:
@@ -69,10 +69,7 @@ def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, ro
         if shards == 1:
             stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
             return
-        for i, part in enumerate(parts):
-            if not is_complete(part, stages.FIGURES):
-                stages.rollout_stage(policy["path"], world_dir, cfg, round_index, part, runtime=runtime,
-                                     shard=(i, shards), backend=backend)
+        stages.sample_shards(policy["path"], world_dir, cfg, round_index, out, shards, runtime=runtime, backend=backend)
         stages.merge_rollout_shards(parts, out)
 
     build_once(out, stages.FIGURES, build)

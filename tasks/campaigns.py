@@ -49,8 +49,8 @@ def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow
     run_id = parent.info.run_id
     recorded = recorded_inputs(campaign)
     if recorded is None:
-        log.warning("campaign %s (MLflow run %s) has no recorded inputs (logged by an older fisao): recording the "
-                    "current ones, data md5 %s", campaign, run_id, inputs["data_md5"])
+        log.warning("campaign %s (MLflow run %s) has no recorded inputs (its first start stopped before recording "
+                    "them): recording the current ones, data md5 %s", campaign, run_id, inputs["data_md5"])
         _write_inputs(client, run_id, inputs)
         recorded = inputs
     diff = changes(recorded, inputs)

@@ -96,7 +96,7 @@ def read_json_artifact(run_id: str, path: str) -> dict:
 
 def recorded_inputs(campaign: str) -> dict | None:
     """The inputs (data md5, resolved config) the campaign was started with; None for a new campaign,
-    or one logged by a fisao that did not record them."""
+    or one whose first start stopped before recording them."""
     parent = campaign_parent(campaign)
     if parent is None or not has_artifact(parent.info.run_id, INPUTS):
         return None

@@ -38,8 +38,8 @@ def verify_finished_rounds(campaign: str) -> dict[str, dict]:
             continue
         tags = run.data.tags
         if not has_artifact(run.info.run_id, MANIFEST):
-            log.warning("round %d of %s (MLflow run %s) has no manifest (logged by an older fisao): it is recomputed "
-                        "from the cache and logged again", k, campaign, run.info.run_id)
+            log.warning("round %d of %s (MLflow run %s) has lost its manifest from the artifact store: it is "
+                        "recomputed from the cache and logged again", k, campaign, run.info.run_id)
             out[str(k)] = {"ok": False, "run_id": run.info.run_id}
             continue
         manifest = read_json_artifact(run.info.run_id, MANIFEST)

@@ -107,18 +107,17 @@ def verify_logged(run_id: str, manifest: dict, names) -> list[str]:
     return problems
 
 
-def _stale_runs(experiment: str, key: str, model_sha256: str | None, manifest: bool) -> tuple[str | None, list[str]]:
+def _stale_runs(experiment: str, key: str, model_sha256: str | None) -> tuple[str | None, list[str]]:
     """(complete run to keep, runs to delete) among the runs logged under `key`.
 
-    A complete run is kept when it describes the same checkpoint (and holds a manifest when one is
-    due); runs a crash left incomplete, complete runs of another checkpoint (a recomputed round
-    that came out different) and runs an older fisao logged without a manifest go.
+    A complete run is kept when it describes the same checkpoint (a run is marked complete only
+    after its manifest, when one is due, was logged and checked); runs a crash left incomplete and
+    complete runs of another checkpoint (a recomputed round that came out different) go.
     """
     keep, stale = None, []
     for run in find_runs(experiment, {"fisao.key": key}):
         same = model_sha256 is None or run.data.tags.get("fisao.model_sha256") == model_sha256
-        usable = same and (not manifest or run.data.tags.get("fisao.manifest") == "true")
-        if keep is None and run.data.tags.get(COMPLETE) == "true" and usable:
+        if keep is None and run.data.tags.get(COMPLETE) == "true" and same:
             keep = run.info.run_id
         else:
             stale.append(run.info.run_id)
@@ -138,7 +137,7 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
     client = MlflowClient()
     parent = campaign_run(campaign)
     key = f"{campaign}:round-{round_index}"
-    run_id, stale = _stale_runs(experiment, key, tags.get("fisao.model_sha256"), manifest is not None)
+    run_id, stale = _stale_runs(experiment, key, tags.get("fisao.model_sha256"))
     for old in stale:
         log.warning("MLflow run %s of round %d of %s was left incomplete by an interrupted run (or describes another "
                     "checkpoint): deleted, the round is logged again", old, round_index, campaign)

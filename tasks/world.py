@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from fisao.config import WorldConfig
 from fisao.locks import exclusive
+from fisao.world.config import WorldConfig
 from fisao.world.store import ensure_world
 
 

@@ -1,11 +1,10 @@
 """Rewards and calibration: hand-computed values, naive references, and the shared parser."""
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
 from fisao.align.rewards import (
@@ -222,10 +221,13 @@ def test_label_mentions_uses_the_shared_parser():
     assert [(i, m.category, h) for i, m, h in labelled] == [(0, "circle", False), (0, "cross", True), (1, "moon", True)]
 
 
-def test_histogram_is_a_png(tmp_path):
-    cal = calibrate([0.6, 0.8, 0.2, 0.4], [False, False, True, True])
+def test_histogram_puts_hallucinated_scores_left_of_the_baseline_and_correct_ones_right(tmp_path):
+    cal = calibrate([0.6, 0.8, 0.2, 0.4], [False, False, True, True])  # baseline b = 0.5
     path = histogram_png([0.6, 0.8, 0.2, 0.4], [False, False, True, True], cal, tmp_path / "h.png")
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (600, 350)
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    # Bars are drawn with alpha 0.6 over white: tab:red (214, 39, 40) -> (230, 125, 126), tab:green -> (128, 198, 128).
+    bars = {name: np.nonzero(np.all(np.abs(pixels - rgb) <= 2, axis=-1).sum(0) > 20)[0]  # legend patches are smaller
+            for name, rgb in (("red", (230, 125, 126)), ("green", (128, 198, 128)))}
+    black = np.nonzero(np.all(pixels == 0, axis=-1).sum(0) > 100)[0]  # vertical black lines: spines and baseline
+    assert len(bars["red"]) and len(bars["green"]) and bars["red"].max() < bars["green"].min()
+    assert any(bars["red"].max() < x < bars["green"].min() for x in black)  # the baseline between them

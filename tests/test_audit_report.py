@@ -74,11 +74,44 @@ def test_each_mention_is_coloured_by_its_reward(page):
     assert parser.images == 2
 
 
-def test_figures_are_drawn(tmp_path):
-    for path in (reward_histogram_png([0.5, -0.5], [False, True], tmp_path / "h.png"),
-                 metric_curves_png(ROUNDS, tmp_path / "c.png")):
-        pixels = np.asarray(Image.open(path).convert("RGB"))
-        assert pixels.shape[0] > 200 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
+def _where(path, rgb: tuple[int, int, int]) -> np.ndarray:
+    """(H, W) bool: the pixels of the PNG at `path` drawn exactly in colour `rgb`."""
+    return np.all(np.asarray(Image.open(path).convert("RGB")) == rgb, axis=-1)
+
+
+TAB_GREEN, TAB_RED, TAB_BLUE = (44, 160, 44), (214, 39, 40), (31, 119, 180)
+
+
+def test_reward_histogram_stacks_hallucinated_on_correct_at_each_reward(tmp_path):
+    # One correct and one hallucinated mention at +0.5, one hallucinated at -0.5.
+    path = reward_histogram_png([0.5, 0.5, -0.5], [False, True, True], tmp_path / "h.png")
+    green, red = _where(path, TAB_GREEN), _where(path, TAB_RED)
+    bars = lambda mask: np.nonzero(mask.sum(0) > 20)[0]  # columns of bars (the legend's patches are a few pixels)
+    left = bars(red)[bars(red) < bars(green).min()]
+    right = bars(green)
+    assert len(left) and len(right) and left.max() < right.min()  # -0.5 left of +0.5
+    assert abs(len(left) - len(right)) <= 1  # one bin wide each
+    assert not green[:, left].any()  # no correct mention at -0.5
+    height = lambda mask, cols: int(np.median(mask[:, cols].sum(0)))
+    assert abs(height(red, left) - height(red, right)) <= 1 and abs(height(green, right) - height(red, right)) <= 1
+    col = right[len(right) // 2]  # at +0.5 the hallucinated mention sits on top of the correct one
+    assert np.nonzero(red[:, col])[0].max() < np.nonzero(green[:, col])[0].min()
+
+
+def test_metric_curves_draw_each_metric_in_its_panel(tmp_path):
+    path = metric_curves_png([{"chair_i": 0.3, "recall": 0.5}, {"chair_i": 0.2, "recall": 0.7}], tmp_path / "c.png")
+    blue = _where(path, TAB_BLUE)
+    h, w = blue.shape
+    panels = [blue[r * h // 2:(r + 1) * h // 2, c * w // 3:(c + 1) * w // 3] for r in range(2) for c in range(3)]
+    # Panels in the order of CURVES: chair_i, chair_s, recall / POPE adv. F1, mean reward, KL.
+    assert [bool(p.any()) for p in panels] == [True, False, True, False, False, False]
+
+    def rise(panel: np.ndarray) -> float:
+        """Pixels the line climbs from its left end to its right end (image rows grow downwards)."""
+        ys, xs = np.nonzero(panel)
+        return ys[xs <= xs.min() + 4].mean() - ys[xs >= xs.max() - 4].mean()
+
+    assert rise(panels[0]) < -50 and rise(panels[2]) > 50  # CHAIR_i falls, recall rises
 
 
 def chromium() -> str | None:

@@ -153,7 +153,7 @@ def test_annotation_category_outside_the_vocabulary(tmp_path):
 
 
 def test_world_annotations_without_vocab_suggest_the_worlds_vocab_file(tmp_path):
-    from fisao.config import WorldConfig
+    from fisao.world.config import WorldConfig
     from fisao.world.build import build_world
 
     world = build_world(tmp_path / "world", WorldConfig(sizes={"train": 4, "val": 2, "test": 3}, pretrain_size=0),
@@ -185,7 +185,7 @@ def test_an_unwritable_details_path_fails_before_scoring(tmp_path, monkeypatch):
 def test_the_worlds_own_captions_hallucinate_nothing(tmp_path):
     # The world's captions name every object (plurals, synonyms, "plus signs"), and only those:
     # against its own annotations CHAIR must be 0 and recall 1, through the world's vocab.txt.
-    from fisao.config import WorldConfig
+    from fisao.world.config import WorldConfig
     from fisao.world.build import build_world
 
     world = build_world(tmp_path / "world", WorldConfig(sizes={"train": 8, "val": 2, "test": 40}, pretrain_size=0, synonym_prob=0.5),

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fisao.config import Config, WorldConfig, config_hash, load_config
+from fisao.config import Config, config_hash, load_config
+from fisao.world.config import WorldConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

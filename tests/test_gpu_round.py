@@ -199,7 +199,7 @@ def test_7b_shapes_are_the_real_checkpoints():
     assert bench.meta_parameters(LlavaForConditionalGeneration, policy_cfg) == est.params["total"]
     assert bench.meta_parameters(CLIPModel, verifier_cfg) == VERIFIER_PARAMS[bench.VERIFIER]
     processor, _ = bench.processors(policy_cfg, tok, clip_tok)
-    from fisao.generate import chat_prompt
+    from fisao.models.families import chat_prompt
 
     ids = processor(images=bench.random_images(1, 0), text=[chat_prompt(processor, "Describe.")], return_tensors="pt")
     assert int((ids["input_ids"] == policy_cfg.image_token_index).sum()) == 576

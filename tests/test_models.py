@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import CLIPModel, LlavaForConditionalGeneration
 
 from fisao.coco import load_image
-from fisao.generate import answer, banned_token_ids, chat_prompt, load_policy
+from fisao.generate import answer, banned_token_ids, load_policy
+from fisao.models.families import chat_prompt
 from fisao.models.tokenizer import EOS, SPECIAL_TOKENS, train_bpe, wrap
 
 FRESH_PROCESS = r"""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from fisao.align.ppo import (
     ADVANTAGES, critic_free_advantages, gae_advantages, kl_loss, kl_per_token, masked_mean, masked_whiten, ppo_loss,
     selective_log_softmax, shaped_rewards, value_loss,
 )
+from fisao.config import PPOConfig
 
 MASK = torch.tensor([[True, True, True, False], [True, False, False, False]])
 
@@ -95,7 +97,20 @@ def test_gae_by_hand_and_gamma_zero_equals_critic_free():
     zero, _ = gae_advantages(rewards, torch.zeros(2, 4), MASK, gamma=0.0, lam=0.95)
     free, free_ret = ADVANTAGES["critic_free"](rewards=rewards, values=None, mask=MASK, gamma=0.9, lam=0.95)
     assert torch.equal(zero, free) and torch.equal(free, rewards * MASK) and torch.equal(free_ret, free)
-    assert ADVANTAGES["gae"] is gae_advantages and critic_free_advantages(rewards, MASK)[0].tolist() == free.tolist()
+    assert critic_free_advantages(rewards, MASK)[0].tolist() == free.tolist()
+
+
+def test_every_advantage_the_config_offers_by_hand():
+    """Each `ppo.advantage` value, called the way update.py calls it, on one answer of two tokens
+    with a reward on the last one only: GAE carries it back to the first token, critic-free does not."""
+    offered = typing.get_args(PPOConfig.model_fields["advantage"].annotation)
+    rewards, values, mask = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]), torch.tensor([[True, True]])
+    expected = {"gae": [[0.5, 0.75]],  # as in the test above (γ = λ = 1)
+                "critic_free": [[0.0, 1.0]]}  # each token its own reward; the values are ignored
+    assert sorted(offered) == sorted(ADVANTAGES) == sorted(expected)
+    for name in offered:
+        adv, _ = ADVANTAGES[name](rewards=rewards, values=values, mask=mask, gamma=1.0, lam=1.0)
+        assert adv.tolist() == expected[name], name
 
 
 def test_left_padded_mask_is_rejected():

@@ -11,7 +11,8 @@ from fisao.benchmarks.vocab import Vocabulary
 from fisao.config import load_config
 from fisao.evaluate import eval_data, shipped_pope
 from fisao.examples import example_truth, load_examples
-from fisao.memory import GIB, VERIFIER_PARAMS, check_fits, estimate, known_config, report
+from fisao.memory import GIB, check_fits, estimate, report
+from fisao.models.known import VERIFIER_PARAMS, known_config
 from tests.realmodels import TRAIN, VAL, coco_fixture
 
 ROOT = Path(__file__).resolve().parents[1]

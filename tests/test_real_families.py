@@ -20,8 +20,8 @@ from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
 from fisao.config import LoraConfig, load_config
 from fisao.evaluate import evaluate_model
-from fisao.generate import banned_token_ids, chat_prompt, load_policy
-from fisao.models.families import family_of, vision_tower
+from fisao.generate import banned_token_ids, load_policy
+from fisao.models.families import chat_prompt, family_of, vision_tower
 from tests.realmodels import VAL, file_name
 
 FAMILIES = ("llava", "llava_next", "instructblip")

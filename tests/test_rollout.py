@@ -9,7 +9,8 @@ from fisao.align.rollout import (
     sequence_logprobs,
 )
 from fisao.coco import load_image
-from fisao.generate import banned_token_ids, chat_prompt, load_policy
+from fisao.generate import banned_token_ids, load_policy
+from fisao.models.families import chat_prompt
 
 PROMPT = "Describe this image in detail."
 

@@ -18,15 +18,15 @@ from fisao import io
 from fisao.benchmarks.chair import chair
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image, load_instances
-from fisao.config import SPLITS, WorldConfig, load_config
+from fisao.config import load_config
 from fisao.dvcdata import file_md5s
 from fisao.world import build as world_build
 from fisao.world.build import build_world, read_world_config, sample_split
-from fisao.world.config import CRISP
+from fisao.world.config import CRISP, SPLITS, WorldConfig
 from fisao.world.data import load_split
 from fisao.world.pope import STRATEGIES
-from fisao.world.render import PALETTE, SHAPES
-from fisao.world.scenes import ShapeObject, _overlap
+from fisao.world.render import PALETTE, SHAPES, ShapeObject
+from fisao.world.scenes import _overlap
 
 TINY = {"train": 12, "val": 4, "test": 6}
 QUESTION_RE = re.compile(r"^Is there an? (.+) in the image\?$")

@@ -13,9 +13,9 @@ from fisao import io
 from fisao.config import load_config
 from fisao.dvcdata import file_md5s
 from fisao.world.build import build_world, read_world_config, sample_split
-from fisao.world.render import SHAPES, render
 from fisao.world.config import CRISP
-from fisao.world.scenes import LOOKALIKES, Scene, ShapeObject
+from fisao.world.render import SHAPES, Scene, ShapeObject, render
+from fisao.world.scenes import LOOKALIKES
 
 SIZES = {"train": 40, "val": 4, "test": 30}
 HARD = {"lookalikes": 2, "lookalike_prob": 1.0, "faint_prob": 0.5, "occlusion_prob": 0.5, "noise": 10.0}

@@ -50,22 +50,17 @@ def rollouts_on_processes(policy_dir: str | Path, world_dir: str | Path, cfg: Ro
     """
     from accelerate import PartialState
 
-    from fisao import io
-    from fisao.align.stages import FIGURES, merge_rollout_shards, rollout_stage, shard_dirs
-
+    from fisao.align.stages import merge_rollout_shards, sample_shards
     from fisao.runtime import runtime_device
 
     # cpu=True: on CPU accelerate starts gloo only when asked (without it, each process thinks it is alone).
     state = PartialState(cpu=runtime_device(runtime) == "cpu")
     if shards % state.num_processes:
         raise ValueError(f"scale.rollout_shards ({shards}) must be a multiple of the {state.num_processes} processes")
-    parts = shard_dirs(out, shards)
-    device = str(state.device)  # this process's GPU (cuda:<local rank>), or the CPU
-    for i in range(state.process_index, shards, state.num_processes):
-        if not (parts[i] / FIGURES).is_file():
-            figures = rollout_stage(policy_dir, world_dir, cfg, round_index, parts[i], progress=False, runtime=runtime,
-                                    shard=(i, shards), backend=backend, device=device)
-            io.write_json(parts[i] / FIGURES, {**figures, "process": [state.process_index, state.num_processes]})
+    # device: this process's GPU (cuda:<local rank>), or the CPU
+    parts = sample_shards(policy_dir, world_dir, cfg, round_index, out, shards,
+                          process=(state.process_index, state.num_processes), runtime=runtime, backend=backend,
+                          device=str(state.device))
     state.wait_for_everyone()
     merged = None
     if state.is_main_process:

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from fisao import io
 from fisao.align.ppo import selective_log_softmax
-from fisao.generate import banned_token_ids, chat_prompt
-from fisao.models.families import decoder_hidden, hf_model
+from fisao.generate import banned_token_ids
+from fisao.models.families import chat_prompt, decoder_hidden, hf_model
 from fisao.progress import bar as progress_bar
 
 TENSORS = "rollouts.safetensors"
@@ -164,14 +164,15 @@ def sample_rollouts(
     width = max(x.shape[1] for x in ids)
     return Rollouts(
         image_index=image_index, prompts=[prompts[i] for i in image_index.tolist()],
-        response_ids=torch.cat([_pad_right(x, width, tok.pad_token_id) for x in ids]),
-        mask=torch.cat([_pad_right(x, width, False) for x in masks]),
-        logprobs=torch.cat([_pad_right(x, width, 0.0) for x in logps]),
+        response_ids=torch.cat([pad_right(x, width, tok.pad_token_id) for x in ids]),
+        mask=torch.cat([pad_right(x, width, False) for x in masks]),
+        logprobs=torch.cat([pad_right(x, width, 0.0) for x in logps]),
         texts=texts,
     )
 
 
-def _pad_right(x: Tensor, width: int, value) -> Tensor:
+def pad_right(x: Tensor, width: int, value: float = 0) -> Tensor:
+    """(N, T) -> (N, width): `x` with `value` appended to every row (width >= T)."""
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
@@ -184,9 +185,9 @@ def concat_rollouts(parts: Sequence[Rollouts], image_index: Tensor, pad_id: int)
         raise ValueError(f"image_index has {len(image_index)} entries for {n} rollouts")
     return Rollouts(
         image_index=image_index, prompts=[p for r in parts for p in r.prompts],
-        response_ids=torch.cat([_pad_right(r.response_ids, width, pad_id) for r in parts]),
-        mask=torch.cat([_pad_right(r.mask, width, False) for r in parts]),
-        logprobs=torch.cat([_pad_right(r.logprobs, width, 0.0) for r in parts]),
+        response_ids=torch.cat([pad_right(r.response_ids, width, pad_id) for r in parts]),
+        mask=torch.cat([pad_right(r.mask, width, False) for r in parts]),
+        logprobs=torch.cat([pad_right(r.logprobs, width, 0.0) for r in parts]),
         texts=[t for r in parts for t in r.texts],
     )
 

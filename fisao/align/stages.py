@@ -33,7 +33,6 @@ from fisao.align.update import make_accelerator, ppo_update
 from fisao.align.verifier import Verifier, check_vision_tower
 from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.pope import pope_answer
-from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
 from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig
 from fisao.crashpoints import crash_point
@@ -48,13 +47,8 @@ TOKEN_REWARDS = "token_rewards.safetensors"
 REWARDS = "rewards.jsonl"
 
 
-def world_vocabulary(world_dir: str | Path) -> Vocabulary:
-    """The object vocabulary of a world or COCO directory (fisao/examples.py)."""
-    return data_vocabulary(world_dir)
-
-
 def load_verifier(clip_dir: str | Path, world_dir: str | Path, cfg: RewardConfig, runtime: ModelConfig | None = None) -> Verifier:
-    return Verifier.from_pretrained(clip_dir, world_vocabulary(world_dir), cfg.template, device=runtime_device(runtime),
+    return Verifier.from_pretrained(clip_dir, data_vocabulary(world_dir), cfg.template, device=runtime_device(runtime),
                                     trust_remote_code=bool(runtime and runtime.trust_remote_code))
 
 
@@ -304,6 +298,28 @@ def shard_dirs(out: str | Path, count: int) -> list[Path]:
     """Where the `count` shards of the rollouts bound for `out` are sampled (beside `out`)."""
     out = Path(out)
     return [out.parent / f"{out.name}-shard{i}" for i in range(count)]
+
+
+def sample_shards(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutConfig, round_index: int,
+                  out: str | Path, shards: int, process: tuple[int, int] | None = None,
+                  runtime: ModelConfig | None = None, backend: str = "hf", device: str | None = None) -> list[Path]:
+    """Sample the shards of the rollouts bound for `out` that are not complete yet; returns the
+    directories of all `shards` shards, to gather with `merge_rollout_shards`.
+
+    process (index, count): only shards index, index + count, … (one of several processes under
+    `accelerate launch`, fisao/align/launch.py), without progress bars, each shard's figures
+    recording the process that sampled it; None: every shard, in this process.
+    """
+    parts = shard_dirs(out, shards)
+    index, count = process or (0, 1)
+    for i in range(index, shards, count):
+        if (parts[i] / FIGURES).is_file():
+            continue
+        figures = rollout_stage(policy_dir, world_dir, cfg, round_index, parts[i], progress=process is None,
+                                runtime=runtime, shard=(i, shards), backend=backend, device=device)
+        if process is not None:
+            io.write_json(parts[i] / FIGURES, {**figures, "process": [index, count]})
+    return parts
 
 
 def merge_rollout_shards(shard_dirs: list[str | Path], out: str | Path) -> dict:

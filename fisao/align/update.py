@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from fisao.align.lora import ValueHead
 from fisao.align.ppo import ADVANTAGES, kl_loss, kl_per_token, masked_mean, masked_whiten, ppo_loss, shaped_rewards, value_loss
-from fisao.align.rollout import Rollouts, encode_prompts, response_hidden, token_logprobs
+from fisao.align.rollout import Rollouts, encode_prompts, pad_right, response_hidden, token_logprobs
 from fisao.config import PPOConfig
 
 
@@ -53,10 +53,6 @@ def _micro_batch(processor, images, rollouts: Rollouts, rows: Tensor, device) ->
     return inputs, rollouts.response_ids[rows, :width].to(device), rollouts.mask[rows, :width].to(device)
 
 
-def _pad_to(x: Tensor, width: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-
 @torch.no_grad()
 def _score_rollouts(actor: ActorCritic, processor, images, rollouts: Rollouts, batch_size: int, device,
                     use_adapters: bool, accelerator: Accelerator | None = None) -> tuple[Tensor, Tensor | None]:
@@ -75,8 +71,8 @@ def _score_rollouts(actor: ActorCritic, processor, images, rollouts: Rollouts, b
         else:
             with actor.policy.disable_adapter():
                 lp, v = actor(inputs, ids, mask)
-        logps.append(_pad_to(lp.float().cpu(), width))
-        values.append(None if v is None else _pad_to(v.float().cpu(), width))
+        logps.append(pad_right(lp.float().cpu(), width))
+        values.append(None if v is None else pad_right(v.float().cpu(), width))
     logp = torch.cat(logps) if logps else torch.zeros(0, width)
     value = None if not values or values[0] is None else torch.cat(values)
     if ranks == 1:

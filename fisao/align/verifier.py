@@ -92,11 +92,6 @@ class Verifier:
         return (self.embed_texts(texts) * image_embeddings).sum(-1)
 
 
-def policy_vision_tower(policy) -> torch.nn.Module:
-    """The vision tower of a policy of a supported family (looking through a peft wrapper)."""
-    return vision_tower(policy)
-
-
 def check_vision_tower(policy, verifier: Verifier, require_equal: bool, names: tuple[str, str] = ("policy", "verifier")) -> bool:
     """True when every tensor of the policy's vision tower equals the verifier's vision model's.
 

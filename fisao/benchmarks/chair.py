@@ -32,7 +32,7 @@ from typing import Hashable, Mapping, Sequence
 from fisao import io
 from fisao.benchmarks.mentions import Mention, count_words, mentioned_categories, parse_mentions
 from fisao.benchmarks.vocab import Vocabulary
-from fisao.coco import load_instances
+from fisao.coco import load_captions, load_instances
 
 ImageId = Hashable
 
@@ -176,19 +176,10 @@ def _image_id(row: dict, file_ids: Mapping[str, int], where: str) -> ImageId:
 
 def _references(path: Path, file_ids: Mapping[str, int]) -> dict[ImageId, list[str]]:
     """Reference captions per image: JSONL rows like the captions, or a COCO captions JSON."""
-    out: dict[ImageId, list[str]] = {}
     if path.suffix == ".json":
-        data = io.read_json(path)
-        try:
-            pairs = [(int(a["image_id"]), str(a["caption"])) for a in data["annotations"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"{path} is not a COCO captions file ({type(e).__name__}: {e}); it needs "
-                "'annotations' with 'image_id' and 'caption' (or give a JSONL file)"
-            ) from e
-    else:
-        pairs = _caption_rows(path, file_ids)
-    for image_id, caption in pairs:
+        return load_captions(path)
+    out: dict[ImageId, list[str]] = {}
+    for image_id, caption in _caption_rows(path, file_ids):
         out.setdefault(image_id, []).append(caption)
     return out
 

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
 from fisao.auroc import auroc
-from fisao.config import ClipBuildConfig, WorldConfig
+from fisao.config import ClipBuildConfig
 from fisao.models.images import clip_image_processor, pixel_values
 from fisao.progress import bar as progress_bar
+from fisao.world.config import WorldConfig
 from fisao.world.data import Example
 
 PROMPT_TEMPLATE = "a photo of a {}."

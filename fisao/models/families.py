@@ -44,7 +44,7 @@ def _instructblip_hidden(hf, input_ids: Tensor, attention_mask: Tensor, position
     return out.last_hidden_state
 
 
-def _chat_prompt(processor, question: str) -> str:
+def _template_prompt(processor, question: str) -> str:
     if not getattr(processor, "chat_template", None):
         raise ValueError(f"{type(processor).__name__} has no chat template: save the model's processor with its "
                          "chat_template (llava-hf checkpoints ship one)")
@@ -73,9 +73,9 @@ class Family:
 
 
 LLAVA = Family("llava", lambda hf: hf.model.vision_tower, r".*multi_modal_projector\.(linear_1|linear_2)",
-               _chat_prompt, _llava_hidden)
+               _template_prompt, _llava_hidden)
 LLAVA_NEXT = Family("llava_next", lambda hf: hf.model.vision_tower, r".*multi_modal_projector\.(linear_1|linear_2)",
-                    _chat_prompt, _llava_hidden)
+                    _template_prompt, _llava_hidden)
 INSTRUCTBLIP = Family("instructblip", lambda hf: hf.vision_model, r".*language_projection", _plain_prompt,
                       _instructblip_hidden, own_vision_tensors=("post_layernorm.",), vision_is_prefix=True)
 
@@ -116,8 +116,9 @@ def vision_tower(model) -> nn.Module:
     return family_of(model).vision_tower(hf_model(model))
 
 
-def prompt(processor, question: str) -> str:
-    """The model's own format for one image and one question, ready for the answer."""
+def chat_prompt(processor, question: str) -> str:
+    """The model's own format for one image and one question, ready for the answer: the chat
+    template of LLaVA-family processors, the plain instruction for InstructBLIP."""
     return family_of_processor(processor).prompt(processor, question)
 
 

@@ -19,7 +19,7 @@ from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditiona
 
 from fisao.coco import load_image
 from fisao.config import LlavaBuildConfig
-from fisao.generate import chat_prompt
+from fisao.models.families import chat_prompt
 from fisao.models.images import pixel_values
 from fisao.progress import bar as progress_bar
 from fisao.world.data import Example

@@ -22,12 +22,11 @@ from pathlib import Path
 
 
 from fisao import io
-from fisao.config import SPLITS, WorldConfig
 from fisao.progress import bar as progress_bar
+from fisao.world.config import SPLITS, WorldConfig, config_of_record
 from fisao.world.pope import STRATEGIES, class_statistics, pope_questions
-from fisao.world.render import render
-from fisao.world.scenes import Scene, sample_scene
-from fisao.world.config import config_of_record
+from fisao.world.render import Scene, render
+from fisao.world.scenes import sample_scene
 from fisao.world.target import check_fits
 from fisao.world.text import caption, questions, vocabulary_lines
 

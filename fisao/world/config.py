@@ -1,13 +1,16 @@
 """The `world` section of a campaign config: the shapes world's classes, colours, co-occurrence
 priors, layout and split sizes, with the checks that keep it renderable and its names parseable.
 
-`fisao.config` re-exports it (and `Split`, `SPLITS`) with the campaign's other sections.
+`fisao.config` holds it with the campaign's other sections.
 """
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fisao.benchmarks.vocab import words
+from fisao.world.render import PALETTE, SHAPES
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -114,8 +117,6 @@ class WorldConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "WorldConfig":
-        from fisao.world.render import PALETTE, SHAPES
-
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"world.classes has duplicates: {list(self.classes)}")
         unknown = [c for c in self.classes if c not in SHAPES]
@@ -152,8 +153,6 @@ class WorldConfig(BaseModel):
 
     def _check_names(self) -> None:
         """Class names and synonyms must make a valid vocabulary file (see text.vocabulary_lines)."""
-        from fisao.benchmarks.vocab import words
-
         owner: dict[tuple[str, ...], str] = {words(cls): cls for cls in self.classes}
         for cls, names in self.synonyms.items():
             if not names:

@@ -1,4 +1,4 @@
-"""Render a scene of coloured shapes with Pillow.
+"""A scene of coloured shapes (what is drawn where), and its rendering with Pillow.
 
 Each shape is drawn as a white-on-black mask in its own box, then pasted in its colour, so
 any outline (a crescent, a heart) works the same way and later objects sit on top of earlier
@@ -7,15 +7,46 @@ ones. Rendering is a pure function of the scene: the same scene gives the same p
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:  # scenes imports config, whose validator imports this module
-    from fisao.world.scenes import Scene
-
 RGB = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    x: int  # left edge, pixels
+    y: int  # top edge, pixels
+    size: int  # side of the (square) box, pixels
+    alpha: float = 1.0  # opacity (world.hardness.faint_prob)
+    # A grey bar drawn over the object: (x, y, width, height, grey level) (world.hardness.occlusion_prob)
+    occluder: tuple[int, int, int, int, int] | None = None
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        """COCO box: (x, y, width, height)."""
+        return (self.x, self.y, self.size, self.size)
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeObject, ...]
+    background: tuple[int, int, int]
+    # Shapes outside the vocabulary (world.hardness.lookalikes): drawn, never annotated or named.
+    extras: tuple[ShapeObject, ...] = ()
+    noise: float = 0.0  # per-pixel noise std, 0-255 units (world.hardness.noise)
+    noise_seed: int = 0
+
+    @property
+    def classes(self) -> list[str]:
+        """Distinct classes present, in order of first appearance."""
+        return list(dict.fromkeys(o.shape for o in self.objects))
+
 
 PALETTE: dict[str, RGB] = {
     "red": (220, 40, 40),
@@ -105,7 +136,7 @@ SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, int], None]] = {
 }
 
 
-def render(scene: "Scene", canvas: int) -> Image.Image:
+def render(scene: Scene, canvas: int) -> Image.Image:
     """Draw `scene` on a `canvas` x `canvas` RGB image (objects, then look-alikes, then noise)."""
     image = Image.new("RGB", (canvas, canvas), scene.background)
     draw = ImageDraw.Draw(image)

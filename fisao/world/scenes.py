@@ -7,41 +7,9 @@ train, lower in val/test), so a model that leans on text statistics names absent
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
-from fisao.config import WorldConfig
-
-
-@dataclass(frozen=True)
-class ShapeObject:
-    shape: str
-    colour: str
-    x: int  # left edge, pixels
-    y: int  # top edge, pixels
-    size: int  # side of the (square) box, pixels
-    alpha: float = 1.0  # opacity (world.hardness.faint_prob)
-    # A grey bar drawn over the object: (x, y, width, height, grey level) (world.hardness.occlusion_prob)
-    occluder: tuple[int, int, int, int, int] | None = None
-
-    @property
-    def bbox(self) -> tuple[int, int, int, int]:
-        """COCO box: (x, y, width, height)."""
-        return (self.x, self.y, self.size, self.size)
-
-
-@dataclass(frozen=True)
-class Scene:
-    objects: tuple[ShapeObject, ...]
-    background: tuple[int, int, int]
-    # Shapes outside the vocabulary (world.hardness.lookalikes): drawn, never annotated or named.
-    extras: tuple[ShapeObject, ...] = ()
-    noise: float = 0.0  # per-pixel noise std, 0-255 units (world.hardness.noise)
-    noise_seed: int = 0
-
-    @property
-    def classes(self) -> list[str]:
-        """Distinct classes present, in order of first appearance."""
-        return list(dict.fromkeys(o.shape for o in self.objects))
+from fisao.world.config import WorldConfig
+from fisao.world.render import Scene, ShapeObject
 
 
 def _overlap(a: ShapeObject, b: ShapeObject) -> float:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 from fisao import dvcdata, io
-from fisao.config import WorldConfig, config_hash
+from fisao.config import config_hash
 from fisao.world.build import build_world, world_json_bytes, world_record
+from fisao.world.config import WorldConfig
 
 Action = Literal["verified", "pulled", "rebuilt", "created"]
 

@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 
 from fisao import io
-from fisao.config import WorldConfig
 from fisao.host import available_ram, free_disk
-from fisao.world.config import config_of_record
+from fisao.world.config import WorldConfig, config_of_record
 
 # What a world directory holds at its top level (fisao/world/build.py; mme/ may be added by hand).
 WORLD_ENTRIES = frozenset({"world.json", "vocab.txt", "train", "val", "test", "pretrain", "mme"})

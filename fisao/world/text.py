@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 
-from fisao.config import WorldConfig
-from fisao.world.scenes import Scene, ShapeObject
+from fisao.world.config import WorldConfig
+from fisao.world.render import Scene, ShapeObject
 
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 

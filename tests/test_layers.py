@@ -1,0 +1,67 @@
+"""The library's imports point one way: no circle inside fisao/, and no Prefect or MLflow in it."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module an import statement in `path` names, wherever the statement sits (function bodies
+    and `if TYPE_CHECKING:` included): `from a.b import c` names both a.b and a.b.c."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def _library() -> dict[str, set[str]]:
+    """fisao's modules, each with the modules it imports."""
+    graph = {}
+    for path in sorted((ROOT / "fisao").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        graph[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = _imports(path)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle among the graph's own modules (depth-first search), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m] & graph.keys()):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in graph:
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_cycle_finder_finds_a_circle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "os"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_library_has_no_import_circle():
+    assert _cycle(_library()) is None, " -> ".join(_cycle(_library()))
+
+
+def test_library_never_imports_prefect_or_mlflow():
+    bad = {m: sorted(n for n in names if n.split(".")[0] in ("prefect", "mlflow"))
+           for m, names in _library().items()}
+    assert not {m: n for m, n in bad.items() if n}

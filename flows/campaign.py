@@ -39,7 +39,7 @@ from tasks.models import build_clip, build_llava
 from tasks.realdata import memory_check, real_models
 from tasks.records import init_store
 from tasks.resume import verify_finished_rounds
-from tasks.tracking import log_build, log_curve, log_round
+from tasks.tracking import evaluation_span, log_build, log_curve, log_round
 from tasks.world import prepare_world
 
 
@@ -111,7 +111,7 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
     tags = _lineage_tags(cfg, world)
     inputs = {"data_md5": world["md5"], "config_hash": tags["fisao.config_hash"], "config": identity(cfg),
               "resolved": cfg.model_dump(mode="json")}
-    parent = open_campaign(cfg.name, inputs, tags, lock_file, allow_changed)
+    parent = open_campaign(cfg.name, inputs, tags, lock_file, allow_changed, started=t0)
     try:
         finished = verify_finished_rounds(cfg.name) if parent["resumed"] else {}
         done = next(k for k in range(1, len(finished) + 2) if str(k) not in finished) - 1
@@ -153,7 +153,7 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
     metrics = [evaluation["metrics"]]
     record_base = {**tags, "fisao.model_sha256": llava["sha256"], "fisao.model_path": llava["path"]}
     log_round(cfg.name, cfg.name, 0, metrics[0], round_params(cfg, llava, 0), record_base,
-              {"evaluation": evaluation["path"]})
+              {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]))
     cal = timed(stages, t0, "calibrate", calibrate, llava, base["clip"], world["path"], world["md5"], cfg.reward,
                 cfg.rollout, code_version(*ALIGN_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
     log.info("verifier calibration: AUROC %.3f, baseline %.4f, width %.4f", cal["figures"]["auroc"],

@@ -18,7 +18,7 @@ from tasks.align import rollouts, score, update
 from tasks.audit import round_report
 from tasks.evaluate import evaluate
 from tasks.resume import write_manifest
-from tasks.tracking import log_round
+from tasks.tracking import log_round, round_span
 
 # The world's base-model builds: the files they run (not the real-model parts of fisao/models/,
 # such as eva_clip.py and known.py, whose changes must not rebuild the world's models).
@@ -107,4 +107,5 @@ def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics:
     groups = {**artifacts, "model": [model["path"], str(Path(model["path"]).parent)],
               "adapter": [model["adapter"], str(Path(model["adapter"]).parent)]}
     manifest = write_manifest(groups, str(round_dir / "manifest.json"))
-    return log_round(cfg.name, cfg.name, k, metrics, round_params(cfg, model, k), lineage, artifacts, manifest)
+    return log_round(cfg.name, cfg.name, k, metrics, round_params(cfg, model, k), lineage, artifacts, manifest,
+                     span=round_span(samples, scores, model, evaluation))

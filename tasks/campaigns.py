@@ -30,8 +30,12 @@ def _write_inputs(client: MlflowClient, run_id: str, inputs: dict) -> None:
 
 
 @task(name="open-campaign")
-def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow_changed: bool = False) -> dict:
+def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow_changed: bool = False,
+                  started: float | None = None) -> dict:
     """The campaign's parent run, created or resumed; returns {"run_id", "resumed", "changes"}.
+
+    A new parent run starts at `started` (seconds since the epoch: when the campaign's flow began, so
+    the world's preparation counts) and ends when `campaign_state` ends it.
 
     `inputs` is {"data_md5", "config_hash", "config": dotted identity, "resolved": full config}.
     Resuming with other inputs raises InputsChanged naming them, unless `allow_changed`.
@@ -42,7 +46,8 @@ def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow
     parent = campaign_parent(campaign)
     if parent is None:
         run_id = new_run(campaign, campaign, {**tags, **state, "fisao.campaign": campaign, "fisao.kind": "campaign",
-                                               "fisao.rounds_done": "0"})
+                                               "fisao.rounds_done": "0"},
+                         None if started is None else int(started * 1000))
         log_batch(client, run_id, params=inputs["config"])
         _write_inputs(client, run_id, inputs)
         return {"run_id": run_id, "resumed": False, "changes": []}

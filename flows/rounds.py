@@ -61,10 +61,12 @@ def checkpoint_ref(update_result: dict) -> dict:
 
 
 def round_params(cfg: Config, model: dict, k: int) -> dict:
-    params = {"model_path": model["path"], **{f"eval.{key}": v for key, v in cfg.eval.model_dump().items()}}
-    if k:
-        for section in ("rollout", "reward", "lora", "ppo"):
-            params.update({f"{section}.{key}": v for key, v in getattr(cfg, section).model_dump().items()})
+    """Round k's MLflow parameters: `round` (an axis in MLflow's compare view), the checkpoint and the
+    eval and training settings. Round 0 (the base model, tagged `fisao.baseline`) gets the same keys,
+    so the compare view highlights what differs, not every row."""
+    params = {"round": k, "model_path": model["path"]}
+    for section in ("eval", "rollout", "reward", "lora", "ppo"):
+        params.update({f"{section}.{key}": v for key, v in getattr(cfg, section).model_dump().items()})
     return params
 
 

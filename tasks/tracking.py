@@ -186,7 +186,8 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
     if run_id is None:
         run_id = new_run(experiment, f"round-{round_index}", {
             **tags, "mlflow.parentRunId": parent, "fisao.key": key, "fisao.kind": "round",
-            "fisao.campaign": campaign, "fisao.round": str(round_index), COMPLETE: "false"}, start)
+            "fisao.campaign": campaign, "fisao.round": str(round_index),
+            "fisao.baseline": str(round_index == 0).lower(), COMPLETE: "false"}, start)
         log_batch(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
         items = list(artifacts.items())
         _log_artifacts(client, run_id, dict(items[: len(items) // 2]))

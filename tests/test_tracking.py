@@ -91,3 +91,28 @@ def test_an_evaluation_written_before_its_seconds_were_recorded_spans_from_its_e
     start, end = evaluation_span(evaluation)
 
     assert start == end == int(ended * 1000)
+
+
+def test_every_round_has_round_as_a_parameter_and_the_base_model_the_rounds_parameter_set():
+    from fisao.config import load_config
+    from flows.rounds import round_params
+
+    cfg = load_config(None)
+    base, third = round_params(cfg, {"path": "/m0"}, 0), round_params(cfg, {"path": "/m3"}, 3)
+
+    assert (base["round"], third["round"]) == (0, 3)
+    assert base.keys() == third.keys()
+    assert third["ppo.rounds"] == cfg.ppo.rounds and third["model_path"] == "/m3"
+
+
+def test_the_base_model_round_is_tagged_as_the_baseline(tmp_path, store):
+    from tasks.campaigns import open_campaign
+    from tasks.tracking import log_round
+
+    inputs = {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}
+    open_campaign.fn("demo", inputs, {}, "lock")
+    runs = {k: store.get_run(log_round.fn("demo", "demo", k, {"chair_i": 0.1}, {"round": k}, {}, {}))
+            for k in (0, 1)}
+
+    assert [runs[k].data.tags["fisao.baseline"] for k in (0, 1)] == ["true", "false"]
+    assert [runs[k].data.params["round"] for k in (0, 1)] == ["0", "1"]

@@ -56,8 +56,9 @@ def build_base(cfg: Config, project: str, world: dict, tags: dict, t0: float, re
     code = code_version(*MODEL_CODE)
     clip = timed(stages, t0, "clip", build_clip, world["path"], world["md5"], cfg.clip, code, outputs)
     llava = timed(stages, t0, "llava", build_llava, world["path"], world["md5"], clip, cfg.llava, code, outputs)
-    log_build(cfg.name, "clip", clip, cfg.clip.model_dump(), tags)
-    log_build(cfg.name, "llava", llava, {**cfg.llava.model_dump(), "clip_sha256": clip["sha256"]}, tags)
+    log_build(cfg.name, "clip", clip, cfg.clip.model_dump(), tags, campaign=cfg.name)
+    log_build(cfg.name, "llava", llava, {**cfg.llava.model_dump(), "clip_sha256": clip["sha256"]}, tags,
+              campaign=cfg.name)
     return {"world": world, "clip": clip, "llava": llava, "stages": stages, "tags": tags}
 
 

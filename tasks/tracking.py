@@ -86,8 +86,14 @@ def round_span(samples: dict, scores: dict, model: dict, evaluation: dict) -> tu
 
 
 @task(name="log-build")
-def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict) -> str:
-    """Log one base-model build (params, curves, figures, the model directory); returns the run id."""
+def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict, campaign: str | None = None) -> str:
+    """Log one base-model build (params, curves, figures, the model directory); returns the run id.
+
+    With `campaign`, the run is nested under the campaign's parent run and tagged `fisao.campaign`:
+    each campaign logs the builds it used into its own experiment (a build shared on disk by two
+    campaigns gets a run in each), so nesting is always possible and the campaign's view shows what
+    it was built from.
+    """
     log = get_run_logger()
     key = f"build-{kind}:{ref['sha256']}"
     existing = find_run(experiment, {"fisao.key": key, COMPLETE: "true"})
@@ -96,7 +102,8 @@ def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict) -
         return existing
     client = MlflowClient()
     start, end = span_of(ref["path"], TRAIN_LOG, ref["figures"].get("seconds"))
-    run_id = new_run(experiment, f"build-{kind}", {**tags, "fisao.key": key, "fisao.kind": f"build-{kind}",
+    group = {} if campaign is None else {"mlflow.parentRunId": campaign_run(campaign), "fisao.campaign": campaign}
+    run_id = new_run(experiment, f"build-{kind}", {**tags, **group, "fisao.key": key, "fisao.kind": f"build-{kind}",
                                                        "fisao.sha256": ref["sha256"]}, start)
     train_log = io.read_json(Path(ref["path"]) / "train_log.json")
     ts = _now()

@@ -116,3 +116,17 @@ def test_the_base_model_round_is_tagged_as_the_baseline(tmp_path, store):
 
     assert [runs[k].data.tags["fisao.baseline"] for k in (0, 1)] == ["true", "false"]
     assert [runs[k].data.params["round"] for k in (0, 1)] == ["0", "1"]
+
+
+def test_a_build_run_is_nested_under_the_campaign_that_used_it(tmp_path, store):
+    from tasks.campaigns import open_campaign
+    from tasks.tracking import log_build
+
+    model = finished_at(tmp_path / "llava", "train_log.json", {"loss": [1.0], "seconds": 3.0}, time.time())
+    ref = {"path": str(model), "sha256": "abc", "figures": {"seconds": 3.0}}
+    inputs = {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}
+    parent = open_campaign.fn("demo", inputs, {}, "lock")["run_id"]
+
+    tags = store.get_run(log_build.fn("demo", "llava", ref, {}, {}, campaign="demo")).data.tags
+
+    assert tags["mlflow.parentRunId"] == parent and tags["fisao.campaign"] == "demo"

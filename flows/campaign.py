@@ -30,6 +30,7 @@ from fisao.localstate import use_project
 from fisao.locks import RunLock
 from fisao.versioning import code_version, git_state, package_versions
 from flows.ephemeral import servers_started_by, stop_orphaned
+from flows.report import headline
 from flows.rounds import (
     ALIGN_CODE, MODEL_CODE, checkpoint_ref, evaluate_model, fisao_round, record_round, round_params, timed,
 )
@@ -39,7 +40,7 @@ from tasks.models import build_clip, build_llava
 from tasks.realdata import memory_check, real_models
 from tasks.records import init_store
 from tasks.resume import verify_finished_rounds
-from tasks.tracking import evaluation_span, log_build, log_curve, log_round
+from tasks.tracking import describe, evaluation_span, log_build, log_curve, log_round
 from tasks.world import prepare_world
 
 
@@ -119,6 +120,7 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
         target = target_rounds(cfg, done, rounds, add_rounds)
         campaign_state(parent["run_id"], {"fisao.target_rounds": str(target)})
         summary = _rounds(cfg, project, t0, stages, world, real, tags, finished, target)
+        describe(parent["run_id"], f"{cfg.name}: {headline(summary['rounds'])}")
         campaign_state(parent["run_id"], {"fisao.rounds_done": str(target)}, end="finished")
     except BaseException as e:  # Ctrl-C and SIGTERM included: the campaign's run says how it ended, then the error goes on
         end = "interrupted" if isinstance(e, (KeyboardInterrupt, TerminationSignal)) else "failed"
@@ -126,7 +128,7 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
         raise
     log.info("campaign %s: %d rounds done (%d verified from an earlier run), summary %s", cfg.name, target,
              len(summary["resume"]["verified_rounds"]), summary["summary_path"])
-    return summary
+    return {**summary, "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"]}}
 
 
 def timed_inputs(cfg: Config, project: str, stages: dict, t0: float) -> tuple[dict, dict | None]:

@@ -22,9 +22,11 @@ from fisao.inputs import config_identity_hash, identity
 from fisao.localstate import use_project
 from fisao.sweep import aggregate, default_name, plan, run_record, sweep_dir, sweep_lock
 from flows.campaign import campaign
+from flows.report import sweep_headline
 from tasks.campaigns import campaign_state
 from tasks.records import init_store
 from tasks.sweeps import close_sweep, open_sweep, tag_campaign
+from tasks.tracking import describe
 
 
 @flow(name="fisao-sweep")
@@ -69,6 +71,7 @@ def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project:
             path = io.write_json(sweep_dir(project, cfg.outputs_dir, name) / "sweep.json", result)
             figures = {f"{which['run']}/{k}": v for which in (mean, std) for k, v in which.items()
                        if k != "run" and v is not None}
+            describe(parent["run_id"], f"sweep {name}: {sweep_headline(records, mean)}")
             close_sweep(parent["run_id"], figures, len(records), str(path),
                         {**tags, "fisao.failed": ",".join(f["run"] for f in failed) or "none"},
                         "failed" if failed else "finished")
@@ -77,4 +80,5 @@ def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project:
             campaign_state(parent["run_id"], {"fisao.error": f"{type(e).__name__}: {e}"[:4000]}, end=end)
             raise
     log.info("sweep %s: %d campaigns finished, %d failed; sweep.json %s", name, len(records), len(failed), path)
-    return {**result, "path": str(path), "campaigns": campaigns}
+    return {**result, "path": str(path), "campaigns": campaigns,
+            "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"]}}

@@ -217,6 +217,17 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
     return run_id
 
 
+NOTE = "mlflow.note.content"  # what MLflow's UI shows as a run's or an experiment's description
+
+
+@task(name="describe")
+def describe(run_id: str, text: str) -> None:
+    """Make `text` the description of the run and of its experiment (one experiment per campaign or sweep)."""
+    client = MlflowClient()
+    client.set_tag(run_id, NOTE, text)
+    client.set_experiment_tag(client.get_run(run_id).info.experiment_id, NOTE, text)
+
+
 @task(name="log-curve")
 def log_curve(campaign: str, metrics: dict, round_index: int) -> None:
     """Round `round_index`'s point of the per-round curves on the campaign's parent run (once per step)."""

@@ -130,3 +130,20 @@ def test_a_build_run_is_nested_under_the_campaign_that_used_it(tmp_path, store):
     tags = store.get_run(log_build.fn("demo", "llava", ref, {}, {}, campaign="demo")).data.tags
 
     assert tags["mlflow.parentRunId"] == parent and tags["fisao.campaign"] == "demo"
+
+
+def test_describe_writes_the_runs_and_its_experiments_description_and_experiments_are_marked_ml(tmp_path, store):
+    from tasks.campaigns import open_campaign
+    from tasks.tracking import NOTE, describe
+
+    inputs = {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}
+    opened = open_campaign.fn("demo", inputs, {}, "lock")
+
+    describe.fn(opened["run_id"], "demo: CHAIR_i 0.145 base → 0.059 best (round 3 of 3)")
+
+    experiment = store.get_experiment(opened["experiment_id"])
+    assert experiment.name == "demo"
+    assert experiment.tags[NOTE] == store.get_run(opened["run_id"]).data.tags[NOTE] == (
+        "demo: CHAIR_i 0.145 base → 0.059 best (round 3 of 3)")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert open_campaign.fn("demo", inputs, {}, "lock")["experiment_id"] == opened["experiment_id"]  # resumed

@@ -12,6 +12,10 @@ MLflow holds as complete are verified against their manifests and taken as they 
 one is recomputed, and an unfinished round continues from its last finished stage via the cache.
 How many rounds: `rounds`, else `add_rounds` more than are done (a schedule's "one more round"),
 else the config's `ppo.rounds`.
+
+In Prefect's UI the flow run is named after the campaign (`demo`), each round it computes is a
+subflow (`demo: round 3`, flows/rounds.py), all carry the tag `campaign:demo`, and the rounds
+table and the summary are published as artifacts (tasks/publish.py).
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect import tags as prefect_tags
 from prefect.exceptions import TerminationSignal
+from prefect.runtime import flow_run
 
 from fisao import io
 from fisao.config import Config, load_config
@@ -30,13 +36,12 @@ from fisao.localstate import use_project
 from fisao.locks import RunLock
 from fisao.versioning import code_version, git_state, package_versions
 from flows.ephemeral import servers_started_by, stop_orphaned
-from flows.report import headline
-from flows.rounds import (
-    ALIGN_CODE, MODEL_CODE, checkpoint_ref, evaluate_model, fisao_round, record_round, round_params, timed,
-)
+from flows.report import headline, summary_markdown
+from flows.rounds import ALIGN_CODE, MODEL_CODE, evaluate_model, round_params, run_round, timed
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
+from tasks.publish import publish_summary, run_tag, tag_this_flow_run
 from tasks.realdata import memory_check, real_models
 from tasks.records import init_store
 from tasks.resume import verify_finished_rounds
@@ -74,7 +79,13 @@ def target_rounds(cfg: Config, done: int, rounds: int | None, add_rounds: int | 
     return rounds if rounds is not None else cfg.ppo.rounds
 
 
-@flow(name="fisao-campaign")
+def campaign_run_name() -> str:
+    """The campaign flow run's name in Prefect's UI: the campaign's (`demo`), not two random words."""
+    params = flow_run.parameters
+    return params.get("run_name") or load_config(params.get("config_path"), params.get("overrides")).name
+
+
+@flow(name="fisao-campaign", flow_run_name=campaign_run_name)
 def campaign(config_path: str | None = None, project: str = ".", overrides: dict | None = None,
              run_name: str | None = None, rounds: int | None = None, add_rounds: int | None = None,
              allow_changed_data: bool = False) -> dict:
@@ -92,7 +103,10 @@ def campaign(config_path: str | None = None, project: str = ".", overrides: dict
             for pid in stop_orphaned(lock.took_over.extra.get("prefect_servers", [])):
                 log.warning("stopped the ephemeral Prefect server (pid %d) that the killed run left behind", pid)
         lock.annotate(prefect_servers=servers_started_by(os.getpid()))
-        return _run(cfg, project, t0, rounds, add_rounds, allow_changed_data, str(lock.path))
+        tag = run_tag("campaign", cfg.name)
+        tag_this_flow_run(tag)
+        with prefect_tags(tag):  # the round subflows and every task run
+            return _run(cfg, project, t0, rounds, add_rounds, allow_changed_data, str(lock.path))
 
 
 def _lineage_tags(cfg: Config, world: dict) -> dict[str, str]:
@@ -128,7 +142,9 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
         raise
     log.info("campaign %s: %d rounds done (%d verified from an earlier run), summary %s", cfg.name, target,
              len(summary["resume"]["verified_rounds"]), summary["summary_path"])
-    return {**summary, "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"]}}
+    summary = {**summary, "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"]}}
+    publish_summary(cfg.name, summary_markdown(summary))
+    return summary
 
 
 def timed_inputs(cfg: Config, project: str, stages: dict, t0: float) -> tuple[dict, dict | None]:
@@ -172,14 +188,9 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
             verified.append(k)
             log.info("round %d: verified against its manifest, taken from MLflow run %s", k, done["run_id"])
         else:
-            new, figures, samples, scores = fisao_round(cfg, out_dir, k, base, policy, previous, cal, t0)
-            evaluation = evaluate_model(cfg, project, k, checkpoint_ref(new), world, stages, t0)
-            lineage = {**tags, "fisao.parent_sha256": policy["sha256"], "fisao.parent_path": policy["path"],
-                       "fisao.model_sha256": new["sha256"], "fisao.model_path": new["path"]}
-            metrics.append({**evaluation["metrics"], **figures})
-            record_round(cfg, out_dir, k, lineage, metrics[-1], metrics[:-1], new, evaluation, cal, samples, scores,
-                         policy["path"])
-            policy = previous = checkpoint_ref(new)
+            done = run_round(cfg, project, k, base, policy, previous, cal, metrics, tags, t0)
+            metrics.append(done["metrics"])
+            policy = previous = done["policy"]
         checkpoints.append(policy["path"])
         log.info("round %d: CHAIR_i %.3f, recall %.3f", k, metrics[-1].get("chair_i", float("nan")),
                  metrics[-1].get("recall", float("nan")))

@@ -89,6 +89,32 @@ def rounds_table(rounds: list[dict]) -> str:
     return table(["model", *[HEADERS.get(c, c) for c in ROUND_COLUMNS]], rows)
 
 
+def round_rows(rounds: list[dict]) -> list[dict]:
+    """The rounds table as rows for Prefect's table artifact: model, then ROUND_COLUMNS (3 decimals; None
+    where a model has no such figure, e.g. the base model's reward)."""
+    def cell(v):
+        return round(v, 3) if isinstance(v, float) else v
+
+    return [{"model": "base" if k == 0 else f"round {k}", **{HEADERS.get(c, c): cell(m.get(c)) for c in ROUND_COLUMNS}}
+            for k, m in enumerate(rounds)]
+
+
+def summary_markdown(summary: dict) -> str:
+    """The campaign's summary for Prefect's UI: the one-line result, the rounds table, where things are."""
+    rows = round_rows(summary["rounds"])
+    headers = list(rows[0])
+    lines = [f"# {summary['name']}", "", headline(summary["rounds"]), "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+             *("| " + " | ".join("-" if r[h] is None else _fmt(r[h]) for h in headers) + " |" for r in rows), ""]
+    if summary.get("checkpoints"):
+        lines.append(f"last checkpoint: `{summary['checkpoints'][-1]}`  ")
+    if "summary_path" in summary:
+        lines.append(f"summary.json: `{summary['summary_path']}`  ")
+    if summary.get("mlflow"):
+        lines.append(f"MLflow (after `make mlflow-ui`): {runs_link(summary['mlflow']['experiment_id'])}")
+    return "\n".join(lines)
+
+
 SWEEP_COLUMNS = (("chair_s", "chair_s"), ("chair_i", "chair_i"), ("recall", "recall"),
                  ("pope_random_f1", "pope_rnd_f1"), ("pope_popular_f1", "pope_pop_f1"),
                  ("pope_adversarial_f1", "pope_adv_f1"))

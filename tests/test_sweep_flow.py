@@ -43,7 +43,7 @@ def test_sweep_goes_past_a_failed_campaign_then_continues_prints_writes_json_and
         base_project, tmp_path_factory, harness, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
-    import flows.campaign
+    import flows.rounds
     from fisao.config import load_config
     from flows.cli import main
     from flows.sweep import sweep
@@ -59,16 +59,16 @@ def test_sweep_goes_past_a_failed_campaign_then_continues_prints_writes_json_and
     data_dvc, data_md5 = (project / "data.dvc").read_bytes(), dvcdata.verify(project, "data")
     runs = plan(load_config(config), SWEEP, WORLDS, (0,))
 
-    real_round = flows.campaign.fisao_round
+    real_round = flows.rounds.fisao_round
 
     def fails_in_first(cfg, *args, **kwargs):
         if cfg.name == runs[0].name:
             raise Stopped("stopped in round 1 of the first campaign")
         return real_round(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(flows.campaign, "fisao_round", fails_in_first)
+    monkeypatch.setattr(flows.rounds, "fisao_round", fails_in_first)
     first = sweep(config_path=config, worlds=list(WORLDS), seeds=[0], project=str(project), rounds=1, name=SWEEP)
-    monkeypatch.setattr(flows.campaign, "fisao_round", real_round)
+    monkeypatch.setattr(flows.rounds, "fisao_round", real_round)
 
     # The failure was reported and the sweep went on with the other world.
     assert [f["run"] for f in first["failed"]] == [runs[0].name]

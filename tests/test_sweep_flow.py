@@ -150,6 +150,14 @@ def test_sweep_goes_past_a_failed_campaign_then_continues_prints_writes_json_and
     tagged = client.search_runs(ids, filter_string=f"tags.`fisao.sweep` = '{SWEEP}' and tags.`fisao.kind` = 'campaign'")
     assert sorted(r.data.tags["fisao.campaign"] for r in tagged) == sorted(r.name for r in runs)
     assert {r.data.tags["fisao.sweep_world"] for r in tagged} == {str(w) for w in WORLDS}
+    assert client.get_experiment_by_name(SWEEP).tags["mlflow.note.content"] == (
+        f"sweep {SWEEP}: mean CHAIR_i {mean['base_chair_i']:.3f} base → {mean['final_chair_i']:.3f} final over 2 campaigns")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as prefect:
+        named = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"sweep:{SWEEP}"])))
+    assert {SWEEP, *(r.name for r in runs)} <= {r.name for r in named}  # the sweep's run and its campaigns'
     assert set(FIELDS) <= set(result["mean"])
 
     # The same sweep name with another config is refused, and the sweep's run is left as it was.

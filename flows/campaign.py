@@ -12,6 +12,10 @@ MLflow holds as complete are verified against their manifests and taken as they 
 one is recomputed, and an unfinished round continues from its last finished stage via the cache.
 How many rounds: `rounds`, else `add_rounds` more than are done (a schedule's "one more round"),
 else the config's `ppo.rounds`.
+
+In Prefect's UI the flow run is named after the campaign (`demo`), each round it computes is a
+subflow (`demo: round 3`, flows/rounds.py), all carry the tag `campaign:demo`, and the rounds
+table and the summary are published as artifacts (tasks/publish.py).
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect import tags as prefect_tags
 from prefect.exceptions import TerminationSignal
+from prefect.runtime import flow_run
 
 from fisao import io
 from fisao.config import Config, load_config
@@ -30,16 +36,16 @@ from fisao.localstate import use_project
 from fisao.locks import RunLock
 from fisao.versioning import code_version, git_state, package_versions
 from flows.ephemeral import servers_started_by, stop_orphaned
-from flows.rounds import (
-    ALIGN_CODE, MODEL_CODE, checkpoint_ref, evaluate_model, fisao_round, record_round, round_params, timed,
-)
+from flows.report import headline, summary_markdown
+from flows.rounds import ALIGN_CODE, MODEL_CODE, evaluate_model, round_params, run_round, timed
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
+from tasks.publish import publish_summary, run_tag, tag_this_flow_run
 from tasks.realdata import memory_check, real_models
 from tasks.records import init_store
 from tasks.resume import verify_finished_rounds
-from tasks.tracking import log_build, log_curve, log_round
+from tasks.tracking import describe, evaluation_span, log_build, log_curve, log_round
 from tasks.world import prepare_world
 
 
@@ -56,8 +62,9 @@ def build_base(cfg: Config, project: str, world: dict, tags: dict, t0: float, re
     code = code_version(*MODEL_CODE)
     clip = timed(stages, t0, "clip", build_clip, world["path"], world["md5"], cfg.clip, code, outputs)
     llava = timed(stages, t0, "llava", build_llava, world["path"], world["md5"], clip, cfg.llava, code, outputs)
-    log_build(cfg.name, "clip", clip, cfg.clip.model_dump(), tags)
-    log_build(cfg.name, "llava", llava, {**cfg.llava.model_dump(), "clip_sha256": clip["sha256"]}, tags)
+    log_build(cfg.name, "clip", clip, cfg.clip.model_dump(), tags, campaign=cfg.name)
+    log_build(cfg.name, "llava", llava, {**cfg.llava.model_dump(), "clip_sha256": clip["sha256"]}, tags,
+              campaign=cfg.name)
     return {"world": world, "clip": clip, "llava": llava, "stages": stages, "tags": tags}
 
 
@@ -72,7 +79,13 @@ def target_rounds(cfg: Config, done: int, rounds: int | None, add_rounds: int | 
     return rounds if rounds is not None else cfg.ppo.rounds
 
 
-@flow(name="fisao-campaign")
+def campaign_run_name() -> str:
+    """The campaign flow run's name in Prefect's UI: the campaign's (`demo`), not two random words."""
+    params = flow_run.parameters
+    return params.get("run_name") or load_config(params.get("config_path"), params.get("overrides")).name
+
+
+@flow(name="fisao-campaign", flow_run_name=campaign_run_name)
 def campaign(config_path: str | None = None, project: str = ".", overrides: dict | None = None,
              run_name: str | None = None, rounds: int | None = None, add_rounds: int | None = None,
              allow_changed_data: bool = False) -> dict:
@@ -90,7 +103,10 @@ def campaign(config_path: str | None = None, project: str = ".", overrides: dict
             for pid in stop_orphaned(lock.took_over.extra.get("prefect_servers", [])):
                 log.warning("stopped the ephemeral Prefect server (pid %d) that the killed run left behind", pid)
         lock.annotate(prefect_servers=servers_started_by(os.getpid()))
-        return _run(cfg, project, t0, rounds, add_rounds, allow_changed_data, str(lock.path))
+        tag = run_tag("campaign", cfg.name)
+        tag_this_flow_run(tag)
+        with prefect_tags(tag):  # the round subflows and every task run
+            return _run(cfg, project, t0, rounds, add_rounds, allow_changed_data, str(lock.path))
 
 
 def _lineage_tags(cfg: Config, world: dict) -> dict[str, str]:
@@ -111,13 +127,14 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
     tags = _lineage_tags(cfg, world)
     inputs = {"data_md5": world["md5"], "config_hash": tags["fisao.config_hash"], "config": identity(cfg),
               "resolved": cfg.model_dump(mode="json")}
-    parent = open_campaign(cfg.name, inputs, tags, lock_file, allow_changed)
+    parent = open_campaign(cfg.name, inputs, tags, lock_file, allow_changed, started=t0)
     try:
         finished = verify_finished_rounds(cfg.name) if parent["resumed"] else {}
         done = next(k for k in range(1, len(finished) + 2) if str(k) not in finished) - 1
         target = target_rounds(cfg, done, rounds, add_rounds)
         campaign_state(parent["run_id"], {"fisao.target_rounds": str(target)})
         summary = _rounds(cfg, project, t0, stages, world, real, tags, finished, target)
+        describe(parent["run_id"], f"{cfg.name}: {headline(summary['rounds'])}")
         campaign_state(parent["run_id"], {"fisao.rounds_done": str(target)}, end="finished")
     except BaseException as e:  # Ctrl-C and SIGTERM included: the campaign's run says how it ended, then the error goes on
         end = "interrupted" if isinstance(e, (KeyboardInterrupt, TerminationSignal)) else "failed"
@@ -125,6 +142,8 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
         raise
     log.info("campaign %s: %d rounds done (%d verified from an earlier run), summary %s", cfg.name, target,
              len(summary["resume"]["verified_rounds"]), summary["summary_path"])
+    summary = {**summary, "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"]}}
+    publish_summary(cfg.name, summary_markdown(summary))
     return summary
 
 
@@ -153,7 +172,7 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
     metrics = [evaluation["metrics"]]
     record_base = {**tags, "fisao.model_sha256": llava["sha256"], "fisao.model_path": llava["path"]}
     log_round(cfg.name, cfg.name, 0, metrics[0], round_params(cfg, llava, 0), record_base,
-              {"evaluation": evaluation["path"]})
+              {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]))
     cal = timed(stages, t0, "calibrate", calibrate, llava, base["clip"], world["path"], world["md5"], cfg.reward,
                 cfg.rollout, code_version(*ALIGN_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
     log.info("verifier calibration: AUROC %.3f, baseline %.4f, width %.4f", cal["figures"]["auroc"],
@@ -169,14 +188,9 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
             verified.append(k)
             log.info("round %d: verified against its manifest, taken from MLflow run %s", k, done["run_id"])
         else:
-            new, figures, samples, scores = fisao_round(cfg, out_dir, k, base, policy, previous, cal, t0)
-            evaluation = evaluate_model(cfg, project, k, checkpoint_ref(new), world, stages, t0)
-            lineage = {**tags, "fisao.parent_sha256": policy["sha256"], "fisao.parent_path": policy["path"],
-                       "fisao.model_sha256": new["sha256"], "fisao.model_path": new["path"]}
-            metrics.append({**evaluation["metrics"], **figures})
-            record_round(cfg, out_dir, k, lineage, metrics[-1], metrics[:-1], new, evaluation, cal, samples, scores,
-                         policy["path"])
-            policy = previous = checkpoint_ref(new)
+            done = run_round(cfg, project, k, base, policy, previous, cal, metrics, tags, t0)
+            metrics.append(done["metrics"])
+            policy = previous = done["policy"]
         checkpoints.append(policy["path"])
         log.info("round %d: CHAIR_i %.3f, recall %.3f", k, metrics[-1].get("chair_i", float("nan")),
                  metrics[-1].get("recall", float("nan")))

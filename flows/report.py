@@ -16,6 +16,40 @@ def _fmt(v) -> str:
     return str(v)
 
 
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves mlflow.db
+
+
+def runs_link(experiment_id: str) -> str:
+    """The experiment's runs table in MLflow's UI. MLflow 3.17.2 chooses between its GenAI pages (an
+    empty traces overview) and the runs table by the `workflowType` in the address, else by the
+    reader's last choice, not by an experiment tag (docs/mlflow.md), so the link sets it."""
+    return f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def headline(rounds: list[dict]) -> str:
+    """A campaign's one-line result: CHAIR_i of the base model → the best round's (the lowest), with
+    that round's recall; `rounds` as in summary.json (round 0 is the base model)."""
+    base = rounds[0]
+    if "chair_i" not in base:
+        return f"{len(rounds) - 1} rounds, no CHAIR_i evaluated"
+    scored = [k for k in range(1, len(rounds)) if "chair_i" in rounds[k]]
+    if not scored:
+        return f"CHAIR_i {base['chair_i']:.3f} (base model, no rounds yet)"
+    best = min(scored, key=lambda k: rounds[k]["chair_i"])
+    recall = (f", recall {base['recall']:.3f} → {rounds[best]['recall']:.3f}"
+              if "recall" in base and "recall" in rounds[best] else "")
+    return (f"CHAIR_i {base['chair_i']:.3f} base → {rounds[best]['chair_i']:.3f} best (round {best} of "
+            f"{len(rounds) - 1}){recall}")
+
+
+def sweep_headline(runs: list[dict], mean: dict) -> str:
+    """A sweep's one-line result: the mean CHAIR_i base → final over its finished campaigns."""
+    if mean.get("base_chair_i") is None or mean.get("final_chair_i") is None:
+        return f"{len(runs)} campaigns finished, no CHAIR_i to average"
+    return (f"mean CHAIR_i {mean['base_chair_i']:.3f} base → {mean['final_chair_i']:.3f} final over "
+            f"{len(runs)} campaigns")
+
+
 def print_summary(summary: dict) -> None:
     stages = summary["stages"]
     print()
@@ -38,8 +72,11 @@ def print_summary(summary: dict) -> None:
         print(f"{'base' if k == 0 else f'round {k}'} checkpoint: {path}")
     if "summary_path" in summary:
         print(f"summary (machine-readable): {summary['summary_path']}   total {summary['seconds']:.0f}s")
+    print(f"{summary['name']}: {headline(summary['rounds'])}")
     print()
-    print("Compare runs: make mlflow-ui  (or: mlflow ui --backend-store-uri sqlite:///mlflow.db), then open http://127.0.0.1:5000")
+    mlflow = summary.get("mlflow")
+    page = runs_link(mlflow["experiment_id"]) if mlflow else MLFLOW_UI
+    print(f"Compare runs: make mlflow-ui  (or: mlflow ui --backend-store-uri sqlite:///mlflow.db), then open {page}")
 
 
 # The columns of the summary table printed after a campaign, one row per model (base, round 1, …).
@@ -51,6 +88,32 @@ HEADERS = {"score/reward_mean": "reward", "update/kl": "kl", "seconds/round": "t
 def rounds_table(rounds: list[dict]) -> str:
     rows = [["base" if k == 0 else f"round {k}", *[m.get(c, "-") for c in SUMMARY_COLUMNS]] for k, m in enumerate(rounds)]
     return table(["model", *[HEADERS.get(c, c) for c in SUMMARY_COLUMNS]], rows)
+
+
+def round_rows(rounds: list[dict]) -> list[dict]:
+    """The rounds table as rows for Prefect's table artifact: model, then ROUND_COLUMNS (3 decimals; None
+    where a model has no such figure, e.g. the base model's reward)."""
+    def cell(v):
+        return round(v, 3) if isinstance(v, float) else v
+
+    return [{"model": "base" if k == 0 else f"round {k}", **{HEADERS.get(c, c): cell(m.get(c)) for c in ROUND_COLUMNS}}
+            for k, m in enumerate(rounds)]
+
+
+def summary_markdown(summary: dict) -> str:
+    """The campaign's summary for Prefect's UI: the one-line result, the rounds table, where things are."""
+    rows = round_rows(summary["rounds"])
+    headers = list(rows[0])
+    lines = [f"# {summary['name']}", "", headline(summary["rounds"]), "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+             *("| " + " | ".join("-" if r[h] is None else _fmt(r[h]) for h in headers) + " |" for r in rows), ""]
+    if summary.get("checkpoints"):
+        lines.append(f"last checkpoint: `{summary['checkpoints'][-1]}`  ")
+    if "summary_path" in summary:
+        lines.append(f"summary.json: `{summary['summary_path']}`  ")
+    if summary.get("mlflow"):
+        lines.append(f"MLflow (after `make mlflow-ui`): {runs_link(summary['mlflow']['experiment_id'])}")
+    return "\n".join(lines)
 
 
 SWEEP_COLUMNS = (("chair_s", "chair_s"), ("chair_i", "chair_i"), ("recall", "recall"),
@@ -93,4 +156,7 @@ def print_sweep(result: dict) -> None:
         print(f"mean and std are over the {len(result['runs'])} finished runs; run the same command again to retry "
               "the failed ones")
     print(f"sweep.json: {result['path']}")
+    print(f"sweep {result['name']}: {sweep_headline(result['runs'], result['mean'])}")
     print(f"MLflow: experiment {result['name']!r}; its campaigns are tagged fisao.sweep = '{result['name']}'")
+    if result.get("mlflow"):
+        print(f"Compare runs: make mlflow-ui, then open {runs_link(result['mlflow']['experiment_id'])}")

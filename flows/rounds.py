@@ -1,24 +1,30 @@
 """A campaign's rounds as wiring of tasks: evaluate a model, run a FiSAO round, record a round.
 
 Round k: rollouts with round k−1's policy -> verifier scores -> PPO/LoRA update -> evaluation ->
-report -> manifest -> MLflow. Round stages write under the campaign's own directory
-(`outputs/campaigns/NAME/`), so campaigns never write each other's files; the world, the base
-models, calibration and evaluations are content-addressed and shared.
+report -> manifest -> MLflow -> the metrics table in Prefect's UI. Each round that runs is a
+subflow named after it (`demo: round 3`), in the campaign's process. Round stages write under the
+campaign's own directory (`outputs/campaigns/NAME/`), so campaigns never write each other's files;
+the world, the base models, calibration and evaluations are content-addressed and shared.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from fisao import io
+from prefect import flow
+from prefect.runtime import flow_run
+
+from fisao import io, localstate
 from fisao.config import Config
 from fisao.versioning import code_version
+from flows.report import round_rows
 from flows.steps import run_step
 from tasks.align import rollouts, score, update
 from tasks.audit import round_report
 from tasks.evaluate import evaluate
+from tasks.publish import publish_round
 from tasks.resume import write_manifest
-from tasks.tracking import log_round
+from tasks.tracking import log_round, round_span
 
 # The world's base-model builds: the files they run (not the real-model parts of fisao/models/,
 # such as eva_clip.py and known.py, whose changes must not rebuild the world's models).
@@ -61,10 +67,12 @@ def checkpoint_ref(update_result: dict) -> dict:
 
 
 def round_params(cfg: Config, model: dict, k: int) -> dict:
-    params = {"model_path": model["path"], **{f"eval.{key}": v for key, v in cfg.eval.model_dump().items()}}
-    if k:
-        for section in ("rollout", "reward", "lora", "ppo"):
-            params.update({f"{section}.{key}": v for key, v in getattr(cfg, section).model_dump().items()})
+    """Round k's MLflow parameters: `round` (an axis in MLflow's compare view), the checkpoint and the
+    eval and training settings. Round 0 (the base model, tagged `fisao.baseline`) gets the same keys,
+    so the compare view highlights what differs, not every row."""
+    params = {"round": k, "model_path": model["path"]}
+    for section in ("eval", "rollout", "reward", "lora", "ppo"):
+        params.update({f"{section}.{key}": v for key, v in getattr(cfg, section).model_dump().items()})
     return params
 
 
@@ -107,4 +115,31 @@ def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics:
     groups = {**artifacts, "model": [model["path"], str(Path(model["path"]).parent)],
               "adapter": [model["adapter"], str(Path(model["adapter"]).parent)]}
     manifest = write_manifest(groups, str(round_dir / "manifest.json"))
-    return log_round(cfg.name, cfg.name, k, metrics, round_params(cfg, model, k), lineage, artifacts, manifest)
+    return log_round(cfg.name, cfg.name, k, metrics, round_params(cfg, model, k), lineage, artifacts, manifest,
+                     span=round_span(samples, scores, model, evaluation))
+
+
+def round_run_name() -> str:
+    """The round subflow's name in Prefect's UI: `demo: round 3`."""
+    params = flow_run.parameters
+    return f"{params['cfg'].name}: round {params['k']}"
+
+
+# Parameters pass as they are: validation would copy `base`, whose `stages` the round fills in
+# (Prefect's input resolution copies a collection only when it holds futures, and these hold none).
+@flow(name="fisao-round", flow_run_name=round_run_name, validate_parameters=False)
+def run_round(cfg: Config, project: str, k: int, base: dict, policy: dict, previous: dict | None, calibration: dict,
+              rounds: list[dict], tags: dict, t0: float) -> dict:
+    """Round k of campaign `cfg.name` from `policy` (round k−1's; `rounds` the metrics of rounds 0…k−1):
+    train, evaluate, record in MLflow and publish the metrics table; returns {"policy": the new
+    checkpoint's ref, "metrics": round k's metrics}. Stage timings go into `base["stages"]`."""
+    out_dir = str(localstate.campaign_dir(project, cfg.outputs_dir, cfg.name))
+    new, figures, samples, scores = fisao_round(cfg, out_dir, k, base, policy, previous, calibration, t0)
+    evaluation = evaluate_model(cfg, project, k, checkpoint_ref(new), base["world"], base["stages"], t0)
+    lineage = {**tags, "fisao.parent_sha256": policy["sha256"], "fisao.parent_path": policy["path"],
+               "fisao.model_sha256": new["sha256"], "fisao.model_path": new["path"]}
+    metrics = {**evaluation["metrics"], **figures}
+    record_round(cfg, out_dir, k, lineage, metrics, rounds, new, evaluation, calibration, samples, scores,
+                 policy["path"])
+    publish_round(cfg.name, k, round_rows([*rounds, metrics]))
+    return {"policy": checkpoint_ref(new), "metrics": metrics}

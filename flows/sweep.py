@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect import tags as prefect_tags
+from prefect.runtime import flow_run
 
 from fisao import io
 from fisao.config import load_config
@@ -22,12 +24,21 @@ from fisao.inputs import config_identity_hash, identity
 from fisao.localstate import use_project
 from fisao.sweep import aggregate, default_name, plan, run_record, sweep_dir, sweep_lock
 from flows.campaign import campaign
+from flows.report import sweep_headline
 from tasks.campaigns import campaign_state
+from tasks.publish import run_tag, tag_this_flow_run
 from tasks.records import init_store
 from tasks.sweeps import close_sweep, open_sweep, tag_campaign
+from tasks.tracking import describe
 
 
-@flow(name="fisao-sweep")
+def sweep_run_name() -> str:
+    """The sweep flow run's name in Prefect's UI: the sweep's."""
+    params = flow_run.parameters
+    return params.get("name") or default_name(load_config(params.get("config_path")))
+
+
+@flow(name="fisao-sweep", flow_run_name=sweep_run_name)
 def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project: str = ".",
           rounds: int | None = None, name: str | None = None) -> dict:
     """Run (or continue) the sweep of `config_path` over `worlds` × `seeds`; returns sweep.json's
@@ -38,7 +49,8 @@ def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project:
     name = name or default_name(cfg)
     runs = plan(cfg, name, tuple(worlds), tuple(seeds))
     log = get_run_logger()
-    with sweep_lock(project, cfg.outputs_dir, name):
+    tag_this_flow_run(run_tag("sweep", name))
+    with sweep_lock(project, cfg.outputs_dir, name), prefect_tags(run_tag("sweep", name)):
         init_store(project)
         tags = {"fisao.worlds": ",".join(map(str, worlds)), "fisao.seeds": ",".join(map(str, seeds)),
                 "fisao.rounds": str(rounds if rounds is not None else cfg.ppo.rounds),
@@ -69,6 +81,7 @@ def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project:
             path = io.write_json(sweep_dir(project, cfg.outputs_dir, name) / "sweep.json", result)
             figures = {f"{which['run']}/{k}": v for which in (mean, std) for k, v in which.items()
                        if k != "run" and v is not None}
+            describe(parent["run_id"], f"sweep {name}: {sweep_headline(records, mean)}")
             close_sweep(parent["run_id"], figures, len(records), str(path),
                         {**tags, "fisao.failed": ",".join(f["run"] for f in failed) or "none"},
                         "failed" if failed else "finished")
@@ -77,4 +90,5 @@ def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project:
             campaign_state(parent["run_id"], {"fisao.error": f"{type(e).__name__}: {e}"[:4000]}, end=end)
             raise
     log.info("sweep %s: %d campaigns finished, %d failed; sweep.json %s", name, len(records), len(failed), path)
-    return {**result, "path": str(path), "campaigns": campaigns}
+    return {**result, "path": str(path), "campaigns": campaigns,
+            "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"]}}

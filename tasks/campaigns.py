@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 
 from fisao import io
 from fisao.inputs import changes
-from tasks.records import INPUTS, campaign_parent, recorded_inputs
+from tasks.records import INPUTS, campaign_parent, experiment_id, recorded_inputs
 from tasks.tracking import log_batch, new_run
 
 
@@ -30,8 +30,12 @@ def _write_inputs(client: MlflowClient, run_id: str, inputs: dict) -> None:
 
 
 @task(name="open-campaign")
-def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow_changed: bool = False) -> dict:
-    """The campaign's parent run, created or resumed; returns {"run_id", "resumed", "changes"}.
+def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow_changed: bool = False,
+                  started: float | None = None) -> dict:
+    """The campaign's parent run, created or resumed; returns {"run_id", "resumed", "changes", "experiment_id"}.
+
+    A new parent run starts at `started` (seconds since the epoch: when the campaign's flow began, so
+    the world's preparation counts) and ends when `campaign_state` ends it.
 
     `inputs` is {"data_md5", "config_hash", "config": dotted identity, "resolved": full config}.
     Resuming with other inputs raises InputsChanged naming them, unless `allow_changed`.
@@ -42,10 +46,11 @@ def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow
     parent = campaign_parent(campaign)
     if parent is None:
         run_id = new_run(campaign, campaign, {**tags, **state, "fisao.campaign": campaign, "fisao.kind": "campaign",
-                                               "fisao.rounds_done": "0"})
+                                               "fisao.rounds_done": "0"},
+                         None if started is None else int(started * 1000))
         log_batch(client, run_id, params=inputs["config"])
         _write_inputs(client, run_id, inputs)
-        return {"run_id": run_id, "resumed": False, "changes": []}
+        return {"run_id": run_id, "resumed": False, "changes": [], "experiment_id": experiment_id(campaign)}
     run_id = parent.info.run_id
     recorded = recorded_inputs(campaign)
     if recorded is None:
@@ -67,7 +72,7 @@ def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow
     client.update_run(run_id, status="RUNNING")
     log_batch(client, run_id, tags={**state, "fisao.data_md5": inputs["data_md5"], "fisao.config_hash": inputs["config_hash"]})
     log.info("resuming campaign %s (MLflow run %s)", campaign, run_id)
-    return {"run_id": run_id, "resumed": True, "changes": diff}
+    return {"run_id": run_id, "resumed": True, "changes": diff, "experiment_id": parent.info.experiment_id}
 
 
 @task(name="campaign-state")

@@ -1,6 +1,7 @@
 """Task: evaluate a model checkpoint on the benchmarks (cached on checkpoint hash, data and config)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from fisao import io
@@ -9,6 +10,7 @@ from fisao.evaluate import evaluate_model
 from tasks.common import build_once, cached_task, key_of
 
 METRICS = "metrics.json"
+TIMING = "timing.json"  # {"seconds": the evaluation's wall time}: its MLflow run's span (tasks/tracking.py)
 
 
 @cached_task(name="evaluate")
@@ -23,5 +25,7 @@ def evaluate(model: dict, data_dir: str, data_md5: str, benchmarks: tuple[str, .
 
 def _evaluate_into(out: Path, model_dir: str, data_dir: str, benchmarks: tuple[str, ...], cfg: EvalConfig,
                    runtime: ModelConfig | None) -> None:
+    t0 = time.time()
     with io.atomic_dir(out) as tmp:
         evaluate_model(model_dir, data_dir, benchmarks, cfg, tmp, runtime=runtime)
+        io.write_json(tmp / TIMING, {"seconds": round(time.time() - t0, 2)})

@@ -18,6 +18,10 @@ from mlflow.tracking import MlflowClient
 from fisao import io
 
 COMPLETE = "fisao.complete"
+# Marks an experiment as model training, not a GenAI app. MLflow 3.17.2's UI reads the kind from the
+# address's `workflowType` instead (flows/report.py prints such a link); the tag is what its API
+# and its experiment-kind selector record.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 INPUTS = "inputs.json"  # the parent run's recorded campaign inputs (see fisao/inputs.py)
 MANIFEST = "manifest.json"
 
@@ -31,7 +35,8 @@ def experiment_id(name: str, create: bool = True) -> str | None:
     if not create:
         return None
     project = Path(os.environ.get("FISAO_PROJECT", ".")).resolve()
-    return client.create_experiment(name, artifact_location=(project / "mlartifacts" / name).as_uri())
+    return client.create_experiment(name, artifact_location=(project / "mlartifacts" / name).as_uri(),
+                                    tags=EXPERIMENT_KIND)
 
 
 def _query(tags: dict[str, str]) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
-from tasks.records import campaign_parent, find_runs
+from tasks.records import campaign_parent, experiment_id, find_runs
 from tasks.tracking import log_batch, log_curve_points, new_run
 
 
@@ -27,7 +27,7 @@ def sweep_parent(sweep: str):
 
 @task(name="open-sweep")
 def open_sweep(sweep: str, config_hash: str, params: dict, tags: dict) -> dict:
-    """The sweep's parent run, created or resumed; returns {"run_id", "resumed"}.
+    """The sweep's parent run, created or resumed; returns {"run_id", "resumed", "experiment_id"}.
 
     A sweep keeps its config: resuming it with another one raises SweepChanged (its campaigns
     would refuse anyway, one by one). Worlds, seeds and rounds may change (tags, not params)."""
@@ -38,7 +38,7 @@ def open_sweep(sweep: str, config_hash: str, params: dict, tags: dict) -> dict:
         run_id = new_run(sweep, sweep, {**state, "fisao.kind": "sweep", "fisao.sweep": sweep,
                                         "fisao.config_hash": config_hash})
         log_batch(client, run_id, params=params)
-        return {"run_id": run_id, "resumed": False}
+        return {"run_id": run_id, "resumed": False, "experiment_id": experiment_id(sweep)}
     recorded = parent.data.tags.get("fisao.config_hash")
     if recorded != config_hash:
         raise SweepChanged(f"sweep {sweep!r} (MLflow run {parent.info.run_id}) was started with another config "
@@ -46,7 +46,7 @@ def open_sweep(sweep: str, config_hash: str, params: dict, tags: dict) -> dict:
     client.update_run(parent.info.run_id, status="RUNNING")
     log_batch(client, parent.info.run_id, tags=state)
     get_run_logger().info("resuming sweep %s (MLflow run %s)", sweep, parent.info.run_id)
-    return {"run_id": parent.info.run_id, "resumed": True}
+    return {"run_id": parent.info.run_id, "resumed": True, "experiment_id": parent.info.experiment_id}
 
 
 @task(name="tag-campaign")

@@ -10,6 +10,12 @@ metric points), and a curve point already present at a step is not logged again.
 marked complete only after its artifacts were logged and the logged copies verified against the
 round's manifest; a run that a crash left unmarked is deleted when the round is logged again, so
 MLflow never shows a round twice.
+
+Every run spans the work it records, not the moment it was logged: a stage's output directory is
+complete when its marker file is written (last), and the stage records how many seconds it took,
+so the work ran from (marker's mtime - seconds) to the marker's mtime (`span_of`). That holds
+for work done by an earlier process too (a cached build logged into another campaign's
+experiment, a round logged again after a crash).
 """
 from __future__ import annotations
 
@@ -22,8 +28,11 @@ from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
 from fisao import io
+from fisao.align.stages import FIGURES
 from fisao.crashpoints import crash_point
 from fisao.manifest import verify_files
+from fisao.models.build import TRAIN_LOG
+from tasks.evaluate import METRICS, TIMING
 from tasks.records import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs
 
 
@@ -44,13 +53,47 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def new_run(experiment: str, name: str, tags: dict) -> str:
-    return MlflowClient().create_run(experiment_id(experiment), run_name=name, tags=tags).info.run_id
+def new_run(experiment: str, name: str, tags: dict, start_ms: int | None = None) -> str:
+    """A new run of `experiment`; `start_ms` (ms since the epoch) is when its work began (default: now)."""
+    return MlflowClient().create_run(experiment_id(experiment), start_time=start_ms, run_name=name,
+                                     tags=tags).info.run_id
+
+
+def span_of(directory: str | Path, marker: str, seconds: float | None) -> tuple[int, int]:
+    """(start, end) in ms of the work that wrote `directory`: it ended when its `marker` file (written
+    last) was written and began `seconds` earlier (at the end, when the work recorded no seconds)."""
+    end = Path(directory, marker).stat().st_mtime
+    return int((end - (seconds or 0.0)) * 1000), int(end * 1000)
+
+
+def covering(*spans: tuple[int, int]) -> tuple[int, int]:
+    """The span from the earliest start to the latest end of `spans`."""
+    return min(s for s, _ in spans), max(e for _, e in spans)
+
+
+def evaluation_span(path: str | Path) -> tuple[int, int]:
+    """The span of an evaluation's output directory (tasks/evaluate.py records its seconds in TIMING;
+    directories written before it did count from their end only)."""
+    timing = Path(path) / TIMING
+    return span_of(path, METRICS, io.read_json(timing)["seconds"] if timing.is_file() else None)
+
+
+def round_span(samples: dict, scores: dict, model: dict, evaluation: dict) -> tuple[int, int]:
+    """A FiSAO round's span: from its rollouts' start to the end of its last stage (the evaluation)."""
+    stages = [(samples["path"], samples), (scores["path"], scores), (Path(model["path"]).parent, model)]
+    return covering(*(span_of(path, FIGURES, ref["figures"].get("seconds")) for path, ref in stages),
+                    evaluation_span(evaluation["path"]))
 
 
 @task(name="log-build")
-def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict) -> str:
-    """Log one base-model build (params, curves, figures, the model directory); returns the run id."""
+def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict, campaign: str | None = None) -> str:
+    """Log one base-model build (params, curves, figures, the model directory); returns the run id.
+
+    With `campaign`, the run is nested under the campaign's parent run and tagged `fisao.campaign`:
+    each campaign logs the builds it used into its own experiment (a build shared on disk by two
+    campaigns gets a run in each), so nesting is always possible and the campaign's view shows what
+    it was built from.
+    """
     log = get_run_logger()
     key = f"build-{kind}:{ref['sha256']}"
     existing = find_run(experiment, {"fisao.key": key, COMPLETE: "true"})
@@ -58,8 +101,10 @@ def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict) -
         log.info("MLflow already has build-%s (run %s): not logged again", kind, existing)
         return existing
     client = MlflowClient()
-    run_id = new_run(experiment, f"build-{kind}", {**tags, "fisao.key": key, "fisao.kind": f"build-{kind}",
-                                                       "fisao.sha256": ref["sha256"]})
+    start, end = span_of(ref["path"], TRAIN_LOG, ref["figures"].get("seconds"))
+    group = {} if campaign is None else {"mlflow.parentRunId": campaign_run(campaign), "fisao.campaign": campaign}
+    run_id = new_run(experiment, f"build-{kind}", {**tags, **group, "fisao.key": key, "fisao.kind": f"build-{kind}",
+                                                       "fisao.sha256": ref["sha256"]}, start)
     train_log = io.read_json(Path(ref["path"]) / "train_log.json")
     ts = _now()
     curves = [Metric(f"train/{name}", float(v), ts, step)
@@ -68,7 +113,7 @@ def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict) -
     log_batch(client, run_id, curves + figures, params)
     client.log_artifacts(run_id, ref["path"], artifact_path=kind)
     client.set_tag(run_id, COMPLETE, "true")
-    client.set_terminated(run_id)
+    client.set_terminated(run_id, end_time=end)
     log.info("logged build-%s to MLflow run %s", kind, run_id)
     return run_id
 
@@ -126,14 +171,16 @@ def _stale_runs(experiment: str, key: str, model_sha256: str | None) -> tuple[st
 
 @task(name="log-round")
 def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, params: dict, tags: dict,
-              artifacts: dict[str, str], manifest: dict | None = None) -> str:
+              artifacts: dict[str, str], manifest: dict | None = None, span: tuple[int, int] | None = None) -> str:
     """Log round `round_index` of `campaign` as a nested run; returns its run id.
 
     `artifacts` maps an artifact folder name to a local directory or file to upload; `manifest`
     (fisao.manifest) lists their files: it is logged too, and the run is marked complete only
-    when the logged copies match it.
+    when the logged copies match it. `span` (start, end in ms) is when the round's work ran
+    (`round_span`, `evaluation_span`); without it the run spans its logging.
     """
     log = get_run_logger()
+    start, end = span if span is not None else (None, None)
     client = MlflowClient()
     parent = campaign_run(campaign)
     key = f"{campaign}:round-{round_index}"
@@ -145,7 +192,8 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
     if run_id is None:
         run_id = new_run(experiment, f"round-{round_index}", {
             **tags, "mlflow.parentRunId": parent, "fisao.key": key, "fisao.kind": "round",
-            "fisao.campaign": campaign, "fisao.round": str(round_index), COMPLETE: "false"})
+            "fisao.campaign": campaign, "fisao.round": str(round_index),
+            "fisao.baseline": str(round_index == 0).lower(), COMPLETE: "false"}, start)
         log_batch(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
         items = list(artifacts.items())
         _log_artifacts(client, run_id, dict(items[: len(items) // 2]))
@@ -160,12 +208,23 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
                                    f"logged: {'; '.join(problems[:5])}. The round stays incomplete; run it again")
             client.set_tag(run_id, "fisao.manifest", "true")
         client.set_tag(run_id, COMPLETE, "true")
-        client.set_terminated(run_id)
+        client.set_terminated(run_id, end_time=end)
         log.info("logged round %d of %s to MLflow run %s", round_index, campaign, run_id)
     else:
         log.info("MLflow already has round %d of %s (run %s): not logged again", round_index, campaign, run_id)
     log_curve_points(client, parent, metrics, round_index)
     return run_id
+
+
+NOTE = "mlflow.note.content"  # what MLflow's UI shows as a run's or an experiment's description
+
+
+@task(name="describe")
+def describe(run_id: str, text: str) -> None:
+    """Make `text` the description of the run and of its experiment (one experiment per campaign or sweep)."""
+    client = MlflowClient()
+    client.set_tag(run_id, NOTE, text)
+    client.set_experiment_tag(client.get_run(run_id).info.experiment_id, NOTE, text)
 
 
 @task(name="log-curve")
@@ -182,11 +241,12 @@ def log_checkpoint_eval(experiment: str, model: dict, data_md5: str, result: dic
     if existing:
         return existing
     client = MlflowClient()
+    start, end = evaluation_span(result["path"])
     run_id = new_run(experiment, f"eval-{Path(model['path']).name}", {
         "fisao.key": key, "fisao.kind": "evaluation", "fisao.model_sha256": model["sha256"],
-        "fisao.model_path": model["path"], "fisao.data_md5": data_md5})
+        "fisao.model_path": model["path"], "fisao.data_md5": data_md5}, start)
     log_batch(client, run_id, [Metric(k, float(v), _now(), 0) for k, v in result["metrics"].items()], params)
     client.log_artifacts(run_id, result["path"], artifact_path="evaluation")
     client.set_tag(run_id, COMPLETE, "true")
-    client.set_terminated(run_id)
+    client.set_terminated(run_id, end_time=end)
     return run_id

@@ -6,6 +6,8 @@ data.dvc, and logs nothing twice.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -74,6 +76,38 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
     from fisao import io
 
     assert io.read_json(first["summary_path"])["rounds"] == first["rounds"]
+
+    # MLflow: runs span their work, round is a parameter, builds sit under the campaign, descriptions.
+    parent_run = by_kind["campaign"]
+    for k in (1, 2):
+        took = (by_round[k].info.end_time - by_round[k].info.start_time) / 1000
+        assert took >= first["rounds"][k]["seconds/round"] - 0.05, (k, took)
+        assert by_round[k].data.params["round"] == str(k)
+    assert by_round[0].data.params.keys() == by_round[1].data.params.keys()
+    assert by_round[0].data.tags["fisao.baseline"] == "true"
+    build = by_kind["build-clip"]
+    assert (build.info.end_time - build.info.start_time) / 1000 == pytest.approx(first["clip"]["figures"]["seconds"], abs=0.2)
+    assert build.data.tags["mlflow.parentRunId"] == parent_run.info.run_id
+    note = client.get_run(parent_run.info.run_id).data.tags["mlflow.note.content"]
+    assert note.startswith(f"e2e: CHAIR_i {base['chair_i']:.3f} base → ")
+    assert client.get_experiment(exp.experiment_id).tags["mlflow.note.content"] == note
+    assert first["mlflow"] == {"experiment_id": exp.experiment_id, "run_id": parent_run.info.run_id}
+
+    # Prefect: flow runs named after the campaign and tagged with it; round tables and summary as artifacts.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as prefect:
+        flow_runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["campaign:e2e"])))
+        tables = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-rounds"])))
+        summaries = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-summary"])))
+    assert sorted(r.name for r in flow_runs) == ["e2e", "e2e: round 1", "e2e: round 2"]
+    assert sorted(a.description for a in tables) == ["e2e: metrics after round 1", "e2e: metrics after round 2"]
+    latest = max(tables, key=lambda a: a.created)
+    rows = json.loads(latest.data) if isinstance(latest.data, str) else latest.data
+    assert [r["model"] for r in rows] == ["base", "round 1", "round 2"]
+    assert rows[2]["chair_i"] == pytest.approx(first["rounds"][2]["chair_i"], abs=5e-4)
+    assert len(summaries) == 1 and note.removeprefix("e2e: ") in summaries[0].data
 
     second = campaign(config_path=str(config), project=str(project))
 

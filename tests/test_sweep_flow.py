@@ -43,7 +43,7 @@ def test_sweep_goes_past_a_failed_campaign_then_continues_prints_writes_json_and
         base_project, tmp_path_factory, harness, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
-    import flows.campaign
+    import flows.rounds
     from fisao.config import load_config
     from flows.cli import main
     from flows.sweep import sweep
@@ -59,16 +59,16 @@ def test_sweep_goes_past_a_failed_campaign_then_continues_prints_writes_json_and
     data_dvc, data_md5 = (project / "data.dvc").read_bytes(), dvcdata.verify(project, "data")
     runs = plan(load_config(config), SWEEP, WORLDS, (0,))
 
-    real_round = flows.campaign.fisao_round
+    real_round = flows.rounds.fisao_round
 
     def fails_in_first(cfg, *args, **kwargs):
         if cfg.name == runs[0].name:
             raise Stopped("stopped in round 1 of the first campaign")
         return real_round(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(flows.campaign, "fisao_round", fails_in_first)
+    monkeypatch.setattr(flows.rounds, "fisao_round", fails_in_first)
     first = sweep(config_path=config, worlds=list(WORLDS), seeds=[0], project=str(project), rounds=1, name=SWEEP)
-    monkeypatch.setattr(flows.campaign, "fisao_round", real_round)
+    monkeypatch.setattr(flows.rounds, "fisao_round", real_round)
 
     # The failure was reported and the sweep went on with the other world.
     assert [f["run"] for f in first["failed"]] == [runs[0].name]
@@ -150,6 +150,14 @@ def test_sweep_goes_past_a_failed_campaign_then_continues_prints_writes_json_and
     tagged = client.search_runs(ids, filter_string=f"tags.`fisao.sweep` = '{SWEEP}' and tags.`fisao.kind` = 'campaign'")
     assert sorted(r.data.tags["fisao.campaign"] for r in tagged) == sorted(r.name for r in runs)
     assert {r.data.tags["fisao.sweep_world"] for r in tagged} == {str(w) for w in WORLDS}
+    assert client.get_experiment_by_name(SWEEP).tags["mlflow.note.content"] == (
+        f"sweep {SWEEP}: mean CHAIR_i {mean['base_chair_i']:.3f} base → {mean['final_chair_i']:.3f} final over 2 campaigns")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as prefect:
+        named = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"sweep:{SWEEP}"])))
+    assert {SWEEP, *(r.name for r in runs)} <= {r.name for r in named}  # the sweep's run and its campaigns'
     assert set(FIELDS) <= set(result["mean"])
 
     # The same sweep name with another config is refused, and the sweep's run is left as it was.

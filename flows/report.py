@@ -91,12 +91,12 @@ def rounds_table(rounds: list[dict]) -> str:
 
 
 def round_rows(rounds: list[dict]) -> list[dict]:
-    """The rounds table as rows for Prefect's table artifact: model, then ROUND_COLUMNS (3 decimals; None
+    """The rounds table as rows for Prefect's table artifact: model, then SUMMARY_COLUMNS (3 decimals; None
     where a model has no such figure, e.g. the base model's reward)."""
     def cell(v):
         return round(v, 3) if isinstance(v, float) else v
 
-    return [{"model": "base" if k == 0 else f"round {k}", **{HEADERS.get(c, c): cell(m.get(c)) for c in ROUND_COLUMNS}}
+    return [{"model": "base" if k == 0 else f"round {k}", **{HEADERS.get(c, c): cell(m.get(c)) for c in SUMMARY_COLUMNS}}
             for k, m in enumerate(rounds)]
 
 

@@ -93,10 +93,14 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
     assert len(questions) == 18 and s2["questions"] == 18
     truth = {e.image_id: set(e.objects) for e in load_split(world, "pretrain")}
     cal_b, cal_w = stages.read_calibration(tmp_path / "cal")[0].thresholds("circle")
-    for q in questions:
-        object_reward = max(-1.0, min(1.0, (q["score"] - cal_b) / cal_w))
-        rounding = 1e-5 / cal_w + 1e-5  # the rows hold scores and rewards rounded to 5 decimals
-        assert q["reward"] == pytest.approx(object_reward if q["says_yes"] else -object_reward, abs=rounding)
+    object_rewards = [max(-1.0, min(1.0, (q["score"] - cal_b) / cal_w)) for q in questions]
+    # reward.question_baseline (the default, "mean"): each object reward minus their mean over the round's questions
+    assert cfg.reward.question_baseline == "mean"
+    baseline = sum(object_rewards) / len(object_rewards)
+    for q, object_reward in zip(questions, object_rewards):
+        rounding = 2e-5 / cal_w + 1e-5  # the rows hold scores and rewards rounded to 5 decimals
+        claim = object_reward - baseline
+        assert q["reward"] == pytest.approx(claim if q["says_yes"] else -claim, abs=rounding)
         assert q["present"] == (q["category"] in truth[q["image_id"]])
         ids = rollouts_q.response_ids[q["row"]][rollouts_q.mask[q["row"]]].tolist()
         text, offsets = token_offsets(tok, ids)

@@ -20,9 +20,10 @@ Under `CampaignStop`:
   stops at once with a clear error instead of retrying a dead API.
 `stop_now` never calls Prefect (its client would retry the dead API): it marks the campaign's
 MLflow run directly, empties the lock file (the kernel drops the flock with the process), stops
-the API server (Prefect's exit handler, which would, does not run) and exits with os._exit. Nothing is left half-written: every stage writes atomically, and a round
-whose MLflow run was half-logged is logged again on resume (tests/test_chaos.py kills at those
-points with SIGKILL, which is harsher).
+the API server (Prefect's exit handler, which would, does not run) and exits with os._exit.
+Nothing is left half-written: every stage writes atomically, and a round whose MLflow run was
+half-logged is logged again on resume (tests/test_chaos.py kills at those points with SIGKILL,
+which is harsher).
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fisao import io
 from fisao.align.launch import write_args
+from fisao.align import shards as sharding
 from fisao.align import stages
 from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig, config_hash
 from tasks.common import build_once, cached_task, key_of
@@ -59,7 +60,7 @@ def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, ro
                                                *_rt(runtime), *extra)
 
     def build() -> None:
-        parts = stages.shard_dirs(out, shards) if shards > 1 else []
+        parts = sharding.shard_dirs(out, shards) if shards > 1 else []
         for part in parts:  # what a killed shard left behind (complete shards are kept)
             io.remove_temp_siblings(part)
         if processes > 1:
@@ -69,8 +70,8 @@ def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, ro
         if shards == 1:
             stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
             return
-        stages.sample_shards(policy["path"], world_dir, cfg, round_index, out, shards, runtime=runtime, backend=backend)
-        stages.merge_rollout_shards(parts, out)
+        sharding.merge_rollout_shards(sharding.sample_shards(policy["path"], world_dir, cfg, round_index, out, shards,
+                                                            runtime=runtime, backend=backend), out)
 
     build_once(out, stages.FIGURES, build)
     return _ref(out)

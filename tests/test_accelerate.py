@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fisao import io
-from fisao.align import stages
+from fisao.align import shards, stages
 from fisao.align.calibration import Calibration
 from fisao.align.launch import write_args
 from fisao.align.rollout import load_rollouts
@@ -54,10 +54,10 @@ def test_rollouts_sharded_over_two_processes_equal_the_shards_sampled_in_turn(re
     process gathers them; the result is what one process gives sampling both shards in turn."""
     cfg = campaign_config(real_models, "llava")
     rt, coco, policy = cfg.model, real_models["coco"], cfg.model.policy
-    parts = stages.shard_dirs(tmp_path / "one", 2)
+    parts = shards.shard_dirs(tmp_path / "one", 2)
     for i, part in enumerate(parts):
         stages.rollout_stage(policy, coco, cfg.rollout, 1, part, progress=False, runtime=rt, shard=(i, 2))
-    stages.merge_rollout_shards(parts, tmp_path / "one")
+    shards.merge_rollout_shards(parts, tmp_path / "one")
     launch = write_args(tmp_path / "args.json", "rollouts", policy_dir=policy, world_dir=coco, cfg=cfg.rollout,
                         round_index=1, out=tmp_path / "two", shards=2, runtime=rt)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -65,7 +65,7 @@ def test_rollouts_sharded_over_two_processes_equal_the_shards_sampled_in_turn(re
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "-m", "fisao.align.launch", str(launch)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    sampled_by = [io.read_json(d / stages.FIGURES)["process"] for d in stages.shard_dirs(tmp_path / "two", 2)]
+    sampled_by = [io.read_json(d / stages.FIGURES)["process"] for d in shards.shard_dirs(tmp_path / "two", 2)]
     assert sampled_by == [[0, 2], [1, 2]]  # each process sampled its own shard
     (a, extra_a), (b, extra_b) = load_rollouts(tmp_path / "one"), load_rollouts(tmp_path / "two")
     assert len(b) == cfg.rollout.images_per_round * cfg.rollout.n_per_image

@@ -50,7 +50,7 @@ def rollouts_on_processes(policy_dir: str | Path, world_dir: str | Path, cfg: Ro
     """
     from accelerate import PartialState
 
-    from fisao.align.stages import merge_rollout_shards, sample_shards
+    from fisao.align.shards import merge_rollout_shards, sample_shards
     from fisao.runtime import runtime_device
 
     # cpu=True: on CPU accelerate starts gloo only when asked (without it, each process thinks it is alone).

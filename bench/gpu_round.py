@@ -39,6 +39,7 @@ import time
 STARTED = time.perf_counter()  # imports count: the whole run must fit the GPU machine's spell
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -256,8 +257,9 @@ def score(verifier: Verifier, tok, images, rollouts, reward_cfg, seed: int) -> t
     for r in range(n):
         ids = rollouts.response_ids[r][rollouts.mask[r]].tolist()
         text, offsets = token_offsets(tok, ids)
-        found, _, rewards, token_rewards[r] = answer_rewards_of(text, offsets, emb[rollouts.image_index[r]], verifier,
-                                                                cal, reward_cfg, width)
+        found, _, rewards, token_rewards[r] = answer_rewards_of(
+            text, offsets, functools.partial(verifier.score, emb[rollouts.image_index[r]]), verifier.vocab,
+            cal, reward_cfg, width)
         on = [t for t in range(len(offsets)) if token_rewards[r, t] != 0]
         inside = [t for t in on if any(offsets[t][0] < m.end and offsets[t][1] > m.start for m in found)]
         mentions, rewarded, rewarded_outside = mentions + len(found), rewarded + len(on), rewarded_outside + len(on) - len(inside)

@@ -214,6 +214,10 @@ class RewardConfig(_Strict):
     # was no smaller (-5%, -15%, -11% against +2%, -18%, -6%).
     question_baseline: Literal["none", "mean"] = "mean"
     per_class: bool = False
+    # Who scores the mentions: "clip", the policy's own CLIP (FiSAO); "oracle", ground truth (score 1
+    # when the object is in the image, 0 when not; baseline 0.5, width 0.5), the ablation that
+    # shows what a perfect verifier would teach. It needs ground truth on the rollout split.
+    verifier: Literal["clip", "oracle"] = "clip"
     template: str = "a photo of a {}."
     # Stop (instead of warning) when the policy's vision tower is not the verifier's vision model.
     require_same_vision: bool = True
@@ -226,6 +230,9 @@ class RewardConfig(_Strict):
     def _check(self) -> "RewardConfig":
         if "{}" not in self.template:
             raise ValueError(f"reward.template must hold '{{}}' where the object name goes, got {self.template!r}")
+        if self.verifier == "oracle" and self.level == "sentence":
+            raise ValueError("reward.verifier 'oracle' scores mentions (ground truth per object); "
+                             "reward.level 'sentence' scores whole answers with CLIP: use one or the other")
         return self
 
 

@@ -27,10 +27,11 @@ from tasks.resume import write_manifest
 from tasks.tracking import log_round, round_span
 
 # The world's base-model builds: the files they run (not the real-model parts of fisao/models/,
-# such as eva_clip.py and known.py, whose changes must not rebuild the world's models).
+# such as eva_clip.py and known.py, whose changes must not rebuild the world's models). Not
+# config.py: the builds' settings enter their keys as the hashes of their config sections, so an
+# option added to another section (reward.verifier) does not rebuild a world's models.
 MODEL_CODE = ("models/__init__.py", "models/build.py", "models/clip.py", "models/llava.py", "models/tokenizer.py",
-              "models/images.py", "models/families.py", "world", "config.py", "coco.py", "io.py", "auroc.py",
-              "generate.py")
+              "models/images.py", "models/families.py", "world", "coco.py", "io.py", "auroc.py", "generate.py")
 EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py",
              "runtime.py", "models/families.py")
 ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py", "config.py", "io.py", "auroc.py",

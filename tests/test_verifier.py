@@ -123,6 +123,29 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
         assert c["reward"] == pytest.approx((o - mean) if c["says_yes"] else -(o - mean), abs=2 * rounding)
     assert [r["mentions"] for r in rows3[:12]] == [r["mentions"] for r in rows2[:12]]  # descriptions unchanged
 
+    # reward.verifier "oracle": ground truth scores each mention 1 (present) or 0 (absent), so
+    # every first mention earns +1 or -1; the questions' object rewards are ±1 less their mean.
+    oracle_cfg = cfg.reward.model_copy(update={"verifier": "oracle"})
+    s4 = stages.score_stage(tmp_path / "rollouts-q", llava, clip, tmp_path / "cal", world, oracle_cfg,
+                            tmp_path / "scores-o")
+    rows4 = [json.loads(line) for line in (tmp_path / "scores-o" / stages.REWARDS).read_text().splitlines()]
+    mentions4 = [m for r in rows4 if r["kind"] == "caption" for m in r["mentions"]]
+    assert mentions4 and s4["verifier_agreement"] == 1.0
+    assert any(m["hallucinated"] for m in mentions4) and not all(m["hallucinated"] for m in mentions4)
+    for row in rows4[:12]:
+        seen = set()
+        for m in row["mentions"]:
+            assert m["score"] == (0.0 if m["hallucinated"] else 1.0)
+            assert m["reward"] == (-1.0 if m["hallucinated"] else (0.0 if m["category"] in seen else 1.0))
+            seen.add(m["category"])
+    q4 = [r for r in rows4 if r["kind"] == "question"]
+    objects = [1.0 if q["present"] else -1.0 for q in q4]
+    mean = sum(objects) / len(objects)
+    for q, o in zip(q4, objects):
+        assert q["reward"] == pytest.approx((o - mean) if q["says_yes"] else -(o - mean), abs=1e-5)
+    with pytest.raises(ValueError, match="use one or the other"):
+        load_config(None, {"reward.verifier": "oracle", "reward.level": "sentence"})
+
     before = {k: v.clone() for k, v in load_policy(llava)[0].model.vision_tower.state_dict().items()}
     u = stages.update_stage(llava, None, tmp_path / "rollouts-q", tmp_path / "scores-q", world, cfg.lora, cfg.ppo, 1,
                             tmp_path / "update")

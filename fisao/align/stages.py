@@ -15,6 +15,7 @@ import functools
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,6 +33,7 @@ from fisao.align.lora import ValueHead, add_lora, load_adapter, load_value_head,
 from fisao.align.update import make_accelerator, ppo_update
 from fisao.align.verifier import Verifier, check_vision_tower
 from fisao.benchmarks.mentions import parse_mentions
+from fisao.benchmarks.vocab import Vocabulary
 from fisao.benchmarks.pope import pope_answer
 from fisao.coco import load_image
 from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig
@@ -45,6 +47,9 @@ CALIBRATION = "calibration.json"
 HISTOGRAM = "scores.png"
 TOKEN_REWARDS = "token_rewards.safetensors"
 REWARDS = "rewards.jsonl"
+# reward.verifier "oracle": ground truth scores 1 (present) or 0 (absent); b = 0.5, w = 0.5 make them ±1.
+ORACLE = Calibration(mean_correct=1.0, mean_hallucinated=0.0, baseline=0.5, width=0.5, auroc=1.0,
+                     n_correct=0, n_hallucinated=0)
 
 
 def load_verifier(clip_dir: str | Path, world_dir: str | Path, cfg: RewardConfig, runtime: ModelConfig | None = None) -> Verifier:
@@ -130,7 +135,20 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     claims: list[tuple[float, bool, bool | None]] = []  # (reward, says yes, object present) of each question
     answer_rewards = torch.zeros(n)
     questions = [r for r in range(n) if kinds[r] == "question"]  # each asks about one object: score, reward
-    q_scores = {r: float(verifier.score(emb_of[image_ids[r]], [asked[r]])[0]) for r in questions}
+    if reward.verifier == "oracle":
+        mention_cal = ORACLE
+
+    def score(image_id: int, categories: list[str]) -> torch.Tensor:
+        """(M,) scores of `categories` on image `image_id`: CLIP's, or ground truth's (1 present, 0 absent)."""
+        if reward.verifier == "clip":
+            return verifier.score(emb_of[image_id], categories)
+        truth = truth_of[image_id]
+        if truth is None:
+            raise ValueError(f"reward.verifier 'oracle' needs ground truth, and image {image_id} of the rollout split "
+                             "has none: use a split with instances (rollout.split) or reward.verifier 'clip'")
+        return torch.tensor([float(c in truth) for c in categories])
+
+    q_scores = {r: float(score(image_ids[r], [asked[r]])[0]) for r in questions}
     objects = torch.tensor([float(shape(torch.tensor(q_scores[r]), *mention_cal.thresholds(asked[r]))) for r in questions])
     q_rewards = dict(zip(questions, QUESTION_BASELINES[reward.question_baseline](objects).tolist()))
     for r in range(n):
@@ -150,8 +168,8 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
                          "says_yes": says_yes, "score": round(s, 5), "reward": round(value, 5),
                          "present": claims[-1][2]})
             continue
-        mentions, scores, rewards, token_rewards[r] = answer_rewards_of(text, offsets, emb_of[image_ids[r]], verifier,
-                                                                       mention_cal, reward, width)
+        mentions, scores, rewards, token_rewards[r] = answer_rewards_of(
+            text, offsets, functools.partial(score, image_ids[r]), verifier.vocab, mention_cal, reward, width)
         records = []
         for m, s, rw in zip(mentions, scores.tolist(), rewards):
             hallucinated = None if truth is None else m.category not in truth
@@ -194,17 +212,19 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     return figures
 
 
-def answer_rewards_of(text: str, offsets: list[tuple[int, int]], image_embedding: torch.Tensor, verifier: Verifier,
-                      calibration: Calibration, reward: RewardConfig, width: int):
+def answer_rewards_of(text: str, offsets: list[tuple[int, int]], score: Callable[[list[str]], torch.Tensor],
+                      vocab: Vocabulary, calibration: Calibration, reward: RewardConfig, width: int):
     """One description's mentions, their verifier scores (M,), rewards (M,) and token rewards (width,).
 
-    The mentions are the CHAIR parser's; each reward is `reward.shape` of its score against the
+    `score(categories)` gives the (M,) verifier scores of categories on the answer's image
+    (`functools.partial(verifier.score, image_embedding)` for CLIP). The mentions are the CHAIR
+    parser's (over `vocab`); each reward is `reward.shape` of its score against the
     calibration's (b, w), then `reward.repeats`; at `reward.level` "token" the rewards sit on the
     tokens (character `offsets`, from `token_offsets`) of `reward.span`, else the row is all 0
     (the sentence-level reward goes on the last token, from the whole answer's score).
     """
-    mentions = parse_mentions(text, verifier.vocab)
-    scores = verifier.score(image_embedding, [m.category for m in mentions]) if mentions else torch.zeros(0)
+    mentions = parse_mentions(text, vocab)
+    scores = score([m.category for m in mentions]) if mentions else torch.zeros(0)
     shape = SHAPES[reward.shape]
     rewards = [float(shape(s, *calibration.thresholds(m.category))) for m, s in zip(mentions, scores)]
     rewards = REPEATS[reward.repeats]([m.category for m in mentions], rewards)

@@ -18,6 +18,7 @@ OFFLINE = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_DATASETS_OFFLINE": "1",  # datasets (the peers extra): never reach the hub
     "TOKENIZERS_PARALLELISM": "false",
 }
 

@@ -15,6 +15,7 @@ from fisao.align.verifier import check_vision_tower
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
 from fisao.config import RewardConfig, load_config
+from fisao.examples import load_examples
 from fisao.generate import load_policy
 
 pytest.importorskip("trl", reason="the peers extra (make test installs it)")
@@ -147,3 +148,34 @@ def test_settings_grpo_cannot_run_with_name_the_key(grpo, tmp_path, update, matc
         grpo_round(grpo["llava"], None, grpo["examples"], grpo["verifier"], grpo["calibration"], rollout=cfg.rollout,
                    reward=cfg.reward, lora=cfg.lora, ppo=cfg.ppo, round_index=1, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_grpo_args_pin_what_trl_sets_differently_from_fisao(tmp_path):
+    from fisao.peers.grpo import grpo_args
+
+    cfg = load_config(None, {"rollout.n_per_image": 4, "rollout.temperature": 0.7, "rollout.max_new_tokens": 33,
+                             "ppo.beta_kl": 0.07, "ppo.epochs": 3, "ppo.clip": 0.15, "ppo.minibatch_size": 8,
+                             "ppo.grad_accum": 2, "ppo.lr": 5e-4})
+    args = grpo_args(cfg.rollout, cfg.ppo, 64, 7, [0, 1, 2], tmp_path)
+    assert (args.num_generations, args.generation_batch_size, args.steps_per_generation) == (4, 64, 8)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 2)
+    assert (args.temperature, args.top_p, args.top_k, args.max_completion_length) == (0.7, 1.0, 0, 33)
+    assert args.generation_kwargs == {"suppress_tokens": [0, 1, 2]}
+    assert (args.beta, args.num_iterations, args.epsilon, args.learning_rate) == (0.07, 3, 0.15, 5e-4)
+    assert (args.loss_type, args.scale_rewards) == ("dapo", "batch")  # TRL's defaults: "dapo", "group"
+    assert args.lr_scheduler_type == "constant" and args.optim == "adamw_torch" and args.weight_decay == 0.0
+    assert not args.gradient_checkpointing and not args.bf16
+    assert args.report_to in ("none", [], ["none"]) and not args.push_to_hub and args.seed == args.data_seed == 7
+
+
+def test_trl_prompts_with_fisaos_prompt_ids_or_the_round_stops(tiny_models, monkeypatch):
+    from fisao.align import rollout
+    from fisao.peers.grpo import _check_prompt_ids
+
+    _, processor = load_policy(tiny_models["llava"])
+    image = load_image(load_examples(tiny_models["world"], "pretrain", limit=1)[0].image)
+    _check_prompt_ids(processor, "Describe this image in detail.", image)  # the tiny LLaVA's template: the same ids
+    # A sampler that prompts otherwise than the chat template (here: another reply marker) is caught.
+    monkeypatch.setattr(rollout, "chat_prompt", lambda processor, q: f"USER: <image>\n{q} BOT:")
+    with pytest.raises(ValueError, match="GRPO would train on another prompt"):
+        _check_prompt_ids(processor, "Describe this image in detail.", image)

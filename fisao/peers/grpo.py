@@ -9,8 +9,8 @@ FiSAO round writes (`adapter/`, the merged `model/`), so the project's evaluatio
 
 What it took to drive our class, all on our side (TRL is not patched):
 - the dataset: a conversational `prompt` whose content is the plain question (TRL puts the image
-  placeholder before it; the processor's chat template then gives exactly `chat_prompt`'s text,
-  checked at the start), an `image` column of PIL images and `image_id` for the reward;
+  placeholder before it; the processor's chat template then gives exactly the prompt ids FiSAO
+  samples with, checked at the start), an `image` column of PIL images and `image_id` for the reward;
 - `processing_class` = our LlavaProcessor; the model is passed as a PeftModel we built;
 - `generation_kwargs={"suppress_tokens": banned_token_ids(processor)}`: TRL suppresses only the
   image token, our sampler also pad and <s>;
@@ -51,6 +51,7 @@ import torch
 from fisao import io
 from fisao.align.calibration import Calibration
 from fisao.align.lora import add_lora, load_adapter, merge_and_save, save_adapter
+from fisao.align.rollout import encode_prompts
 from fisao.align.stages import answer_rewards_of
 from fisao.align.verifier import Verifier
 from fisao.benchmarks.mentions import parse_mentions
@@ -58,7 +59,6 @@ from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_image
 from fisao.config import LoraConfig, PPOConfig, RewardConfig, RolloutConfig
 from fisao.generate import banned_token_ids, load_policy
-from fisao.models.families import chat_prompt
 from fisao.world.data import Example
 
 ANSWERS = "answers.jsonl"
@@ -100,9 +100,9 @@ def grpo_round(policy_dir: str | Path, adapter_in: str | Path | None, examples: 
     _check(examples, rollout, reward, ppo, n_rows)
     seed = ppo.seed * 1000 + round_index
     model, processor = load_policy(policy_dir)
-    _check_chat_template(processor, rollout.prompt)
     ordered = sorted(examples, key=lambda e: e.image_id)
     images = [load_image(e.image) for e in ordered]
+    _check_prompt_ids(processor, rollout.prompt, images[0])
     embeddings = dict(zip((e.image_id for e in ordered), verifier.image_embeddings(images)))
     tok = processor.tokenizer
     rows: list[dict] = []
@@ -127,17 +127,7 @@ def grpo_round(policy_dir: str | Path, adapter_in: str | Path | None, examples: 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # LoRA's random A matrices, as update_stage seeds them
             model = add_lora(model, lora) if adapter_in is None else load_adapter(model, adapter_in, is_trainable=True)
-        args = trl.GRPOConfig(
-            output_dir=str(tmp / "trl"), report_to="none", push_to_hub=False, save_strategy="no", use_cpu=True,
-            seed=seed, data_seed=seed, logging_steps=1, disable_tqdm=not progress,
-            num_generations=rollout.n_per_image, generation_batch_size=n_rows, num_train_epochs=1,
-            per_device_train_batch_size=ppo.minibatch_size, gradient_accumulation_steps=ppo.grad_accum,
-            temperature=rollout.temperature, top_p=rollout.top_p, top_k=0, max_completion_length=rollout.max_new_tokens,
-            generation_kwargs={"suppress_tokens": banned_token_ids(processor)},
-            learning_rate=ppo.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
-            max_grad_norm=ppo.max_grad_norm, beta=ppo.beta_kl, num_iterations=ppo.epochs, epsilon=ppo.clip,
-            loss_type="dapo", scale_rewards="batch", gradient_checkpointing=False, bf16=False,
-        )
+        args = grpo_args(rollout, ppo, n_rows, seed, banned_token_ids(processor), tmp / "trl", progress)
         trainer = trl.GRPOTrainer(model=model, reward_funcs=whole_answer_reward, args=args, train_dataset=dataset,
                                   processing_class=processor)
         if ppo.reference == "base" and "ref" in model.peft_config:
@@ -156,6 +146,28 @@ def grpo_round(policy_dir: str | Path, adapter_in: str | Path | None, examples: 
         figures.update(train_seconds=round(train_seconds, 2), seconds=round(time.time() - t0, 2))
         io.write_json(tmp / FIGURES, figures)
     return figures
+
+
+def grpo_args(rollout: RolloutConfig, ppo: PPOConfig, n_rows: int, seed: int, suppress: Sequence[int],
+              output_dir: str | Path, progress: bool = False):
+    """TRL's GRPOConfig for one round of `n_rows` answers, every setting that differs from ours pinned.
+
+    One generation covers the whole round (`generation_batch_size` = `n_rows`), cut into
+    minibatches of `ppo.minibatch_size` rows, `ppo.grad_accum` of them per optimizer step, for
+    `ppo.epochs` passes (`num_iterations`); `suppress`: the token ids sampling never emits.
+    """
+    trl, _ = _trl()
+    return trl.GRPOConfig(
+        output_dir=str(output_dir), report_to="none", push_to_hub=False, save_strategy="no", use_cpu=True,
+        seed=seed, data_seed=seed, logging_steps=1, disable_tqdm=not progress,
+        num_generations=rollout.n_per_image, generation_batch_size=n_rows, num_train_epochs=1,
+        per_device_train_batch_size=ppo.minibatch_size, gradient_accumulation_steps=ppo.grad_accum,
+        temperature=rollout.temperature, top_p=rollout.top_p, top_k=0, max_completion_length=rollout.max_new_tokens,
+        generation_kwargs={"suppress_tokens": list(suppress)},
+        learning_rate=ppo.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
+        max_grad_norm=ppo.max_grad_norm, beta=ppo.beta_kl, num_iterations=ppo.epochs, epsilon=ppo.clip,
+        loss_type="dapo", scale_rewards="batch", gradient_checkpointing=False, bf16=False,
+    )
 
 
 def _trl():
@@ -188,14 +200,20 @@ def _check(examples: Sequence[Example], rollout: RolloutConfig, reward: RewardCo
                          "choose values that divide it")
 
 
-def _check_chat_template(processor, prompt: str) -> None:
-    """TRL formats the prompt with the processor's chat template: it must give FiSAO's prompt text."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    theirs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ours = chat_prompt(processor, prompt)
-    if theirs != ours:
-        raise ValueError(f"the policy's chat template gives {theirs!r} where FiSAO prompts with {ours!r}: "
-                         "GRPO would train on another prompt; use a policy whose processor has the model's chat template")
+def _check_prompt_ids(processor, prompt: str, image) -> None:
+    """TRL's prompt ids (its message preparation, the processor's chat template) must be the ones
+    FiSAO samples with (`fisao.align.rollout.encode_prompts`), image tokens included."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    messages = prepare_multimodal_messages([{"role": "user", "content": prompt}], images=[image])
+    theirs = processor.apply_chat_template(conversation=[messages], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"][0]
+    ours = encode_prompts(processor, [image], prompt)["input_ids"][0]
+    if list(theirs) != ours.tolist():
+        tok = processor.tokenizer
+        raise ValueError(f"TRL would prompt with {tok.decode(list(theirs))!r} where FiSAO prompts with "
+                         f"{tok.decode(ours.tolist())!r}: GRPO would train on another prompt; use a policy whose "
+                         "processor carries the model's chat template")
 
 
 def _figures(rows: list[dict], log_history: list[dict], n_images: int) -> dict:

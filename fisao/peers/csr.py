@@ -234,9 +234,11 @@ def dpo_update(model, processor, images: Sequence[Image.Image], answers: ScoredA
         result = trainer.train()
     if "ref" in model.peft_config:
         model.delete_adapter("ref")
-    logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
+    # Each step's mean β·(log-ratio chosen − log-ratio rejected), measured before that step's update:
+    # the first is 0 exactly when the policy starts equal to its reference.
+    margins = [float(h["rewards/margins"]) for h in trainer.state.log_history if "rewards/margins" in h]
     return {"dpo_loss": float(result.training_loss), "optimizer_steps": int(trainer.state.global_step),
-            "reward_margin_last": float(logs[-1]["rewards/margins"]) if logs else 0.0}
+            "reward_margins": margins}
 
 
 def csr_round(policy_dir: str | Path, adapter_in: str | Path | None, examples: Sequence[Example], verifier: Verifier,
@@ -269,7 +271,7 @@ def csr_round(policy_dir: str | Path, adapter_in: str | Path | None, examples: S
     r = answers.rollouts
     pairs = preference_pairs(answers.score.tolist(), r.image_index.tolist(), r.texts)
     t2 = time.time()
-    stats = {"dpo_loss": 0.0, "optimizer_steps": 0, "reward_margin_last": 0.0}
+    stats = {"dpo_loss": 0.0, "optimizer_steps": 0, "reward_margins": []}
     if pairs:
         stats = dpo_update(model, processor, images, answers, pairs, cfg, seed,
                            gradient_checkpointing=bool(runtime and runtime.gradient_checkpointing

@@ -68,9 +68,11 @@ def test_collator_feeds_dpo_the_sampled_tokens_after_our_prompt(tiny_models):
     _, processor = load_policy(tiny_models["llava"])
     image = load_image(round_examples(tiny_models["world"], tiny_models["config"].rollout, 1)[0].image)
     eos = processor.tokenizer.eos_token_id
-    examples = [{"image": image, "prompt": "Describe this image in detail.", "chosen_ids": [5, 6, eos], "rejected_ids": [7, eos]},
-                {"image": image, "prompt": "What is here?", "chosen_ids": [8, eos], "rejected_ids": [9, 10, 11, eos]}]
-    batch = PairCollator(processor)([dict(e) for e in examples])
+    examples = [{"image": 0, "prompt": "Describe this image in detail.", "chosen_ids": [5, 6, eos], "rejected_ids": [7, eos]},
+                {"image": 0, "prompt": "What is here?", "chosen_ids": [8, eos], "rejected_ids": [9, 10, 11, eos]}]
+    batch = PairCollator(processor, [image])([dict(e) for e in examples])
+    expected = encode_prompts(processor, [image], ["What is here?"])["pixel_values"][0]
+    assert torch.equal(batch["pixel_values"][1], expected) and torch.equal(batch["pixel_values"][3], expected)
     assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"].shape[0] == 4
     answers = [examples[0]["chosen_ids"], examples[1]["chosen_ids"], examples[0]["rejected_ids"], examples[1]["rejected_ids"]]
     for k, answer in enumerate(answers):

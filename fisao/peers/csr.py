@@ -63,7 +63,7 @@ from fisao.align.lora import add_lora, load_adapter, merge_and_save, save_adapte
 from fisao.align.rollout import Rollouts, encode_prompts, sample_rollouts
 from fisao.align.verifier import Verifier
 from fisao.coco import load_image
-from fisao.config import LoraConfig, ModelConfig, RolloutConfig
+from fisao.config import LoraConfig, ModelConfig, PPOConfig, RolloutConfig
 from fisao.runtime import load_runtime_policy, runtime_device
 from fisao.world.data import Example
 
@@ -79,12 +79,13 @@ class CSRConfig:
     """The DPO side of a CSR round (sampling is `RolloutConfig`'s, the adapters `LoraConfig`'s).
 
     lr: to be picked on val from the same three values as every method (issue 14); the default is
-    FiSAO's `ppo.lr`. batch_size: preference pairs per optimizer step; epochs: passes over a round's pairs.
+    FiSAO's `ppo.lr`. batch_size: preference pairs (two answers each) per optimizer step; epochs:
+    passes over a round's pairs.
     """
 
     lam: float = CSR_LAMBDA
     beta: float = DPO_BETA
-    lr: float = 1e-3
+    lr: float = PPOConfig.model_fields["lr"].default
     batch_size: int = 4
     epochs: int = 1
     seed: int = 0
@@ -165,17 +166,20 @@ def score_answers(model, processor, images: Sequence[Image.Image], verifier: Ver
 class PairCollator:
     """A batch of preference pairs for `trl.DPOTrainer` from the sampled token ids (see the module docstring).
 
-    Each example holds `image` (PIL), `prompt` (the question), `chosen_ids` and `rejected_ids`
-    (the answers' tokens, EOS included). Returns the processor's inputs for the prompts (twice:
-    chosen rows, then rejected rows) followed by the answers, flushed left, with `completion_mask`.
+    Each example holds `image` (an index into `images`: the column tells TRL the data is visual and
+    must not be tokenized up front, and the image itself never goes through `datasets`), `prompt`
+    (the question), `chosen_ids` and `rejected_ids` (the answers' tokens, EOS included). Returns the
+    processor's inputs for the prompts (twice: chosen rows, then rejected rows) followed by the
+    answers, flushed left, with `completion_mask`.
     """
 
     processor: object
+    images: Sequence[Image.Image]
 
     def __call__(self, examples: list[dict]) -> dict[str, Tensor]:
         from trl.trainer.utils import flush_left
 
-        images = [e["image"] for e in examples] * 2
+        images = [self.images[e["image"]] for e in examples] * 2
         prompts = [e["prompt"] for e in examples] * 2
         inputs = dict(encode_prompts(self.processor, images, prompts))
         answers = [torch.tensor(e["chosen_ids"]) for e in examples] + [torch.tensor(e["rejected_ids"]) for e in examples]
@@ -215,7 +219,7 @@ def dpo_update(model, processor, images: Sequence[Image.Image], answers: ScoredA
 
     r = answers.rollouts
     ids = [r.response_ids[i][r.mask[i]].tolist() for i in range(len(r))]
-    rows = [{"image": images[int(r.image_index[c])], "prompt": r.prompts[c], "chosen": r.texts[c],
+    rows = [{"image": int(r.image_index[c]), "prompt": r.prompts[c], "chosen": r.texts[c],
              "rejected": r.texts[j], "chosen_ids": ids[c], "rejected_ids": ids[j]} for c, j in pairs]
     device = next(model.parameters()).device
     with tempfile.TemporaryDirectory(prefix="csr-dpo-") as work, _own_random_state():
@@ -229,7 +233,7 @@ def dpo_update(model, processor, images: Sequence[Image.Image], answers: ScoredA
             use_cache=bool(getattr(model.config, "use_cache", True)),
         )
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=processor, data_collator=PairCollator(processor))
+                             processing_class=processor, data_collator=PairCollator(processor, images))
         trainer.remove_callback(PrinterCallback)  # the stats come back in the figures, not on stdout
         result = trainer.train()
     if "ref" in model.peft_config:

@@ -40,9 +40,10 @@ $(PEERS): $(STAMP) requirements-peers.lock
 run: $(STAMP)
 	$(BIN)/fisao run --config $(CONFIG)
 
-# The tests of the peer methods (tests/test_peers_*.py) need the extra.
+# The tests of the peer methods (tests/test_peers_*.py) need the extra; here a missing trl fails
+# them instead of skipping them (FISAO_REQUIRE_PEERS, tests/conftest.py `needs_peers`).
 test: $(PEERS)
-	$(BIN)/python -m pytest
+	FISAO_REQUIRE_PEERS=1 $(BIN)/python -m pytest
 
 # Unit tests only (skips the end-to-end runs with Prefect, MLflow and DVC).
 test-fast: $(STAMP)

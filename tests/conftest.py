@@ -151,3 +151,12 @@ def coco_world(tmp_path_factory) -> dict[str, Path]:
     from tests.cocoworld import build_coco_world
 
     return build_coco_world(tmp_path_factory.mktemp("cocoworld"))
+
+
+def needs_peers() -> None:
+    """Skip a peers test when trl is not installed, except under `make test` (FISAO_REQUIRE_PEERS=1),
+    which installs the peers extra: there a missing trl is a failure, never a silent skip."""
+    if os.environ.get("FISAO_REQUIRE_PEERS"):
+        import trl  # noqa: F401
+    else:
+        pytest.importorskip("trl", reason="the peers need trl: pip install -e '.[peers]' (make test installs it)")

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("trl", reason="the peers need trl: pip install -e '.[peers]'")
+from tests.conftest import needs_peers  # noqa: E402
+
+needs_peers()
 
 from fisao.align.rollout import encode_prompts  # noqa: E402
 from fisao.align.stages import round_examples  # noqa: E402

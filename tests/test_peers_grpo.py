@@ -18,7 +18,9 @@ from fisao.config import RewardConfig, load_config
 from fisao.examples import load_examples
 from fisao.generate import load_policy
 
-pytest.importorskip("trl", reason="the peers extra (make test installs it)")
+from tests.conftest import needs_peers  # noqa: E402
+
+needs_peers()
 from fisao.peers.grpo import ANSWERS, FIGURES, answer_reward, grpo_round  # noqa: E402
 
 VOCAB = Vocabulary.from_lines(["circle, disk", "square", "star"])

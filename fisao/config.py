@@ -178,6 +178,10 @@ class PPOConfig(_Strict):
     advantage: Literal["gae", "critic_free"] = "critic_free"
     whiten: bool = True
     epochs: int = Field(2, ge=1)
+    # Early stop of a round's update (as SpinningUp's and Stable-Baselines3's PPO): no more optimizer
+    # steps once the mean approx_kl of the last step (KL(π_old ‖ π), π_old the policy that sampled)
+    # passes 1.5 × target_kl. None: every step of every epoch runs.
+    target_kl: float | None = Field(None, gt=0)
     # Rows per forward pass; one optimizer step covers minibatch_size * grad_accum rows.
     minibatch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)

@@ -91,6 +91,22 @@ def test_update_follows_the_rewards_and_leaves_the_vision_tower_bit_for_bit(setu
     assert stats["optimizer_steps"] == 4 and stats["grad_norm"] > 0 and "value_loss" not in stats
 
 
+def test_target_kl_stops_the_update_once_the_policy_has_moved_that_far(setup, trained):
+    # The trained fixture (lr 1e-2, 2 epochs of 2 steps) ran all 4 steps; its mean approx_kl was > 0.
+    assert trained["stats"]["optimizer_steps"] == 4 and trained["stats"]["stopped_early"] == 0.0
+    kl = trained["stats"]["approx_kl"]
+    # A target far below what one step moves: the first step's forward sees the sampling policy itself
+    # (approx_kl 0), the second sees the first step's move, and the update stops after it.
+    tight = update(fresh_policy(setup["base"]), setup, PPOConfig(lr=1e-2, minibatch_size=4, epochs=2, target_kl=kl / 1e3))
+    assert tight["optimizer_steps"] == 2 and tight["stopped_early"] == 1.0
+    # A target far above: every step runs and the figures are those of the run without a target.
+    loose = update(fresh_policy(setup["base"]), setup, PPOConfig(lr=1e-2, minibatch_size=4, epochs=2, target_kl=1e3))
+    assert loose["optimizer_steps"] == 4 and loose["stopped_early"] == 0.0
+    assert loose["approx_kl"] == pytest.approx(kl) and loose["policy_loss"] == pytest.approx(trained["stats"]["policy_loss"])
+    with pytest.raises(ValueError):
+        PPOConfig(target_kl=0)
+
+
 def test_reference_is_the_base_model_exactly(setup, trained):
     base, processor = load_policy(setup["base"])
     inputs = encode_prompts(processor, setup["images"], PROMPT)

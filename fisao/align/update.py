@@ -11,7 +11,10 @@
    gradient accumulation), with losses normalised by the step's valid tokens so the split does not
    change the gradient; grad-norm clipping; AdamW, whose state starts afresh each call (round).
    Answers left over after an epoch's last full step sit that epoch out; every epoch draws a new
-   permutation from `generator`.
+   permutation from `generator`. With `ppo.target_kl`, the update stops after the first optimizer
+   step whose forward measured an approx_kl (KL of the sampling policy to the current one, over
+   that step's tokens) past 1.5 × target_kl: a round moves the policy about that far at most,
+   however many rollouts (one step past it: a step measures the policy before its own update).
 The value head (GAE only) is owned by the caller, so it survives across rounds.
 """
 from __future__ import annotations
@@ -150,10 +153,14 @@ def ppo_update(
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        steps, stopped = 0, False
         for _ in range(cfg.epochs):
             order = torch.randperm(len(rollouts), generator=generator)
             for start in range(0, len(rollouts) - step_rows + 1, step_rows):
+                if stopped:
+                    break
                 step = order[start : start + step_rows]
+                step_kl = []
                 # Every process takes its share of the step; the token count is the whole step's, so
                 # the gradient (averaged over processes by DDP) is the one-process gradient.
                 tokens_per_micro = float(mask[step].sum()) / (cfg.grad_accum * ranks)
@@ -167,6 +174,9 @@ def ppo_update(
                         optimizer.zero_grad(set_to_none=True)
                     for k, v in micro.items():
                         history.setdefault(k, []).append(v)
+                    step_kl.append(micro["approx_kl"])
+                steps += 1
+                stopped = cfg.target_kl is not None and _passed_target(step_kl, cfg.target_kl, accelerator)
     model.eval()
     means = {k: sum(v) / len(v) for k, v in history.items()}
     if ranks > 1:  # the mean over processes (each saw its share of every step)
@@ -174,8 +184,18 @@ def ppo_update(
         reduced = accelerator.reduce(torch.tensor([means[k] for k in keys], device=device), reduction="mean")
         means = dict(zip(keys, reduced.cpu().tolist()))
     stats.update(means)
-    stats["optimizer_steps"] = float(cfg.epochs * (len(rollouts) // step_rows))
+    stats["optimizer_steps"] = float(steps)
+    stats["stopped_early"] = float(stopped)
     return stats
+
+
+def _passed_target(step_kl: list[float], target_kl: float, accelerator: Accelerator) -> bool:
+    """Whether the mean approx_kl of one optimizer step's micro-batches (averaged over processes, so
+    every process stops at the same step) passes 1.5 × target_kl."""
+    kl = sum(step_kl) / len(step_kl)
+    if accelerator.num_processes > 1:
+        kl = float(accelerator.reduce(torch.tensor([kl], device=accelerator.device), reduction="mean")[0])
+    return kl > 1.5 * target_kl
 
 
 class Targets(NamedTuple):

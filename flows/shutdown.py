@@ -12,11 +12,12 @@ command again, which takes the finished campaigns and resumes the rest). Under e
 - The first SIGINT or SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the main thread.
   Inside the flow Prefect turns SIGTERM into its own TerminationSignal first; both unwind the
   same way: Prefect records the crash, the flow marks the campaign's MLflow run interrupted
-  (KILLED), the lock is released, and the command ends with one line saying how to resume.
+  (KILLED; a sweep's flow marks its own run too), the locks are released, and the command ends
+  with one line saying how to resume.
 - A signal that lands while Prefect runs its own bookkeeping (setting up a task run, storing its
   state) is held until the main thread is back in the campaign's code (the watchdog looks every
   50 ms), then raised there: raised inside Prefect it surfaced as Prefect's own error. Should a
-  signal still surface as another error, the campaign is recorded as interrupted all the same.
+  signal still surface as another error, it is recorded as interrupted all the same.
 - A second signal, or an unwinding that has not ended the process `GRACE` seconds after the
   first, ends the process at once (`stop_now`).
 - A watchdog thread polls the API server; if it exits while the campaign runs, the campaign

@@ -129,6 +129,11 @@ class RunLock:
         self.release()
 
 
+def held_locks() -> list[Path]:
+    """The lock files this process holds now (a sweep's, the campaign it runs), for a forced exit to empty."""
+    return list(RunLock._held)
+
+
 def lock_holder(path: str | Path) -> Holder | None:
     """Who holds the campaign lock at `path` now (None when nobody does); never blocks."""
     path = Path(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -167,23 +168,40 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    """One campaign per world seed × training seed, one table (flows/sweep.py); the lock is taken before Prefect starts."""
+    """One campaign per world seed × training seed, one table (flows/sweep.py); the lock is taken before Prefect
+    starts, and Ctrl-C/SIGTERM stop it as they stop a campaign (flows/shutdown.py)."""
     from fisao.config import load_config
-    from fisao.sweep import default_name, parse_seeds, sweep_lock
+    from fisao.localstate import campaign_dir
+    from fisao.sweep import default_name, parse_seeds, plan, sweep_lock
 
     worlds, seeds = parse_seeds(args.worlds, "--worlds"), parse_seeds(args.seeds, "--seeds")
     project, cfg = str(Path(args.project).resolve()), load_config(args.config)
     name = args.name or default_name(cfg)
-    with sweep_lock(project, cfg.outputs_dir, name):
+    runs = plan(cfg, name, worlds, seeds)
+    locks = {run.name: campaign_dir(project, cfg.outputs_dir, run.name) / ".lock" for run in runs}
+    from flows.shutdown import SweepStop
+
+    with sweep_lock(project, cfg.outputs_dir, name) as lock, \
+            SweepStop(name, lock.path, locks, sweep_command(args, name)) as stop:
         from flows.ephemeral import start_api
         from flows.report import print_sweep
         from flows.sweep import sweep
 
-        start_api(project)
+        stop.watch(start_api(project))
         result = sweep(config_path=args.config, worlds=list(worlds), seeds=list(seeds), project=project,
                        rounds=args.rounds, name=name)
+    if stop.code is not None:
+        stop.finish()  # exits
     print_sweep(result)
     return 1 if result["failed"] else 0
+
+
+def sweep_command(args: argparse.Namespace, name: str) -> str:
+    """The `fisao sweep` command line that continues this sweep (what a stopped sweep's last line shows)."""
+    project = ["--project", args.project] if args.project != "." else []
+    rounds = ["--rounds", str(args.rounds)] if args.rounds is not None else []
+    return shlex.join(["fisao", *project, "sweep", "--config", args.config, "--worlds", args.worlds,
+                       "--seeds", args.seeds, *rounds, "--name", name])
 
 
 def _runs(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect import tags as prefect_tags
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from fisao import io
@@ -85,8 +86,8 @@ def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project:
             close_sweep(parent["run_id"], figures, len(records), str(path),
                         {**tags, "fisao.failed": ",".join(f["run"] for f in failed) or "none"},
                         "failed" if failed else "finished")
-        except BaseException as e:  # Ctrl-C included: the sweep's run says how it ended, then the error goes on
-            end = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        except BaseException as e:  # Ctrl-C and SIGTERM included: the sweep's run says how it ended, then it goes on
+            end = "interrupted" if isinstance(e, (KeyboardInterrupt, TerminationSignal)) else "failed"
             campaign_state(parent["run_id"], {"fisao.error": f"{type(e).__name__}: {e}"[:4000]}, end=end)
             raise
     log.info("sweep %s: %d campaigns finished, %d failed; sweep.json %s", name, len(records), len(failed), path)

@@ -206,3 +206,82 @@ def test_a_signal_in_prefects_code_is_raised_once_the_campaigns_code_runs(tmp_pa
     assert (where, kind) == ("work", "Interrupted"), out.stdout
     assert float(seconds) < 1.0  # the watchdog looks every 50 ms while a signal waits
     assert lines[2] == "code 130" and "work ran to its end" not in out.stdout
+
+
+# A sweep's body: the sweep's lock, then the lock of the campaign it runs (`sw-w0-s0`); the sweep's
+# other campaign (`sw-w1-s0`) is marked running in MLflow by another process (`fisao resume`).
+SWEEP = """
+import sys, time, subprocess
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+from fisao.locks import RunLock
+from flows.shutdown import SweepStop
+import tasks.campaigns
+from tasks.records import experiment_id
+root = Path(sys.argv[1])
+for name, kind in (("sw-w0-s0", "campaign"), ("sw-w1-s0", "campaign"), ("sw", "sweep")):
+    MlflowClient().create_run(experiment_id(name), run_name=name, tags={
+        f"fisao.{kind}": name, "fisao.kind": kind, "fisao.status": "running"})
+locks = {name: root / name / ".lock" for name in ("sw-w0-s0", "sw-w1-s0")}
+with RunLock(root / "sw.lock", "sw") as lock, \\
+        SweepStop("sw", lock.path, locks, "fisao sweep --worlds 0,1 --name sw", grace=30) as stop:
+    stop.watch(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+    with RunLock(locks["sw-w0-s0"], "sw-w0-s0"):
+        try:
+            print("ready", stop.server.pid, flush=True)
+            time.sleep(60)
+        except KeyboardInterrupt:
+            time.sleep(60)  # a slow unwinding
+            raise
+"""
+
+
+def test_a_forced_exit_of_a_sweep_marks_the_campaign_it_runs_and_the_sweep_and_releases_both_locks(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "FISAO_PROJECT": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", SWEEP, str(tmp_path)], cwd=Path(__file__).parents[1], env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ready = ""
+    while not ready.startswith("ready"):
+        ready = proc.stdout.readline()
+        assert ready, proc.stdout.read()
+    server = int(ready.split()[1])
+    assert json.loads((tmp_path / "sw-w0-s0" / ".lock").read_text())["pid"] == proc.pid
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)  # unwinding slowly
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    rc, lines, _ = finish(proc)
+    assert rc == 143, lines
+    assert "fisao: SIGTERM: stopping sweep 'sw' (again to stop at once)" in lines
+    assert lines[-1] == "fisao: continue sweep 'sw' (finished campaigns are taken) with the same command: " \
+                        "fisao sweep --worlds 0,1 --name sw"
+    assert (tmp_path / "sw.lock").read_text() == "" and (tmp_path / "sw-w0-s0" / ".lock").read_text() == ""
+    assert not alive(server), "a forced exit left the API server running"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def status(name: str) -> tuple[str, str]:
+        (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        return run.info.status, run.data.tags["fisao.status"]
+
+    assert status("sw-w0-s0") == ("KILLED", "interrupted")
+    assert status("sw") == ("KILLED", "interrupted")
+    assert status("sw-w1-s0") == ("RUNNING", "running")  # not this process's: left to whoever runs it
+
+
+def test_the_sweep_command_a_stopped_sweep_prints_parses_back_to_the_same_sweep():
+    import shlex
+
+    from flows.cli import build_parser, sweep_command
+
+    argv = ["--project", "my project", "sweep", "--config", "configs/tiny.yaml", "--worlds", "10,11", "--seeds", "0,1",
+            "--rounds", "0"]
+    args = build_parser().parse_args(argv)
+    command = sweep_command(args, "tiny-sweep")
+    assert command == "fisao --project 'my project' sweep --config configs/tiny.yaml --worlds 10,11 --seeds 0,1 " \
+                      "--rounds 0 --name tiny-sweep"
+    again = build_parser().parse_args(shlex.split(command)[1:])
+    assert vars(again) == {**vars(args), "name": "tiny-sweep"}
+    assert sweep_command(build_parser().parse_args(["sweep", "--worlds", "3"]), "q") == \
+        "fisao sweep --config configs/demo.yaml --worlds 3 --seeds 0 --name q"

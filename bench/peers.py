@@ -29,12 +29,15 @@ Writes `OUT/peers.json` (`seeds`, `methods` → each method's `chair_s`, `chair_
 `_std`, `answers`, `seconds_per_answer`, `peak_rss_mb`, `lr`, `campaigns`, `round_dirs`; `how` says
 how each figure was measured) and `OUT/peers.png` (CHAIR_i, recall and POPE adversarial F1 per
 round), prints the table, and the JSON as the last line of stdout. Running it again continues:
-finished FiSAO rounds are taken from MLflow and Prefect's cache, evaluations from their cache; the
-peers' rounds are trained again (their MLflow runs are replaced when the checkpoint differs).
+finished FiSAO rounds are taken from MLflow and Prefect's cache, evaluations from their cache, and a
+peer's round whose inputs (previous checkpoint, base models, calibration, config sections, code) are
+unchanged from its content-addressed directory (`outputs/campaigns/<peer campaign>/rounds/<key>/`);
+`stages_cached` then says the seconds are those of the process that ran it.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import resource
@@ -61,7 +64,8 @@ HOW = {
                  "writing its output) summed over rounds and seeds, over the answers; a stage taken from Prefect's "
                  "cache reports the seconds of the process that ran it (`stages_cached` says so)",
         "peers": "each round's own `seconds` (from loading the model to writing adapter and merged checkpoint: "
-                 "sampling, scoring and the update interleaved by TRL), summed over rounds and seeds, over the answers",
+                 "sampling, scoring and the update interleaved by TRL), summed over rounds and seeds, over the answers; "
+                 "a round found finished on disk reports the seconds of the process that ran it (`stages_cached`)",
     },
     "peak_rss_mb": "the most resident memory this process held while the method ran (sampled every 50 ms from "
                    "/proc/self/status): it includes what earlier steps left allocated (Prefect, the imports)",
@@ -179,16 +183,18 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
 
     from fisao import io
     from fisao.align import stages
-    from fisao.config import load_config
+    from fisao.config import config_hash, load_config
     from fisao.inputs import config_identity_hash, identity
     from fisao.localstate import campaign_dir
     from fisao.locks import RunLock
     from fisao.progress import bar
+    from fisao.versioning import code_version
     from flows.report import headline
-    from flows.rounds import evaluate_model, round_params
+    from flows.rounds import ALIGN_CODE, evaluate_model, round_params
     from tasks.campaigns import campaign_state, open_campaign
+    from tasks.common import build_once, key_of
     from tasks.publish import run_tag
-    from tasks.tracking import describe, evaluation_span, log_round
+    from tasks.tracking import covering, describe, evaluation_span, log_round, span_of
 
     t0 = time.time()
     cfg = load_config(ctx["config"], {**overrides, "name": name})
@@ -211,12 +217,18 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
                       {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]))
             verifier = stages.load_verifier(base["clip"]["path"], world["path"], cfg.reward, cfg.model)
             calibration = stages.read_calibration(base["calibration"]["path"])[0]
-            policy, adapter, seconds, answers, dirs = llava, None, 0.0, 0, []
+            policy, adapter, seconds, answers, dirs, cached = llava, None, 0.0, 0, [], False
+            ppo = cfg.ppo.model_copy(update={"rounds": 1})  # the round count is not a round's input
+            code = code_version("peers", *ALIGN_CODE)
             for k in bar(range(1, ctx["rounds"] + 1), f"{name}: rounds"):
-                out = here / f"round-{k}"
+                # Content-addressed, as a FiSAO round's stages: the same inputs find the finished round.
+                out = here / "rounds" / key_of(method, k, policy["sha256"], base["clip"]["sha256"],
+                                               base["calibration"]["sha256"], world["md5"], config_hash(cfg.rollout),
+                                               config_hash(cfg.reward), config_hash(cfg.lora), config_hash(ppo), code)
                 examples = stages.round_examples(world["path"], cfg.rollout, k)
-                start = time.time()
-                figures = peer_round(method, cfg, base, adapter, examples, verifier, calibration, k, out)
+                cached |= not build_once(out, stages.FIGURES, functools.partial(
+                    peer_round, method, cfg, base, adapter, examples, verifier, calibration, k, out))
+                figures = io.read_json(out / stages.FIGURES)
                 model = {"path": str(out / "model"), "sha256": io.tree_digest(out / "model")}
                 evaluation = evaluate_model(cfg, ctx["project"], k, model, world, timings, t0)
                 scalars = {f"{method}/{key}": v for key, v in figures.items()
@@ -228,7 +240,8 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
                 lineage = {**tags, "fisao.parent_sha256": policy["sha256"], "fisao.parent_path": policy["path"],
                            "fisao.model_sha256": model["sha256"], "fisao.model_path": model["path"]}
                 log_round(name, name, k, metrics, {**round_params(cfg, model, k), **peer}, lineage, artifacts,
-                          span=(int(start * 1000), int(time.time() * 1000)))
+                          span=covering(span_of(out, stages.FIGURES, figures["seconds"]),
+                                        evaluation_span(evaluation["path"])))
                 policy, adapter = model, out / "adapter"
                 seconds += figures["seconds"]
                 answers += figures["answers"]
@@ -241,7 +254,7 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
             raise
     io.write_json(here / "summary.json", {"name": name, "method": method, "base_campaign": base["name"],
                                           "rounds": rounds, "round_dirs": dirs})
-    return {"name": name, "rounds": rounds, "seconds": seconds, "answers": answers, "stages_cached": False,
+    return {"name": name, "rounds": rounds, "seconds": seconds, "answers": answers, "stages_cached": cached,
             "round_dirs": dirs}
 
 

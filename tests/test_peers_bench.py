@@ -5,7 +5,7 @@ The mechanics, not the figures: peers.json has the issue's shape with finite num
 methods' round 0 is one evaluation of one base model; the answers and rewards TRL's GRPO trained
 on and the pairs CSR's DPO trained on are the ones their round directories hold, on the images of
 FiSAO's round; each peer is a campaign in MLflow with FiSAO's metric names and a `round` param;
-peers.png is a PNG; the JSON is the last line of stdout.
+peers.png is a PNG; the JSON is the last line of stdout. Run again, it trains and logs nothing twice.
 """
 from __future__ import annotations
 
@@ -38,8 +38,6 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def test_peers_bench_one_round_one_seed(base_project, tmp_path_factory, harness, monkeypatch, capsys):
-    from mlflow.tracking import MlflowClient
-
     from fisao.align.stages import round_examples
     from fisao.config import load_config
     from fisao.localstate import local_state_env
@@ -65,9 +63,9 @@ def test_peers_bench_one_round_one_seed(base_project, tmp_path_factory, harness,
 
     out = project / "outputs" / "peers"
     config = project / "tiny.yaml"
-    rc = _bench().main(["--world", "data", "--seeds", "0", "--rounds", "1", "--config", str(config), "--out", str(out),
-                        "--project", str(project)])
-    assert rc == 0
+    argv = ["--world", "data", "--seeds", "0", "--rounds", "1", "--config", str(config), "--out", str(out),
+            "--project", str(project)]
+    assert _bench().main(argv) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     result = json.loads((out / "peers.json").read_text())
     assert json.loads(printed[-1]) == result
@@ -82,6 +80,7 @@ def test_peers_bench_one_round_one_seed(base_project, tmp_path_factory, harness,
             assert figures[f"{key}_std"] == [None, None]
         assert figures["seconds_per_answer"] > 0 and math.isfinite(figures["seconds_per_answer"])
         assert figures["peak_rss_mb"] > 0 and figures["lr"] == cfg.ppo.lr
+        assert not figures["stages_cached"]  # all trained in this process: its seconds are measured here
     assert not result["lr"]["tuned"] and "ppo.lr" in result["lr"]["how"]
     # Round 0: the same base model through the same evaluation for all four.
     for key in CURVES:
@@ -110,18 +109,40 @@ def test_peers_bench_one_round_one_seed(base_project, tmp_path_factory, harness,
         assert csr_rows[p["rejected_row"]]["score"] == min(r["score"] for r in mine)
 
     # MLflow: each method a campaign (parent + rounds 0 and 1, `round` param, the figures of peers.json).
+    _check_mlflow(result)
+    assert (out / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Again: FiSAO's rounds are taken as done, the peers' rounds and the evaluations found on disk,
+    # nothing trained or logged twice, the same figures.
+    rewarded.clear()
+    paired.clear()
+    (out / "peers.png").unlink()
+    assert _bench().main(argv) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not rewarded and not paired
+    for method, figures in again["methods"].items():
+        assert figures["stages_cached"], method
+        assert figures["round_dirs"] == result["methods"][method]["round_dirs"]
+        assert {k: figures[k] for k in CURVES} == {k: result["methods"][method][k] for k in CURVES}
+    _check_mlflow(again)
+    assert (out / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_mlflow(result: dict) -> None:
+    """Each method a campaign: a finished parent run, one complete nested run per round (a `round`
+    param, the figures of peers.json)."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient()
     for method, figures in result["methods"].items():
         (name,) = figures["campaigns"]
         exp = client.get_experiment_by_name(name)
         runs = client.search_runs([exp.experiment_id], filter_string="tags.`fisao.kind` = 'round' and "
                                   "tags.`fisao.complete` = 'true'")
-        by_round = {int(r.data.params["round"]): r for r in runs}
-        assert sorted(by_round) == [0, 1], method
-        for k, run in by_round.items():
+        assert sorted(int(r.data.params["round"]) for r in runs) == [0, 1], method
+        for run in runs:
+            k = int(run.data.params["round"])
             assert run.data.metrics["chair_i"] == pytest.approx(figures["chair_i"][k]), (method, k)
-        parent = client.search_runs([exp.experiment_id], filter_string="tags.`fisao.kind` = 'campaign'")[0]
+        (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`fisao.kind` = 'campaign'")
         assert parent.data.tags["fisao.status"] == "finished"
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
-
-    assert (out / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

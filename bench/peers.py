@@ -200,7 +200,7 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
     cfg = load_config(ctx["config"], {**overrides, "name": name})
     world, llava = base["world"], base["llava"]
     here = campaign_dir(ctx["project"], cfg.outputs_dir, name)
-    peer = {"peer.method": method, "peer.lr": cfg.ppo.lr, "peer.base_campaign": base["name"]}
+    peer = {"peer.method": method, "peer.lr": cfg.ppo.lr}  # the base campaign is a tag: its lr may differ, its bytes not
     tags = {"fisao.data_md5": world["md5"], "fisao.config_hash": config_identity_hash(cfg), "fisao.peer": method,
             "fisao.base_campaign": base["name"], "fisao.clip_sha256": base["clip"]["sha256"],
             "fisao.calibration_sha256": base["calibration"]["sha256"]}

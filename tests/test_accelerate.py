@@ -20,7 +20,9 @@ from tests.test_real_families import campaign_config
 
 def test_two_processes_equal_one_with_the_same_global_batch(real_models, tmp_path):
     cfg = campaign_config(real_models, "llava")
-    cfg = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"epochs": 2, "lr": 1e-2})})
+    # A target_kl far below one step's move: the first step sees the sampling policy (approx_kl 0), the
+    # second the moved one, and every process must stop there together (the KL is averaged over them).
+    cfg = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"epochs": 2, "lr": 1e-2, "target_kl": 1e-6})})
     rt, coco, policy = cfg.model, real_models["coco"], cfg.model.policy
     cal = Calibration(0.1, -0.1, 0.0, 0.1, 0.5, 1, 1)
     io.write_json(tmp_path / "cal" / stages.CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
@@ -38,7 +40,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(real_models, tmp_pat
     assert run.returncode == 0, run.stderr[-4000:]
     two = io.read_json(tmp_path / "two" / stages.FIGURES)
     assert two["processes"] == 2 and one["processes"] == 1
-    assert two["optimizer_steps"] == one["optimizer_steps"] == 4
+    assert two["optimizer_steps"] == one["optimizer_steps"] == 2 and two["stopped_early"] == one["stopped_early"] == 1
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

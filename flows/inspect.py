@@ -9,18 +9,13 @@ import tempfile
 from pathlib import Path
 
 from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from fisao import io
 from fisao.locks import lock_holder
 from flows.report import table
-from tasks.records import MANIFEST, campaign_parent, download, read_json_artifact, round_runs
-
-HIGHER_IS_BETTER = ("recall", "f1", "acc", "precision", "reward", "auroc")
-
-
-def _better(metric: str) -> int:
-    return 1 if any(w in metric for w in HIGHER_IS_BETTER) else -1
-
+from tasks.records import (MANIFEST, best_round, campaign_parent, download, model_version, read_json_artifact,
+                           round_runs)
 
 def status(parent: Run) -> str:
     """running / interrupted / finished / failed (running with nobody holding the lock = interrupted)."""
@@ -29,13 +24,6 @@ def status(parent: Run) -> str:
         holder = lock_holder(parent.data.tags["fisao.lock"]) if parent.data.tags.get("fisao.lock") else None
         return f"running (pid {holder.pid})" if holder else "interrupted"
     return tag
-
-
-def best_round(rounds: dict[int, Run], metric: str) -> tuple[int, float] | None:
-    scored = [(k, r.data.metrics[metric]) for k, r in rounds.items() if k > 0 and metric in r.data.metrics]
-    if not scored:
-        return None
-    return max(scored, key=lambda kv: (_better(metric) * kv[1], -kv[0]))
 
 
 def runs_overview(parents: list[Run], metric: str) -> str:
@@ -79,6 +67,18 @@ def _store() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
+
+
+def registered_round(uri: str, k: int | None = None) -> tuple[str, int]:
+    """(campaign, round) of the registered model version `uri` (models:/demo@best); `k`, when given,
+    must be that round."""
+    version = model_version(uri)
+    tags = MlflowClient().get_run(version.run_id).data.tags
+    name, registered = tags["fisao.campaign"], int(tags["fisao.round"])
+    if k is not None and k != registered:
+        raise ValueError(f"{uri} is round {registered} of campaign {name!r} (version {version.version}), not round {k}: "
+                         f"drop --round, or give `fisao audit {name} --round {k}`")
+    return name, registered
 
 
 def audit(name: str, k: int, export: str | None, show: int = 3) -> str:

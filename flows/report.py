@@ -26,6 +26,19 @@ def runs_link(experiment_id: str) -> str:
     return f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def registry_line(summary: dict) -> str | None:
+    """Where the campaign's policies are in MLflow's model registry (None before its first round)."""
+    reg = summary.get("registry") or {}
+    if not reg.get("versions"):
+        return None
+    round_of = {v: k for k, v in reg["versions"].items()}
+    name, latest = reg["name"], max(reg["versions"].values(), key=int)
+    best = reg["aliases"].get("best")
+    where = [f"models:/{name}@best (version {best}, round {round_of.get(best, '?')})"] if best else []
+    where.append(f"models:/{name}/latest (version {latest}, round {round_of[latest]})")
+    return f"registered model {name}: " + ", ".join(where) + f"; `fisao eval model --model models:/{name}@best`"
+
+
 def headline(rounds: list[dict]) -> str:
     """A campaign's one-line result: CHAIR_i of the base model → the best round's (the lowest), with
     that round's recall; `rounds` as in summary.json (round 0 is the base model)."""
@@ -73,6 +86,8 @@ def print_summary(summary: dict) -> None:
     if "summary_path" in summary:
         print(f"summary (machine-readable): {summary['summary_path']}   total {summary['seconds']:.0f}s")
     print(f"{summary['name']}: {headline(summary['rounds'])}")
+    if registry_line(summary):
+        print(registry_line(summary))
     print()
     mlflow = summary.get("mlflow")
     page = runs_link(mlflow["experiment_id"]) if mlflow else MLFLOW_UI
@@ -109,6 +124,8 @@ def summary_markdown(summary: dict) -> str:
              *("| " + " | ".join("-" if r[h] is None else _fmt(r[h]) for h in headers) + " |" for r in rows), ""]
     if summary.get("checkpoints"):
         lines.append(f"last checkpoint: `{summary['checkpoints'][-1]}`  ")
+    if registry_line(summary):
+        lines.append(registry_line(summary) + "  ")
     if "summary_path" in summary:
         lines.append(f"summary.json: `{summary['summary_path']}`  ")
     if summary.get("mlflow"):

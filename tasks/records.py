@@ -4,15 +4,22 @@ Layout (written by tasks/tracking.py): one experiment per campaign name; in it o
 (`fisao.kind = campaign`) and one nested run per round (`fisao.kind = round`, `fisao.round = k`).
 A round counts only when its run carries `fisao.complete = true` (set after its artifacts were
 logged and verified) and is not deleted; runs of a round that a crash left half-logged are
-deleted when the round is logged again.
+deleted when the round is logged again. Each complete round's policy is also a version of the
+registered model named after the campaign (tasks/registry.py); `checkpoint_dir` resolves its
+`models:/` URIs to the local checkpoint.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
+import mlflow
 from mlflow.entities import Run, ViewType
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from fisao import io
@@ -24,6 +31,7 @@ COMPLETE = "fisao.complete"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 INPUTS = "inputs.json"  # the parent run's recorded campaign inputs (see fisao/inputs.py)
 MANIFEST = "manifest.json"
+CHECKPOINT, ADAPTER = "checkpoint", "adapter"  # a round's logged model's artifact folders (tasks/registry.py)
 
 
 def experiment_id(name: str, create: bool = True) -> str | None:
@@ -73,6 +81,25 @@ def round_runs(campaign: str, complete_only: bool = True) -> dict[int, Run]:
     return dict(sorted(out.items()))
 
 
+HIGHER_IS_BETTER = ("recall", "f1", "acc", "precision", "reward", "auroc")
+# The metric that picks a campaign's best round (the registry's `best` alias, `fisao runs`):
+# lower is better, as the summary's headline reads it.
+CAMPAIGN_METRIC = "chair_i"
+
+
+def _better(metric: str) -> int:
+    return 1 if any(w in metric for w in HIGHER_IS_BETTER) else -1
+
+
+def best_round(rounds: dict[int, Run], metric: str = CAMPAIGN_METRIC) -> tuple[int, float] | None:
+    """(round, value) of the best FiSAO round (k > 0) by `metric`, the earlier round on a tie; None
+    when no round has it."""
+    scored = [(k, r.data.metrics[metric]) for k, r in rounds.items() if k > 0 and metric in r.data.metrics]
+    if not scored:
+        return None
+    return max(scored, key=lambda kv: (_better(metric) * kv[1], -kv[0]))
+
+
 def all_campaigns() -> list[Run]:
     """Every campaign's parent run, in every experiment, newest first."""
     client = MlflowClient()
@@ -115,3 +142,53 @@ def init_store(project: str | Path) -> None:
 
     with exclusive(Path(project) / ".fisao-init.lock"):
         MlflowClient().search_experiments(max_results=1)
+
+
+# Registered models (tasks/registry.py writes them): `models:/NAME@ALIAS`, `models:/NAME/VERSION` or
+# `models:/NAME/latest` (the highest version; MLflow reserves the alias @latest).
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))")
+SHA256 = "fisao.model_sha256"  # the tag of a round's checkpoint hash, on its run, logged model and model version
+
+
+def model_version(uri: str) -> ModelVersion:
+    """The registered model version that `uri` names; ValueError naming what the registry holds
+    when there is no such model, alias or version."""
+    match = MODEL_URI.fullmatch(uri)
+    if match is None:
+        raise ValueError(f"{uri!r} is not a registered model's URI: give models:/NAME@ALIAS (e.g. models:/demo@best), "
+                         f"models:/NAME/VERSION (e.g. models:/demo/2) or models:/NAME/latest")
+    client, name = MlflowClient(), match["name"]
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        names = sorted(m.name for m in client.search_registered_models(max_results=1000))
+        raise ValueError(f"no registered model {name!r} in MLflow ({mlflow.get_tracking_uri()}); registered models: "
+                         f"{', '.join(names) or 'none (a campaign registers its rounds)'}") from e
+    if match["alias"] and match["alias"].lower() == "latest":
+        raise ValueError(f"MLflow reserves the alias @latest: give models:/{name}/latest (its highest version, the "
+                         f"campaign's last round registered) or models:/{name}@best")
+    if match["alias"]:
+        if match["alias"] not in model.aliases:
+            aliases = ", ".join(f"@{a} (version {v})" for a, v in sorted(model.aliases.items()))
+            raise ValueError(f"registered model {name!r} has no alias @{match['alias']}; its aliases: {aliases or 'none'}")
+        return client.get_model_version_by_alias(name, match["alias"])
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    if match["version"] == "latest" and versions:
+        return client.get_model_version(name, str(versions[-1]))
+    if match["version"] not in map(str, versions):
+        raise ValueError(f"registered model {name!r} has no version {match['version']}; its versions: "
+                         f"{', '.join(map(str, versions)) or 'none'}")
+    return client.get_model_version(name, match["version"])
+
+
+def checkpoint_dir(uri: str) -> Path:
+    """The local checkpoint directory (save_pretrained layout) of the registered model version `uri`:
+    its logged model's `checkpoint` artifact, in place for the project's local artifact store
+    (downloaded to a temporary directory from a remote one)."""
+    version = model_version(uri)
+    repo = get_artifact_repository(MlflowClient().get_model_version_download_uri(version.name, version.version))
+    path = Path(repo.download_artifacts(CHECKPOINT))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{uri} (version {version.version} of {version.name!r}) has no checkpoint at {path}: "
+                                f"its artifacts were removed; run the campaign again to log them")
+    return path

@@ -39,7 +39,7 @@ from fisao.locks import RunLock
 from fisao.versioning import code_version, git_state, package_versions
 from flows.ephemeral import servers_started_by, stop_orphaned
 from flows.report import headline, summary_markdown
-from flows.rounds import ALIGN_CODE, MODEL_CODE, evaluate_model, round_params, run_round, timed
+from flows.rounds import ALIGN_CODE, MODEL_CODE, evaluate_model, round_datasets, round_params, run_round, timed
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
@@ -175,7 +175,8 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
     metrics = [evaluation["metrics"]]
     record_base = {**tags, "fisao.model_sha256": llava["sha256"], "fisao.model_path": llava["path"]}
     log_round(cfg.name, cfg.name, 0, metrics[0], round_params(cfg, llava, 0), record_base,
-              {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]))
+              {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]),
+              datasets=round_datasets(cfg, world, metrics[0]))
     cal = timed(stages, t0, "calibrate", calibrate, llava, base["clip"], world["path"], world["md5"], cfg.reward,
                 cfg.rollout, code_version(*ALIGN_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
     log.info("verifier calibration: AUROC %.3f, baseline %.4f, width %.4f", cal["figures"]["auroc"],

@@ -23,7 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
@@ -169,15 +172,31 @@ def _stale_runs(experiment: str, key: str, model_sha256: str | None) -> tuple[st
     return keep, stale
 
 
+def log_datasets(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
+    """The data a run used as MLflow dataset inputs (the runs table's Dataset column): each
+    {"path": the world or COCO directory, "md5": its DVC md5 (the digest), "split", "images": how many
+    it used, "context": "training" or "evaluation"}, named after the directory and the split."""
+    inputs = []
+    for d in datasets:
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(d["path"])), name=f"{Path(d['path']).name}-{d['split']}",
+                              digest=d["md5"])
+        tags = {MLFLOW_DATASET_CONTEXT: d["context"], "split": d["split"],
+                **({} if d.get("images") is None else {"images": str(int(d["images"]))})}
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
 @task(name="log-round")
 def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, params: dict, tags: dict,
-              artifacts: dict[str, str], manifest: dict | None = None, span: tuple[int, int] | None = None) -> str:
+              artifacts: dict[str, str], manifest: dict | None = None, span: tuple[int, int] | None = None,
+              datasets: list[dict] = ()) -> str:
     """Log round `round_index` of `campaign` as a nested run; returns its run id.
 
     `artifacts` maps an artifact folder name to a local directory or file to upload; `manifest`
     (fisao.manifest) lists their files: it is logged too, and the run is marked complete only
     when the logged copies match it. `span` (start, end in ms) is when the round's work ran
-    (`round_span`, `evaluation_span`); without it the run spans its logging.
+    (`round_span`, `evaluation_span`); without it the run spans its logging. `datasets`: the data
+    the round used (`log_datasets`).
     """
     log = get_run_logger()
     start, end = span if span is not None else (None, None)
@@ -195,6 +214,7 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
             "fisao.campaign": campaign, "fisao.round": str(round_index),
             "fisao.baseline": str(round_index == 0).lower(), COMPLETE: "false"}, start)
         log_batch(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
+        log_datasets(client, run_id, list(datasets))
         items = list(artifacts.items())
         _log_artifacts(client, run_id, dict(items[: len(items) // 2]))
         crash_point("log:mid", round_index)  # the testing hook: metrics and half the artifacts logged

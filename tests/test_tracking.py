@@ -147,3 +147,29 @@ def test_describe_writes_the_runs_and_its_experiments_description_and_experiment
         "demo: CHAIR_i 0.145 base → 0.059 best (round 3 of 3)")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert open_campaign.fn("demo", inputs, {}, "lock")["experiment_id"] == opened["experiment_id"]  # resumed
+
+
+def test_a_round_logs_the_data_it_used_as_datasets_with_the_dvc_md5_as_digest(tmp_path, store):
+    from fisao.config import load_config
+    from flows.rounds import round_datasets
+    from tasks.campaigns import open_campaign
+    from tasks.tracking import log_round
+
+    cfg = load_config(None)
+    world = {"path": str(tmp_path / "data" / "world"), "md5": "221863b2c1bcc38626fc724af3b0b652.dir"}
+    samples = {"figures": {"split": "pretrain", "rollouts": 768}}
+    open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")
+    metrics = {"chair_i": 0.2, "chair_n_captions": 500}
+    base = log_round.fn("demo", "demo", 0, metrics, {}, {}, {}, datasets=round_datasets(cfg, world, metrics))
+    first = log_round.fn("demo", "demo", 1, metrics, {}, {}, {}, datasets=round_datasets(cfg, world, metrics, samples))
+
+    def inputs(run_id):
+        return sorted((i.dataset.name, i.dataset.digest, i.dataset.source, {t.key: t.value for t in i.tags})
+                      for i in store.get_run(run_id).inputs.dataset_inputs)
+
+    source = f'{{"uri": "{world["path"]}"}}'
+    evaluation = ("world-test", world["md5"], source, {"mlflow.data.context": "evaluation", "split": "test",
+                                                      "images": "500"})
+    assert inputs(base) == [evaluation]
+    assert inputs(first) == [("world-pretrain", world["md5"], source, {
+        "mlflow.data.context": "training", "split": "pretrain", "images": str(cfg.rollout.images_per_round)}), evaluation]

@@ -25,8 +25,9 @@ from tasks.world import prepare_world
 @flow(name="fisao-evaluate")
 def evaluate_checkpoint(model: str, config_path: str | None = None, project: str = ".",
                         benchmarks: tuple[str, ...] = ("chair", "pope"), overrides: dict | None = None) -> dict:
-    """CHAIR/POPE of the checkpoint directory (or registered model, models:/NAME@ALIAS) `model` on the project's world (or the config's COCO
-    directory, with the config's runtime, for a real-model config); returns the metrics."""
+    """CHAIR/POPE of the checkpoint directory (or registered model: models:/NAME@ALIAS) `model` on the
+    project's world (or the config's COCO directory, with the config's runtime, for a real-model
+    config); returns the metrics."""
     project = str(Path(project).resolve())
     use_project(project)
     cfg = load_config(config_path, overrides)

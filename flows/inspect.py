@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from fisao import io
 from fisao.locks import lock_holder
 from flows.report import table
-from tasks.records import (MANIFEST, best_round, campaign_parent, download, model_version, read_json_artifact,
-                           round_runs)
+from tasks.records import (MANIFEST, best_round, campaign_parent, download, mlflow_key, model_version,
+                           read_json_artifact, round_runs, summary_key)
 
 def status(parent: Run) -> str:
     """running / interrupted / finished / failed (running with nobody holding the lock = interrupted)."""
@@ -31,7 +31,7 @@ def runs_overview(parents: list[Run], metric: str) -> str:
     for parent in parents:
         name = parent.data.tags["fisao.campaign"]
         rounds = round_runs(name)
-        best = best_round(rounds, metric)
+        best = best_round(rounds, mlflow_key(metric))
         done = sum(1 for k in rounds if k > 0)
         rows.append([name, f"{done}/{parent.data.tags.get('fisao.target_rounds', '?')}", status(parent),
                      f"{best[0]} ({best[1]:.3f})" if best else "-", parent.data.tags.get("fisao.data_md5", "-")[:12],
@@ -39,7 +39,8 @@ def runs_overview(parents: list[Run], metric: str) -> str:
     return table(["campaign", "rounds", "status", f"best round ({metric})", "data md5", "MLflow run"], rows)
 
 
-# The MLflow metrics of a round that `fisao runs CAMPAIGN` tabulates and `fisao audit` lists.
+# The metrics of a round that `fisao runs CAMPAIGN` tabulates and `fisao audit` lists (as summary.json
+# names them; MLflow holds the evaluation's under eval/, tasks.records.mlflow_key).
 RUN_METRICS = ("chair_i", "chair_s", "recall", "pope_adversarial_f1", "score/reward_mean", "update/kl")
 
 
@@ -49,7 +50,7 @@ def campaign_detail(name: str, metric: str) -> str:
         raise ValueError(f"no campaign {name!r} in MLflow ({_store()}); `fisao runs` lists the campaigns there")
     rounds = round_runs(name)
     tags = parent.data.tags
-    best = best_round(rounds, metric)
+    best = best_round(rounds, mlflow_key(metric))
     head = [f"campaign {name}: {status(parent)}, {sum(1 for k in rounds if k > 0)} of {tags.get('fisao.target_rounds', '?')} "
             f"rounds, best round {best[0] if best else '-'} by {metric}",
             f"MLflow run {parent.info.run_id} (experiment {name}); data md5 {tags.get('fisao.data_md5')}; "
@@ -58,7 +59,7 @@ def campaign_detail(name: str, metric: str) -> str:
     head += [f"inputs changed at {k.rsplit('.', 1)[-1]}: {v}" for k, v in tags.items() if k.startswith("fisao.inputs_changed.")]
     if tags.get("fisao.error"):
         head.append(f"error: {tags['fisao.error']}")
-    rows = [["base" if k == 0 else k, *[r.data.metrics.get(c, "-") for c in RUN_METRICS],
+    rows = [["base" if k == 0 else k, *[r.data.metrics.get(mlflow_key(c), "-") for c in RUN_METRICS],
              r.data.tags.get("fisao.model_sha256", "")[:12], r.info.run_id[:12]] for k, r in rounds.items()]
     return "\n".join(head) + "\n\n" + table(["round", *RUN_METRICS, "model sha256", "MLflow run"], rows)
 
@@ -111,7 +112,7 @@ def audit(name: str, k: int, export: str | None, show: int = 3) -> str:
 
 
 def _audit_lines(name: str, k: int, run: Run, calibration: dict, rows: list[dict], show: int) -> list[str]:
-    tags, m = run.data.tags, run.data.metrics
+    tags, m = run.data.tags, {summary_key(key): v for key, v in run.data.metrics.items()}
     mention = calibration["mention"]
     mentions = [x for r in rows for x in r["mentions"]]
     negative = sum(x["reward"] < 0 for x in mentions)

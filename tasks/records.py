@@ -81,10 +81,26 @@ def round_runs(campaign: str, complete_only: bool = True) -> dict[int, Run]:
     return dict(sorted(out.items()))
 
 
+# An evaluation's figures (chair_i, recall, pope_adversarial_f1, …) are logged as eval/NAME, so MLflow's
+# run page charts them first and its runs table lists them together; a round's internals keep their
+# own prefixes (rollout/, score/, update/, seconds/). summary.json keeps the plain names.
+EVAL = "eval/"
+
+
+def mlflow_key(name: str) -> str:
+    """A round's metric `name` as MLflow records it: `chair_i` -> `eval/chair_i`; `update/kl` as it is."""
+    return name if "/" in name else EVAL + name
+
+
+def summary_key(name: str) -> str:
+    """The name summary.json and the round tables use for MLflow metric `name` (`eval/chair_i` -> `chair_i`)."""
+    return name.removeprefix(EVAL)
+
+
 HIGHER_IS_BETTER = ("recall", "f1", "acc", "precision", "reward", "auroc")
 # The metric that picks a campaign's best round (the registry's `best` alias, `fisao runs`):
 # lower is better, as the summary's headline reads it.
-CAMPAIGN_METRIC = "chair_i"
+CAMPAIGN_METRIC = mlflow_key("chair_i")
 
 
 def _better(metric: str) -> int:

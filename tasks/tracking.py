@@ -36,7 +36,7 @@ from fisao.crashpoints import crash_point
 from fisao.manifest import verify_files
 from fisao.models.build import TRAIN_LOG
 from tasks.evaluate import METRICS, TIMING
-from tasks.records import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs
+from tasks.records import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs, mlflow_key
 
 
 def log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] = (), params: dict | None = None,
@@ -130,10 +130,11 @@ def campaign_run(campaign: str) -> str:
 
 
 def log_curve_points(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Per-round curves on the parent run, skipping points already logged at `step`."""
+    """Per-round curves on the parent run (named as `mlflow_key` names them), skipping points already
+    logged at `step`."""
     ts = _now()
-    fresh = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-             if not any(m.step == step for m in client.get_metric_history(run_id, k))]
+    fresh = [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items()
+             if not any(m.step == step for m in client.get_metric_history(run_id, mlflow_key(k)))]
     log_batch(client, run_id, fresh)
 
 
@@ -213,7 +214,8 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
             **tags, "mlflow.parentRunId": parent, "fisao.key": key, "fisao.kind": "round",
             "fisao.campaign": campaign, "fisao.round": str(round_index),
             "fisao.baseline": str(round_index == 0).lower(), COMPLETE: "false"}, start)
-        log_batch(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
+        log_batch(client, run_id, [Metric(mlflow_key(k), float(v), _now(), round_index) for k, v in metrics.items()],
+                  params)
         log_datasets(client, run_id, list(datasets))
         items = list(artifacts.items())
         _log_artifacts(client, run_id, dict(items[: len(items) // 2]))
@@ -265,7 +267,7 @@ def log_checkpoint_eval(experiment: str, model: dict, data_md5: str, result: dic
     run_id = new_run(experiment, f"eval-{Path(model['path']).name}", {
         "fisao.key": key, "fisao.kind": "evaluation", "fisao.model_sha256": model["sha256"],
         "fisao.model_path": model["path"], "fisao.data_md5": data_md5}, start)
-    log_batch(client, run_id, [Metric(k, float(v), _now(), 0) for k, v in result["metrics"].items()], params)
+    log_batch(client, run_id, [Metric(mlflow_key(k), float(v), _now(), 0) for k, v in result["metrics"].items()], params)
     client.log_artifacts(run_id, result["path"], artifact_path="evaluation")
     client.set_tag(run_id, COMPLETE, "true")
     client.set_terminated(run_id, end_time=end)

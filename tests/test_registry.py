@@ -58,7 +58,7 @@ def test_each_round_is_a_logged_model_and_a_version_and_best_follows_the_lowest_
         model = store.get_logged_model(output.model_id)
         assert (model.name, model.model_type, str(model.status)) == (f"demo-round-{k}", "fisao-policy", "READY")
         assert model.source_run_id == runs[k].info.run_id
-        assert {m.key: m.value for m in model.metrics} == {"chair_i": CHAIR_I[k], "update/kl": pytest.approx(0.01 * k)}
+        assert {m.key: m.value for m in model.metrics} == {"eval/chair_i": CHAIR_I[k], "update/kl": pytest.approx(0.01 * k)}
         files = {a.path for a in store.list_logged_model_artifacts(output.model_id)}
         assert files == {"checkpoint", "adapter"}
 
@@ -72,7 +72,7 @@ def test_registering_a_resumed_campaign_again_adds_no_version_and_no_model(campa
     assert [again[k]["version"] for k in (1, 2, 3)] == ["1", "2", "3"]
     assert len(store.search_model_versions("name = 'demo'")) == 3
     assert len(store.search_logged_models([store.get_experiment_by_name("demo").experiment_id])) == len(models) == 3
-    assert len(store.get_metric_history(store.get_model_version("demo", "1").run_id, "chair_i")) == 1
+    assert len(store.get_metric_history(store.get_model_version("demo", "1").run_id, "eval/chair_i")) == 1
 
 
 def test_a_logged_model_left_unfinished_by_a_crash_is_replaced(campaign, store):  # noqa: F811

@@ -173,3 +173,18 @@ def test_a_round_logs_the_data_it_used_as_datasets_with_the_dvc_md5_as_digest(tm
     assert inputs(base) == [evaluation]
     assert inputs(first) == [("world-pretrain", world["md5"], source, {
         "mlflow.data.context": "training", "split": "pretrain", "images": str(cfg.rollout.images_per_round)}), evaluation]
+
+
+def test_evaluation_metrics_are_logged_under_eval_and_read_back_under_their_summary_names(tmp_path, store):
+    from tasks.campaigns import open_campaign
+    from tasks.records import round_runs, summary_key
+    from tasks.tracking import log_round
+
+    parent = open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")
+    metrics = {"chair_i": 0.2, "pope_adversarial_f1": 0.7, "update/kl": 0.01, "seconds/round": 3.0}
+    run = store.get_run(log_round.fn("demo", "demo", 1, metrics, {}, {}, {}))
+
+    assert run.data.metrics == {"eval/chair_i": 0.2, "eval/pope_adversarial_f1": 0.7, "update/kl": 0.01,
+                                "seconds/round": 3.0}
+    assert [m.step for m in store.get_metric_history(parent["run_id"], "eval/chair_i")] == [1]  # the curve
+    assert {summary_key(k): v for k, v in round_runs("demo")[1].data.metrics.items()} == metrics

@@ -45,7 +45,7 @@ from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
 from tasks.publish import publish_summary, run_tag, tag_this_flow_run
 from tasks.realdata import memory_check, real_models
-from tasks.records import init_store
+from tasks.records import RUNS_VIEW, init_store
 from tasks.registry import register_round
 from tasks.resume import verify_finished_rounds
 from tasks.tracking import describe, evaluation_span, log_build, log_curve, log_round
@@ -145,7 +145,8 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
         raise
     log.info("campaign %s: %d rounds done (%d verified from an earlier run), summary %s", cfg.name, target,
              len(summary["resume"]["verified_rounds"]), summary["summary_path"])
-    summary = {**summary, "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"]}}
+    summary = {**summary, "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"],
+                                     "view": RUNS_VIEW}}
     publish_summary(cfg.name, summary_markdown(summary))
     return summary
 

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from fisao import io
 from fisao.locks import lock_holder
 from flows.report import table
-from tasks.records import (MANIFEST, best_round, campaign_parent, download, mlflow_key, model_version,
-                           read_json_artifact, round_runs, summary_key)
+from tasks.records import (HEADLINE_METRICS, MANIFEST, best_round, campaign_parent, download, mlflow_key,
+                           model_version, read_json_artifact, round_runs, summary_key)
 
 def status(parent: Run) -> str:
     """running / interrupted / finished / failed (running with nobody holding the lock = interrupted)."""
@@ -39,11 +39,6 @@ def runs_overview(parents: list[Run], metric: str) -> str:
     return table(["campaign", "rounds", "status", f"best round ({metric})", "data md5", "MLflow run"], rows)
 
 
-# The metrics of a round that `fisao runs CAMPAIGN` tabulates and `fisao audit` lists (as summary.json
-# names them; MLflow holds the evaluation's under eval/, tasks.records.mlflow_key).
-RUN_METRICS = ("chair_i", "chair_s", "recall", "pope_adversarial_f1", "score/reward_mean", "update/kl")
-
-
 def campaign_detail(name: str, metric: str) -> str:
     parent = campaign_parent(name)
     if parent is None:
@@ -59,9 +54,9 @@ def campaign_detail(name: str, metric: str) -> str:
     head += [f"inputs changed at {k.rsplit('.', 1)[-1]}: {v}" for k, v in tags.items() if k.startswith("fisao.inputs_changed.")]
     if tags.get("fisao.error"):
         head.append(f"error: {tags['fisao.error']}")
-    rows = [["base" if k == 0 else k, *[r.data.metrics.get(mlflow_key(c), "-") for c in RUN_METRICS],
+    rows = [["base" if k == 0 else k, *[r.data.metrics.get(mlflow_key(c), "-") for c in HEADLINE_METRICS],
              r.data.tags.get("fisao.model_sha256", "")[:12], r.info.run_id[:12]] for k, r in rounds.items()]
-    return "\n".join(head) + "\n\n" + table(["round", *RUN_METRICS, "model sha256", "MLflow run"], rows)
+    return "\n".join(head) + "\n\n" + table(["round", *HEADLINE_METRICS, "model sha256", "MLflow run"], rows)
 
 
 def _store() -> str:
@@ -128,7 +123,7 @@ def _audit_lines(name: str, k: int, run: Run, calibration: dict, rows: list[dict
         f"  rollouts    {len(rows)} answers on {len({r['image_id'] for r in rows})} images; {len(mentions)} mentions, "
         f"{negative} with a negative reward",
         *_question_lines(m),
-        "  metrics     " + ", ".join(f"{c} {m[c]:.3f}" for c in RUN_METRICS if c in m),
+        "  metrics     " + ", ".join(f"{c} {m[c]:.3f}" for c in HEADLINE_METRICS if c in m),
         "",
         f"first {min(show, len(rows))} rollouts, tokens with a non-zero reward marked [reward]:",
     ]

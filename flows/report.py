@@ -19,11 +19,13 @@ def _fmt(v) -> str:
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves mlflow.db
 
 
-def runs_link(experiment_id: str) -> str:
-    """The experiment's runs table in MLflow's UI. MLflow 3.17.2 chooses between its GenAI pages (an
-    empty traces overview) and the runs table by the `workflowType` in the address, else by the
-    reader's last choice, not by an experiment tag (docs/mlflow.md), so the link sets it."""
-    return f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+def runs_link(experiment_id: str, view: str | None = None) -> str:
+    """The experiment's runs table in MLflow's UI, in saved view `view` if given (a campaign's:
+    tasks.records.RUNS_VIEW). MLflow 3.17.2 chooses between its GenAI pages (an empty traces
+    overview) and the runs table by the `workflowType` in the address, else by the reader's last
+    choice, not by an experiment tag (docs/mlflow.md), so the link sets it."""
+    link = f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return link if view is None else f"{link}&viewStateShareKey={view}"
 
 
 def registry_line(summary: dict) -> str | None:
@@ -90,7 +92,7 @@ def print_summary(summary: dict) -> None:
         print(registry_line(summary))
     print()
     mlflow = summary.get("mlflow")
-    page = runs_link(mlflow["experiment_id"]) if mlflow else MLFLOW_UI
+    page = runs_link(mlflow["experiment_id"], mlflow.get("view")) if mlflow else MLFLOW_UI
     print(f"Compare runs: make mlflow-ui  (or: mlflow ui --backend-store-uri sqlite:///mlflow.db), then open {page}")
 
 
@@ -129,7 +131,7 @@ def summary_markdown(summary: dict) -> str:
     if "summary_path" in summary:
         lines.append(f"summary.json: `{summary['summary_path']}`  ")
     if summary.get("mlflow"):
-        lines.append(f"MLflow (after `make mlflow-ui`): {runs_link(summary['mlflow']['experiment_id'])}")
+        lines.append(f"MLflow (after `make mlflow-ui`): {runs_link(summary['mlflow']['experiment_id'], summary['mlflow'].get('view'))}")
     return "\n".join(lines)
 
 

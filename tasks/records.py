@@ -10,6 +10,7 @@ registered model named after the campaign (tasks/registry.py); `checkpoint_dir` 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -95,6 +96,29 @@ def mlflow_key(name: str) -> str:
 def summary_key(name: str) -> str:
     """The name summary.json and the round tables use for MLflow metric `name` (`eval/chair_i` -> `chair_i`)."""
     return name.removeprefix(EVAL)
+
+
+# A round's metrics at a glance (summary.json's names): `fisao runs CAMPAIGN`'s and `fisao audit`'s, and
+# the columns of the experiment's saved runs view (RUNS_VIEW).
+HEADLINE_METRICS = ("chair_i", "chair_s", "recall", "pope_adversarial_f1", "score/reward_mean", "update/kl")
+# The saved view of a campaign's runs table in MLflow's UI (`Views` menu; the printed link opens it):
+# the round runs in round order with the dataset, the logged model, `round` and HEADLINE_METRICS as
+# columns. MLflow keeps saved views as experiment tags `mlflow.sharedViewState.<key>`. The runs are
+# grouped by campaign: a saved view cannot expand the parent run, under which nested runs are
+# folded, and a group lists its runs flat.
+RUNS_VIEW = "fisao-rounds"
+
+
+def runs_view_tag() -> tuple[str, str]:
+    """(tag key, value) of the experiment tag that holds RUNS_VIEW, in the envelope MLflow 3.17's UI
+    reads ({"name", "createdAt", "updatedAt", "state": the view's JSON})."""
+    columns = ["attributes.`Dataset`", "attributes.`Models`", "params.`round`",
+               *(f"metrics.`{mlflow_key(m)}`" for m in HEADLINE_METRICS)]
+    state = {"searchFilter": "tags.`fisao.kind` = 'round'", "orderByKey": "attributes.start_time", "orderByAsc": True,
+             "selectedColumns": columns,
+             "groupBy": {"aggregateFunction": "min", "groupByKeys": [{"mode": "tag", "groupByData": "fisao.campaign"}]}}
+    envelope = {"name": "fisao: rounds, headline metrics", "createdAt": 0, "updatedAt": 0, "state": json.dumps(state)}
+    return f"mlflow.sharedViewState.{RUNS_VIEW}", json.dumps(envelope)
 
 
 HIGHER_IS_BETTER = ("recall", "f1", "acc", "precision", "reward", "auroc")

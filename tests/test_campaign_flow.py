@@ -93,7 +93,7 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
     note = client.get_run(parent_run.info.run_id).data.tags["mlflow.note.content"]
     assert note.startswith(f"e2e: CHAIR_i {base['chair_i']:.3f} base → ")
     assert client.get_experiment(exp.experiment_id).tags["mlflow.note.content"] == note
-    assert first["mlflow"] == {"experiment_id": exp.experiment_id, "run_id": parent_run.info.run_id}
+    assert first["mlflow"] == {"experiment_id": exp.experiment_id, "run_id": parent_run.info.run_id, "view": "fisao-rounds"}
 
     # Prefect: flow runs named after the campaign and tagged with it; round tables and summary as artifacts.
     from prefect.client.orchestration import get_client

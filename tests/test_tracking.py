@@ -188,3 +188,21 @@ def test_evaluation_metrics_are_logged_under_eval_and_read_back_under_their_summ
                                 "seconds/round": 3.0}
     assert [m.step for m in store.get_metric_history(parent["run_id"], "eval/chair_i")] == [1]  # the curve
     assert {summary_key(k): v for k, v in round_runs("demo")[1].data.metrics.items()} == metrics
+
+
+def test_a_campaigns_experiment_gets_the_saved_rounds_view_with_headline_columns(tmp_path, store):
+    import json
+
+    from flows.report import runs_link
+    from tasks.campaigns import open_campaign
+
+    opened = open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")
+
+    envelope = json.loads(store.get_experiment(opened["experiment_id"]).tags["mlflow.sharedViewState.fisao-rounds"])
+    state = json.loads(envelope["state"])
+    assert envelope["name"] == "fisao: rounds, headline metrics" and isinstance(envelope["createdAt"], int)
+    assert state["searchFilter"] == "tags.`fisao.kind` = 'round'"
+    assert state["selectedColumns"][:5] == ["attributes.`Dataset`", "attributes.`Models`", "params.`round`",
+                                            "metrics.`eval/chair_i`", "metrics.`eval/chair_s`"]
+    assert runs_link("3", "fisao-rounds").endswith("/#/experiments/3/runs?workflowType=machine_learning"
+                                                   "&viewStateShareKey=fisao-rounds")

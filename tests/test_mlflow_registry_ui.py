@@ -177,7 +177,7 @@ def chromium(tmp_path: Path, url: str, *how: str) -> subprocess.CompletedProcess
         pytest.skip("no chromium here (apt-get install -y chromium)")
     return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1000",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=2600,900",  # ag-grid draws visible columns only
                            "--virtual-time-budget=60000", *how, url], capture_output=True, text=True, timeout=300)
 
 
@@ -196,12 +196,16 @@ def test_mlflows_runs_page_shows_the_round_runs_with_eval_chair_i(ran, mlflow_ui
     for k, run in runs.items():
         shown = cells.get(run.info.run_id)
         assert shown is not None, (k, sorted(grid.rows))
+        assert set(shown) >= {"attributes.`Run Name`", "attributes.`Dataset`", "params.`round`"}, (k, shown)
         assert shown["attributes.`Run Name`"] == f"round-{k}"
-        assert float(shown["metrics.`eval/chair_i`"]) == pytest.approx(first["rounds"][k]["chair_i"], abs=5e-4)
+        for key in ("chair_i", "pope_adversarial_f1"):  # the tiny models' CHAIR_i is often 0; their F1 is not
+            assert float(shown[f"metrics.`eval/{key}`"]) == pytest.approx(first["rounds"][k][key], abs=5e-4), key
         assert shown["params.`round`"] == str(k)
         assert f"({first['world']['md5']})" in shown["attributes.`Dataset`"]  # e.g. world-test (221863b2….dir)
         if k:
             assert shown["attributes.`Models`"] == f"{NAME}-round-{k}"
     shot = chromium(tmp_path, url, f"--screenshot={tmp_path / 'runs.png'}", "--hide-scrollbars")
     assert shot.returncode == 0 and (tmp_path / "runs.png").stat().st_size > 10_000, shot.stderr[-2000:]
-    print(f"screenshot of MLflow's runs page: {tmp_path / 'runs.png'}")
+    kept = os.environ.get("FISAO_KEEP_SCREENSHOT")  # a path to copy it to, for a person to look at
+    if kept:
+        shutil.copy(tmp_path / "runs.png", kept)

@@ -33,31 +33,34 @@ def _filter(tags: dict[str, str]) -> str:
 
 def logged_policy(client: MlflowClient, campaign: str, k: int, run: Run, policy: dict) -> str:
     """The id of the logged model of round `k`'s checkpoint `policy` ({"path", "sha256", "adapter"}),
-    logged from round run `run` unless a finished one exists."""
+    logged from round run `run` unless a finished one exists, and linked to the run (each once)."""
     sha, log = policy["sha256"], get_run_logger()
     found = client.search_logged_models([run.info.experiment_id], filter_string=_filter({SHA256: sha}))
-    for model in found:
-        if model.status == LoggedModelStatus.READY and model.source_run_id == run.info.run_id:
-            return model.model_id
-    for model in found:
-        if model.status != LoggedModelStatus.READY:
-            log.warning("logged model %s of round %d of %s was left unfinished by an interrupted run: deleted, "
-                        "logged again", model.model_id, k, campaign)
-            client.delete_logged_model(model.model_id)
-    model = client.create_logged_model(run.info.experiment_id, name=f"{campaign}-round-{k}",
-                                       source_run_id=run.info.run_id, model_type=POLICY,
-                                       tags={SHA256: sha, "fisao.campaign": campaign, "fisao.round": str(k)},
-                                       params={key: value for key, value in run.data.params.items()})
-    client.log_model_artifacts(model.model_id, policy["path"], CHECKPOINT)
-    client.log_model_artifacts(model.model_id, policy["adapter"], ADAPTER)
-    client.log_outputs(run.info.run_id, [LoggedModelOutput(model.model_id, step=k)])
-    # The round's metrics on the model too (MLflow links a metric to a model by its model_id).
-    client.log_batch(run.info.run_id, metrics=[
-        Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id)
-        for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key) if m.step == k])
-    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    log.info("logged round %d of %s as model %s", k, campaign, model.model_id)
-    return model.model_id
+    ready = [m.model_id for m in found if m.status == LoggedModelStatus.READY and m.source_run_id == run.info.run_id]
+    if ready:
+        model_id = ready[0]
+    else:
+        for model in found:
+            if model.status != LoggedModelStatus.READY:
+                log.warning("logged model %s of round %d of %s was left unfinished by an interrupted run: deleted, "
+                            "logged again", model.model_id, k, campaign)
+                client.delete_logged_model(model.model_id)
+        model_id = client.create_logged_model(run.info.experiment_id, name=f"{campaign}-round-{k}",
+                                              source_run_id=run.info.run_id, model_type=POLICY,
+                                              tags={SHA256: sha, "fisao.campaign": campaign, "fisao.round": str(k)},
+                                              params=dict(run.data.params)).model_id
+        client.log_model_artifacts(model_id, policy["path"], CHECKPOINT)
+        client.log_model_artifacts(model_id, policy["adapter"], ADAPTER)
+        client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+        log.info("logged round %d of %s as model %s", k, campaign, model_id)
+    if model_id not in {o.model_id for o in run.outputs.model_outputs}:
+        # The round's metrics on the model (MLflow links a metric to a model by its model_id; the run
+        # keeps one copy of each point), then the model as the run's output (the Models column).
+        client.log_batch(run.info.run_id, metrics=[
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id)
+            for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key) if m.step == k])
+        client.log_outputs(run.info.run_id, [LoggedModelOutput(model_id, step=k)])
+    return model_id
 
 
 def _registered_model(client: MlflowClient, campaign: str) -> None:
@@ -66,7 +69,8 @@ def _registered_model(client: MlflowClient, campaign: str) -> None:
     except MlflowException:
         client.create_registered_model(campaign, tags={"fisao.campaign": campaign},
                                        description=f"FiSAO policies of campaign {campaign}: a version per round; "
-                                                   f"@best has the lowest {CAMPAIGN_METRIC}, /latest is the last round")
+                                                   f"models:/{campaign}@best has the lowest {CAMPAIGN_METRIC}, "
+                                                   f"models:/{campaign}/latest is the last round")
 
 
 def register_version(client: MlflowClient, campaign: str, k: int, run: Run, model_id: str, sha256: str) -> str:

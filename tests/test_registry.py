@@ -73,6 +73,25 @@ def test_registering_a_resumed_campaign_again_adds_no_version_and_no_model(campa
     assert len(store.search_model_versions("name = 'demo'")) == 3
     assert len(store.search_logged_models([store.get_experiment_by_name("demo").experiment_id])) == len(models) == 3
     assert len(store.get_metric_history(store.get_model_version("demo", "1").run_id, "eval/chair_i")) == 1
+    assert len(store.get_run(store.get_model_version("demo", "1").run_id).outputs.model_outputs) == 1
+
+
+def test_a_model_logged_before_a_crash_is_linked_to_its_run_when_registered_again(campaign, store, monkeypatch):  # noqa: F811
+    from tasks.records import round_runs
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the model was logged")
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(store.__class__, "log_outputs", crash)
+        register_all({1: campaign[1]})
+
+    register_all({1: campaign[1]})
+
+    run = store.get_run(round_runs("demo")[1].info.run_id)
+    (output,) = run.outputs.model_outputs
+    assert len(store.search_logged_models([run.info.experiment_id])) == 1
+    assert store.get_model_version("demo", "1").source == f"models:/{output.model_id}"
 
 
 def test_a_logged_model_left_unfinished_by_a_crash_is_replaced(campaign, store):  # noqa: F811

@@ -16,8 +16,8 @@ else the config's `ppo.rounds`.
 In Prefect's UI the flow run is named after the campaign (`demo`), each round it computes is a
 subflow (`demo: round 3`, flows/rounds.py), all carry the tag `campaign:demo`, and the rounds
 table and the summary are published as artifacts (tasks/publish.py). Each round's policy is
-registered in MLflow's model registry as a version of the model named after the campaign, with
-the aliases `best` and `latest` (tasks/registry.py; `models:/demo@best`).
+registered in MLflow's model registry as a version of the model named after the campaign, the
+alias `best` on the lowest CHAIR_i (tasks/registry.py; `models:/demo@best`, `models:/demo/latest`).
 """
 from __future__ import annotations
 

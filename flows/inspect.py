@@ -17,6 +17,7 @@ from flows.report import table
 from tasks.records import (HEADLINE_METRICS, MANIFEST, best_round, campaign_parent, download, mlflow_key,
                            model_version, read_json_artifact, round_runs, summary_key)
 
+
 def status(parent: Run) -> str:
     """running / interrupted / finished / failed (running with nobody holding the lock = interrupted)."""
     tag = parent.data.tags.get("fisao.status", "running")

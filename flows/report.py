@@ -131,7 +131,8 @@ def summary_markdown(summary: dict) -> str:
     if "summary_path" in summary:
         lines.append(f"summary.json: `{summary['summary_path']}`  ")
     if summary.get("mlflow"):
-        lines.append(f"MLflow (after `make mlflow-ui`): {runs_link(summary['mlflow']['experiment_id'], summary['mlflow'].get('view'))}")
+        link = runs_link(summary["mlflow"]["experiment_id"], summary["mlflow"].get("view"))
+        lines.append(f"MLflow (after `make mlflow-ui`): {link}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,9 @@ else the config's `ppo.rounds`.
 
 In Prefect's UI the flow run is named after the campaign (`demo`), each round it computes is a
 subflow (`demo: round 3`, flows/rounds.py), all carry the tag `campaign:demo`, and the rounds
-table and the summary are published as artifacts (tasks/publish.py).
+table and the summary are published as artifacts (tasks/publish.py). Each round's policy is
+registered in MLflow's model registry as a version of the model named after the campaign, the
+alias `best` on the lowest CHAIR_i (tasks/registry.py; `models:/demo@best`, `models:/demo/latest`).
 """
 from __future__ import annotations
 
@@ -37,13 +39,14 @@ from fisao.locks import RunLock
 from fisao.versioning import code_version, git_state, package_versions
 from flows.ephemeral import servers_started_by, stop_orphaned
 from flows.report import headline, summary_markdown
-from flows.rounds import ALIGN_CODE, MODEL_CODE, evaluate_model, round_params, run_round, timed
+from flows.rounds import ALIGN_CODE, MODEL_CODE, evaluate_model, round_datasets, round_params, run_round, timed
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
 from tasks.publish import publish_summary, run_tag, tag_this_flow_run
 from tasks.realdata import memory_check, real_models
-from tasks.records import init_store
+from tasks.records import RUNS_VIEW, init_store
+from tasks.registry import register_round
 from tasks.resume import verify_finished_rounds
 from tasks.tracking import describe, evaluation_span, log_build, log_curve, log_round
 from tasks.world import prepare_world
@@ -142,7 +145,8 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
         raise
     log.info("campaign %s: %d rounds done (%d verified from an earlier run), summary %s", cfg.name, target,
              len(summary["resume"]["verified_rounds"]), summary["summary_path"])
-    summary = {**summary, "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"]}}
+    summary = {**summary, "mlflow": {"experiment_id": parent["experiment_id"], "run_id": parent["run_id"],
+                                     "view": RUNS_VIEW}}
     publish_summary(cfg.name, summary_markdown(summary))
     return summary
 
@@ -172,12 +176,14 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
     metrics = [evaluation["metrics"]]
     record_base = {**tags, "fisao.model_sha256": llava["sha256"], "fisao.model_path": llava["path"]}
     log_round(cfg.name, cfg.name, 0, metrics[0], round_params(cfg, llava, 0), record_base,
-              {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]))
+              {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]),
+              datasets=round_datasets(cfg, world, metrics[0]))
     cal = timed(stages, t0, "calibrate", calibrate, llava, base["clip"], world["path"], world["md5"], cfg.reward,
                 cfg.rollout, code_version(*ALIGN_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
     log.info("verifier calibration: AUROC %.3f, baseline %.4f, width %.4f", cal["figures"]["auroc"],
              cal["figures"]["baseline"], cal["figures"]["width"])
     policy, previous, checkpoints, verified = llava, None, [llava["path"]], []
+    versions, registered = {}, {"aliases": {}}
     for k in range(1, target + 1):
         done = finished.get(str(k))
         if done and done["ok"] and done["parent_sha256"] == policy["sha256"]:
@@ -192,11 +198,14 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
             metrics.append(done["metrics"])
             policy = previous = done["policy"]
         checkpoints.append(policy["path"])
+        registered = register_round(cfg.name, k, policy)
+        versions[str(k)] = registered["version"]
         log.info("round %d: CHAIR_i %.3f, recall %.3f", k, metrics[-1].get("chair_i", float("nan")),
                  metrics[-1].get("recall", float("nan")))
     new_starts = [s["start"] for s in stages.values() if not s["cached"] and "start" in s]
     summary = {"name": cfg.name, "config": cfg.model_dump(mode="json"), **base, "calibration": cal, "rounds": metrics,
                "checkpoints": checkpoints, "seconds": round(time.time() - t0, 1),
+               "registry": {"name": cfg.name, "versions": versions, "aliases": registered["aliases"]},
                "resume": {"verified_rounds": verified, "flow_started_at": t0,
                           "first_new_stage_at": min(new_starts) if new_starts else None}}
     summary_path = Path(out_dir) / "summary.json"

@@ -72,9 +72,21 @@ def _eval_pope(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registered(uri: str) -> Path:
+    """The local checkpoint of a registered model's URI (models:/demo@best), said on stderr."""
+    from tasks.records import checkpoint_dir
+
+    path = checkpoint_dir(uri)
+    print(f"{uri}: {path}", file=sys.stderr)
+    return path
+
+
 def _eval_model(args: argparse.Namespace) -> int:
     from fisao.models.source import check_model_source
 
+    out_name = Path(args.model).name
+    if args.model.startswith("models:/"):
+        args.model = str(_registered(args.model))
     check_model_source(args.model)  # before torch and transformers load: a wrong path is said at once
     from fisao.config import load_config
     from fisao.evaluate import evaluate_model
@@ -83,7 +95,7 @@ def _eval_model(args: argparse.Namespace) -> int:
     overrides = {f"eval.{k}": v for k, v in (("limit", args.limit), ("split", args.split)) if v is not None}
     cfg = load_config(args.config, overrides).eval
     benchmarks = tuple(b.strip() for b in args.benchmarks.split(",") if b.strip())
-    out = Path(args.out or Path("outputs") / "eval-cli" / Path(args.model).name)
+    out = Path(args.out or Path("outputs") / "eval-cli" / out_name)
     metrics = evaluate_model(args.model, args.data, benchmarks, cfg, out, trust_remote_code=args.trust_remote_code)
     print(table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
     print(f"\nanswers, details and metrics.json in {out}")
@@ -217,9 +229,16 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from flows.inspect import audit
+    from flows.inspect import audit, registered_round
 
-    print(audit(args.name, args.round, args.export, args.show))
+    name, k = args.name, args.round
+    if name.startswith("models:/"):
+        _registered(name)
+        name, k = registered_round(name, k)
+    elif k is None:
+        raise ValueError(f"give the round to audit: `fisao audit {name} --round K`, or a registered model's URI "
+                         f"(`fisao audit models:/{name}@best`)")
+    print(audit(name, k, args.export, args.show))
     return 0
 
 
@@ -274,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept more than 10%% unclear answers (neither yes nor no; POPE scores them as yes)")
     po.set_defaults(func=_eval_pope)
     mo = ev.add_parser("model", help="run a model on CHAIR/POPE/MME and print a table")
-    mo.add_argument("--model", required=True, help="model directory (save_pretrained layout) or hub id")
+    mo.add_argument("--model", required=True, help="model directory (save_pretrained layout), hub id, or registered "
+                                                   "model: models:/NAME@ALIAS (models:/demo@best), models:/NAME/VERSION")
     mo.add_argument("--data", default="data/world", help="a world directory or COCO-layout directory")
     mo.add_argument("--benchmarks", default="chair,pope")
     mo.add_argument("--limit", type=int, default=None, help="evaluate on N images")
@@ -327,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--metric", default="chair_i", help="metric that picks the best round (default: chair_i, lower is better)")
     runs.set_defaults(func=_runs)
     au = sub.add_parser("audit", help="what trained a round: rollouts with per-token rewards, calibration, parent checkpoint")
-    au.add_argument("name")
-    au.add_argument("--round", type=int, required=True)
+    au.add_argument("name", help="a campaign (with --round), or a registered round: models:/NAME@ALIAS, models:/NAME/VERSION")
+    au.add_argument("--round", type=int, default=None, help="the round of campaign NAME")
     au.add_argument("--export", default=None, help="also write the round's audit files into this directory")
     au.add_argument("--show", type=int, default=3, help="rollouts to print (default: 3)")
     au.set_defaults(func=_audit)

@@ -17,6 +17,7 @@ from flows.rounds import EVAL_CODE
 from flows.steps import run_step
 from tasks.evaluate import evaluate
 from tasks.realdata import real_data
+from tasks.records import checkpoint_dir
 from tasks.tracking import log_checkpoint_eval
 from tasks.world import prepare_world
 
@@ -24,11 +25,14 @@ from tasks.world import prepare_world
 @flow(name="fisao-evaluate")
 def evaluate_checkpoint(model: str, config_path: str | None = None, project: str = ".",
                         benchmarks: tuple[str, ...] = ("chair", "pope"), overrides: dict | None = None) -> dict:
-    """CHAIR/POPE of the checkpoint directory `model` on the project's world (or the config's COCO
-    directory, with the config's runtime, for a real-model config); returns the metrics."""
+    """CHAIR/POPE of the checkpoint directory (or registered model: models:/NAME@ALIAS) `model` on the
+    project's world (or the config's COCO directory, with the config's runtime, for a real-model
+    config); returns the metrics."""
     project = str(Path(project).resolve())
     use_project(project)
     cfg = load_config(config_path, overrides)
+    if model.startswith("models:/"):  # a registered round: models:/demo@best
+        model = str(checkpoint_dir(model))
     path = Path(model) if Path(model).is_absolute() else Path(project) / model
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} is not a directory; `fisao runs NAME` and summary.json list them")

@@ -9,17 +9,13 @@ import tempfile
 from pathlib import Path
 
 from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from fisao import io
 from fisao.locks import lock_holder
 from flows.report import table
-from tasks.records import MANIFEST, campaign_parent, download, read_json_artifact, round_runs
-
-HIGHER_IS_BETTER = ("recall", "f1", "acc", "precision", "reward", "auroc")
-
-
-def _better(metric: str) -> int:
-    return 1 if any(w in metric for w in HIGHER_IS_BETTER) else -1
+from tasks.records import (HEADLINE_METRICS, MANIFEST, best_round, campaign_parent, download, mlflow_key,
+                           model_version, read_json_artifact, round_runs, summary_key)
 
 
 def status(parent: Run) -> str:
@@ -31,28 +27,17 @@ def status(parent: Run) -> str:
     return tag
 
 
-def best_round(rounds: dict[int, Run], metric: str) -> tuple[int, float] | None:
-    scored = [(k, r.data.metrics[metric]) for k, r in rounds.items() if k > 0 and metric in r.data.metrics]
-    if not scored:
-        return None
-    return max(scored, key=lambda kv: (_better(metric) * kv[1], -kv[0]))
-
-
 def runs_overview(parents: list[Run], metric: str) -> str:
     rows = []
     for parent in parents:
         name = parent.data.tags["fisao.campaign"]
         rounds = round_runs(name)
-        best = best_round(rounds, metric)
+        best = best_round(rounds, mlflow_key(metric))
         done = sum(1 for k in rounds if k > 0)
         rows.append([name, f"{done}/{parent.data.tags.get('fisao.target_rounds', '?')}", status(parent),
                      f"{best[0]} ({best[1]:.3f})" if best else "-", parent.data.tags.get("fisao.data_md5", "-")[:12],
                      parent.info.run_id[:12]])
     return table(["campaign", "rounds", "status", f"best round ({metric})", "data md5", "MLflow run"], rows)
-
-
-# The MLflow metrics of a round that `fisao runs CAMPAIGN` tabulates and `fisao audit` lists.
-RUN_METRICS = ("chair_i", "chair_s", "recall", "pope_adversarial_f1", "score/reward_mean", "update/kl")
 
 
 def campaign_detail(name: str, metric: str) -> str:
@@ -61,7 +46,7 @@ def campaign_detail(name: str, metric: str) -> str:
         raise ValueError(f"no campaign {name!r} in MLflow ({_store()}); `fisao runs` lists the campaigns there")
     rounds = round_runs(name)
     tags = parent.data.tags
-    best = best_round(rounds, metric)
+    best = best_round(rounds, mlflow_key(metric))
     head = [f"campaign {name}: {status(parent)}, {sum(1 for k in rounds if k > 0)} of {tags.get('fisao.target_rounds', '?')} "
             f"rounds, best round {best[0] if best else '-'} by {metric}",
             f"MLflow run {parent.info.run_id} (experiment {name}); data md5 {tags.get('fisao.data_md5')}; "
@@ -70,15 +55,27 @@ def campaign_detail(name: str, metric: str) -> str:
     head += [f"inputs changed at {k.rsplit('.', 1)[-1]}: {v}" for k, v in tags.items() if k.startswith("fisao.inputs_changed.")]
     if tags.get("fisao.error"):
         head.append(f"error: {tags['fisao.error']}")
-    rows = [["base" if k == 0 else k, *[r.data.metrics.get(c, "-") for c in RUN_METRICS],
+    rows = [["base" if k == 0 else k, *[r.data.metrics.get(mlflow_key(c), "-") for c in HEADLINE_METRICS],
              r.data.tags.get("fisao.model_sha256", "")[:12], r.info.run_id[:12]] for k, r in rounds.items()]
-    return "\n".join(head) + "\n\n" + table(["round", *RUN_METRICS, "model sha256", "MLflow run"], rows)
+    return "\n".join(head) + "\n\n" + table(["round", *HEADLINE_METRICS, "model sha256", "MLflow run"], rows)
 
 
 def _store() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
+
+
+def registered_round(uri: str, k: int | None = None) -> tuple[str, int]:
+    """(campaign, round) of the registered model version `uri` (models:/demo@best); `k`, when given,
+    must be that round."""
+    version = model_version(uri)
+    tags = MlflowClient().get_run(version.run_id).data.tags
+    name, registered = tags["fisao.campaign"], int(tags["fisao.round"])
+    if k is not None and k != registered:
+        raise ValueError(f"{uri} is round {registered} of campaign {name!r} (version {version.version}), not round {k}: "
+                         f"drop --round, or give `fisao audit {name} --round {k}`")
+    return name, registered
 
 
 def audit(name: str, k: int, export: str | None, show: int = 3) -> str:
@@ -111,7 +108,7 @@ def audit(name: str, k: int, export: str | None, show: int = 3) -> str:
 
 
 def _audit_lines(name: str, k: int, run: Run, calibration: dict, rows: list[dict], show: int) -> list[str]:
-    tags, m = run.data.tags, run.data.metrics
+    tags, m = run.data.tags, {summary_key(key): v for key, v in run.data.metrics.items()}
     mention = calibration["mention"]
     mentions = [x for r in rows for x in r["mentions"]]
     negative = sum(x["reward"] < 0 for x in mentions)
@@ -127,7 +124,7 @@ def _audit_lines(name: str, k: int, run: Run, calibration: dict, rows: list[dict
         f"  rollouts    {len(rows)} answers on {len({r['image_id'] for r in rows})} images; {len(mentions)} mentions, "
         f"{negative} with a negative reward",
         *_question_lines(m),
-        "  metrics     " + ", ".join(f"{c} {m[c]:.3f}" for c in RUN_METRICS if c in m),
+        "  metrics     " + ", ".join(f"{c} {m[c]:.3f}" for c in HEADLINE_METRICS if c in m),
         "",
         f"first {min(show, len(rows))} rollouts, tokens with a non-zero reward marked [reward]:",
     ]

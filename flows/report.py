@@ -19,11 +19,26 @@ def _fmt(v) -> str:
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves mlflow.db
 
 
-def runs_link(experiment_id: str) -> str:
-    """The experiment's runs table in MLflow's UI. MLflow 3.17.2 chooses between its GenAI pages (an
-    empty traces overview) and the runs table by the `workflowType` in the address, else by the
-    reader's last choice, not by an experiment tag (docs/mlflow.md), so the link sets it."""
-    return f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+def runs_link(experiment_id: str, view: str | None = None) -> str:
+    """The experiment's runs table in MLflow's UI, in saved view `view` if given (a campaign's:
+    tasks.records.RUNS_VIEW). MLflow 3.17.2 chooses between its GenAI pages (an empty traces
+    overview) and the runs table by the `workflowType` in the address, else by the reader's last
+    choice, not by an experiment tag (docs/mlflow.md), so the link sets it."""
+    link = f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return link if view is None else f"{link}&viewStateShareKey={view}"
+
+
+def registry_line(summary: dict) -> str | None:
+    """Where the campaign's policies are in MLflow's model registry (None before its first round)."""
+    reg = summary.get("registry") or {}
+    if not reg.get("versions"):
+        return None
+    round_of = {v: k for k, v in reg["versions"].items()}
+    name, latest = reg["name"], max(reg["versions"].values(), key=int)
+    best = reg["aliases"].get("best")
+    where = [f"models:/{name}@best (version {best}, round {round_of.get(best, '?')})"] if best else []
+    where.append(f"models:/{name}/latest (version {latest}, round {round_of[latest]})")
+    return f"registered model {name}: " + ", ".join(where) + f"; `fisao eval model --model models:/{name}@best`"
 
 
 def headline(rounds: list[dict]) -> str:
@@ -73,9 +88,11 @@ def print_summary(summary: dict) -> None:
     if "summary_path" in summary:
         print(f"summary (machine-readable): {summary['summary_path']}   total {summary['seconds']:.0f}s")
     print(f"{summary['name']}: {headline(summary['rounds'])}")
+    if registry_line(summary):
+        print(registry_line(summary))
     print()
     mlflow = summary.get("mlflow")
-    page = runs_link(mlflow["experiment_id"]) if mlflow else MLFLOW_UI
+    page = runs_link(mlflow["experiment_id"], mlflow.get("view")) if mlflow else MLFLOW_UI
     print(f"Compare runs: make mlflow-ui  (or: mlflow ui --backend-store-uri sqlite:///mlflow.db), then open {page}")
 
 
@@ -109,10 +126,13 @@ def summary_markdown(summary: dict) -> str:
              *("| " + " | ".join("-" if r[h] is None else _fmt(r[h]) for h in headers) + " |" for r in rows), ""]
     if summary.get("checkpoints"):
         lines.append(f"last checkpoint: `{summary['checkpoints'][-1]}`  ")
+    if registry_line(summary):
+        lines.append(registry_line(summary) + "  ")
     if "summary_path" in summary:
         lines.append(f"summary.json: `{summary['summary_path']}`  ")
     if summary.get("mlflow"):
-        lines.append(f"MLflow (after `make mlflow-ui`): {runs_link(summary['mlflow']['experiment_id'])}")
+        link = runs_link(summary["mlflow"]["experiment_id"], summary["mlflow"].get("view"))
+        lines.append(f"MLflow (after `make mlflow-ui`): {link}")
     return "\n".join(lines)
 
 

@@ -77,6 +77,17 @@ def round_params(cfg: Config, model: dict, k: int) -> dict:
     return params
 
 
+def round_datasets(cfg: Config, world: dict, metrics: dict, samples: dict | None = None) -> list[dict]:
+    """The data a round used, for its MLflow run's dataset inputs: the rollouts' images (FiSAO rounds;
+    `samples` the rollout stage's ref) and the evaluation's, each with the data directory's md5."""
+    data = {"path": world["path"], "md5": world["md5"]}
+    evaluation = {**data, "context": "evaluation", "split": cfg.eval.split, "images": metrics.get("chair_n_captions")}
+    if samples is None:
+        return [evaluation]
+    split = samples["figures"].get("split", cfg.rollout.split)
+    return [{**data, "context": "training", "split": split, "images": cfg.rollout.images_per_round}, evaluation]
+
+
 def fisao_round(cfg: Config, campaign_dir: str, k: int, base: dict, policy: dict, previous: dict | None,
                 calibration: dict, t0: float) -> tuple[dict, dict, dict, dict]:
     """Round k's rollouts, scores and update; returns (new policy, figures, samples, scores)."""
@@ -103,7 +114,7 @@ def fisao_round(cfg: Config, campaign_dir: str, k: int, base: dict, policy: dict
 
 def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics: dict, rounds: list[dict],
                  model: dict, evaluation: dict, calibration: dict, samples: dict, scores: dict,
-                 tokenizer_dir: str) -> str:
+                 tokenizer_dir: str, world: dict) -> str:
     """Round k's report and manifest, then its MLflow run (complete once the logged copies verify)."""
     round_dir = Path(campaign_dir) / f"round-{k}"
     facts = {"campaign": cfg.name, "round": str(k), **{key.removeprefix("fisao."): str(v) for key, v in lineage.items()}}
@@ -117,7 +128,8 @@ def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics:
               "adapter": [model["adapter"], str(Path(model["adapter"]).parent)]}
     manifest = write_manifest(groups, str(round_dir / "manifest.json"))
     return log_round(cfg.name, cfg.name, k, metrics, round_params(cfg, model, k), lineage, artifacts, manifest,
-                     span=round_span(samples, scores, model, evaluation))
+                     span=round_span(samples, scores, model, evaluation),
+                     datasets=round_datasets(cfg, world, metrics, samples))
 
 
 def round_run_name() -> str:
@@ -141,6 +153,6 @@ def run_round(cfg: Config, project: str, k: int, base: dict, policy: dict, previ
                "fisao.model_sha256": new["sha256"], "fisao.model_path": new["path"]}
     metrics = {**evaluation["metrics"], **figures}
     record_round(cfg, out_dir, k, lineage, metrics, rounds, new, evaluation, calibration, samples, scores,
-                 policy["path"])
+                 policy["path"], base["world"])
     publish_round(cfg.name, k, round_rows([*rounds, metrics]))
     return {"policy": checkpoint_ref(new), "metrics": metrics}

@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 
 from fisao import io
 from fisao.inputs import changes
-from tasks.records import INPUTS, campaign_parent, experiment_id, recorded_inputs
+from tasks.records import INPUTS, campaign_parent, experiment_id, recorded_inputs, runs_view_tag
 from tasks.tracking import log_batch, new_run
 
 
@@ -42,6 +42,7 @@ def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow
     """
     log = get_run_logger()
     client = MlflowClient()
+    client.set_experiment_tag(experiment_id(campaign), *runs_view_tag())  # the UI's rounds view (set anew: code may change it)
     state = {"fisao.status": "running", "fisao.lock": lock_file}
     parent = campaign_parent(campaign)
     if parent is None:

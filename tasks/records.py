@@ -4,15 +4,23 @@ Layout (written by tasks/tracking.py): one experiment per campaign name; in it o
 (`fisao.kind = campaign`) and one nested run per round (`fisao.kind = round`, `fisao.round = k`).
 A round counts only when its run carries `fisao.complete = true` (set after its artifacts were
 logged and verified) and is not deleted; runs of a round that a crash left half-logged are
-deleted when the round is logged again.
+deleted when the round is logged again. Each complete round's policy is also a version of the
+registered model named after the campaign (tasks/registry.py); `checkpoint_dir` resolves its
+`models:/` URIs to the local checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
+import mlflow
 from mlflow.entities import Run, ViewType
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from fisao import io
@@ -24,6 +32,7 @@ COMPLETE = "fisao.complete"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 INPUTS = "inputs.json"  # the parent run's recorded campaign inputs (see fisao/inputs.py)
 MANIFEST = "manifest.json"
+CHECKPOINT, ADAPTER = "checkpoint", "adapter"  # a round's logged model's artifact folders (tasks/registry.py)
 
 
 def experiment_id(name: str, create: bool = True) -> str | None:
@@ -73,6 +82,64 @@ def round_runs(campaign: str, complete_only: bool = True) -> dict[int, Run]:
     return dict(sorted(out.items()))
 
 
+# An evaluation's figures (chair_i, recall, pope_adversarial_f1, …) are logged as eval/NAME, so MLflow's
+# run page charts them first and its runs table lists them together; a round's internals keep their
+# own prefixes (rollout/, score/, update/, seconds/). summary.json keeps the plain names.
+EVAL = "eval/"
+
+
+def mlflow_key(name: str) -> str:
+    """A round's metric `name` as MLflow records it: `chair_i` -> `eval/chair_i`; `update/kl` as it is."""
+    return name if "/" in name else EVAL + name
+
+
+def summary_key(name: str) -> str:
+    """The name summary.json and the round tables use for MLflow metric `name` (`eval/chair_i` -> `chair_i`)."""
+    return name.removeprefix(EVAL)
+
+
+# A round's metrics at a glance (summary.json's names): `fisao runs CAMPAIGN`'s and `fisao audit`'s, and
+# the columns of the experiment's saved runs view (RUNS_VIEW).
+HEADLINE_METRICS = ("chair_i", "chair_s", "recall", "pope_adversarial_f1", "score/reward_mean", "update/kl")
+# The saved view of a campaign's runs table in MLflow's UI (`Views` menu; the printed link opens it):
+# the round runs in round order with the dataset, the logged model, `round` and HEADLINE_METRICS as
+# columns. MLflow keeps saved views as experiment tags `mlflow.sharedViewState.<key>`. The runs are
+# grouped by campaign: a saved view cannot expand the parent run, under which nested runs are
+# folded, and a group lists its runs flat.
+RUNS_VIEW = "fisao-rounds"
+
+
+def runs_view_tag() -> tuple[str, str]:
+    """(tag key, value) of the experiment tag that holds RUNS_VIEW, in the envelope MLflow 3.17's UI
+    reads ({"name", "createdAt", "updatedAt", "state": the view's JSON})."""
+    columns = ["attributes.`Dataset`", "attributes.`Models`", "params.`round`",
+               *(f"metrics.`{mlflow_key(m)}`" for m in HEADLINE_METRICS)]
+    state = {"searchFilter": "tags.`fisao.kind` = 'round'", "orderByKey": "attributes.start_time", "orderByAsc": True,
+             "selectedColumns": columns,
+             "groupBy": {"aggregateFunction": "min", "groupByKeys": [{"mode": "tag", "groupByData": "fisao.campaign"}]}}
+    envelope = {"name": "fisao: rounds, headline metrics", "createdAt": 0, "updatedAt": 0, "state": json.dumps(state)}
+    return f"mlflow.sharedViewState.{RUNS_VIEW}", json.dumps(envelope)
+
+
+HIGHER_IS_BETTER = ("recall", "f1", "acc", "precision", "reward", "auroc")
+# The metric that picks a campaign's best round (the registry's `best` alias, `fisao runs`):
+# lower is better, as the summary's headline reads it.
+CAMPAIGN_METRIC = mlflow_key("chair_i")
+
+
+def _better(metric: str) -> int:
+    return 1 if any(w in metric for w in HIGHER_IS_BETTER) else -1
+
+
+def best_round(rounds: dict[int, Run], metric: str = CAMPAIGN_METRIC) -> tuple[int, float] | None:
+    """(round, value) of the best FiSAO round (k > 0) by `metric`, the earlier round on a tie; None
+    when no round has it."""
+    scored = [(k, r.data.metrics[metric]) for k, r in rounds.items() if k > 0 and metric in r.data.metrics]
+    if not scored:
+        return None
+    return max(scored, key=lambda kv: (_better(metric) * kv[1], -kv[0]))
+
+
 def all_campaigns() -> list[Run]:
     """Every campaign's parent run, in every experiment, newest first."""
     client = MlflowClient()
@@ -115,3 +182,53 @@ def init_store(project: str | Path) -> None:
 
     with exclusive(Path(project) / ".fisao-init.lock"):
         MlflowClient().search_experiments(max_results=1)
+
+
+# Registered models (tasks/registry.py writes them): `models:/NAME@ALIAS`, `models:/NAME/VERSION` or
+# `models:/NAME/latest` (the highest version; MLflow reserves the alias @latest).
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))")
+SHA256 = "fisao.model_sha256"  # the tag of a round's checkpoint hash, on its run, logged model and model version
+
+
+def model_version(uri: str) -> ModelVersion:
+    """The registered model version that `uri` names; ValueError naming what the registry holds
+    when there is no such model, alias or version."""
+    match = MODEL_URI.fullmatch(uri)
+    if match is None:
+        raise ValueError(f"{uri!r} is not a registered model's URI: give models:/NAME@ALIAS (e.g. models:/demo@best), "
+                         f"models:/NAME/VERSION (e.g. models:/demo/2) or models:/NAME/latest")
+    client, name = MlflowClient(), match["name"]
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        names = sorted(m.name for m in client.search_registered_models(max_results=1000))
+        raise ValueError(f"no registered model {name!r} in MLflow ({mlflow.get_tracking_uri()}); registered models: "
+                         f"{', '.join(names) or 'none (a campaign registers its rounds)'}") from e
+    if match["alias"] and match["alias"].lower() == "latest":
+        raise ValueError(f"MLflow reserves the alias @latest: give models:/{name}/latest (its highest version, the "
+                         f"campaign's last round registered) or models:/{name}@best")
+    if match["alias"]:
+        if match["alias"] not in model.aliases:
+            aliases = ", ".join(f"@{a} (version {v})" for a, v in sorted(model.aliases.items()))
+            raise ValueError(f"registered model {name!r} has no alias @{match['alias']}; its aliases: {aliases or 'none'}")
+        return client.get_model_version_by_alias(name, match["alias"])
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    if match["version"] == "latest" and versions:
+        return client.get_model_version(name, str(versions[-1]))
+    if match["version"] not in map(str, versions):
+        raise ValueError(f"registered model {name!r} has no version {match['version']}; its versions: "
+                         f"{', '.join(map(str, versions)) or 'none'}")
+    return client.get_model_version(name, match["version"])
+
+
+def checkpoint_dir(uri: str) -> Path:
+    """The local checkpoint directory (save_pretrained layout) of the registered model version `uri`:
+    its logged model's `checkpoint` artifact, in place for the project's local artifact store
+    (downloaded to a temporary directory from a remote one)."""
+    version = model_version(uri)
+    repo = get_artifact_repository(MlflowClient().get_model_version_download_uri(version.name, version.version))
+    path = Path(repo.download_artifacts(CHECKPOINT))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{uri} (version {version.version} of {version.name!r}) has no checkpoint at {path}: "
+                                f"its artifacts were removed; run the campaign again to log them")
+    return path

@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 
 from fisao import io
 from fisao.manifest import build_manifest, group_digest, verify_manifest
-from tasks.records import MANIFEST, has_artifact, read_json_artifact, round_runs
+from tasks.records import MANIFEST, has_artifact, read_json_artifact, round_runs, summary_key
 
 
 @task(name="write-manifest")
@@ -44,7 +44,8 @@ def verify_finished_rounds(campaign: str) -> dict[str, dict]:
             continue
         manifest = read_json_artifact(run.info.run_id, MANIFEST)
         problems = verify_manifest(manifest)
-        entry = {"ok": not problems, "run_id": run.info.run_id, "metrics": dict(run.data.metrics),
+        metrics = {summary_key(key): v for key, v in run.data.metrics.items()}  # as summary.json names them
+        entry = {"ok": not problems, "run_id": run.info.run_id, "metrics": metrics,
                  "parent_sha256": tags.get("fisao.parent_sha256"), "model_sha256": tags.get("fisao.model_sha256")}
         if problems:
             log.warning("round %d of %s (MLflow run %s) is damaged on disk, so it is recomputed, not loaded:\n  %s",

@@ -23,7 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
@@ -33,7 +36,7 @@ from fisao.crashpoints import crash_point
 from fisao.manifest import verify_files
 from fisao.models.build import TRAIN_LOG
 from tasks.evaluate import METRICS, TIMING
-from tasks.records import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs
+from tasks.records import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs, mlflow_key
 
 
 def log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] = (), params: dict | None = None,
@@ -127,10 +130,11 @@ def campaign_run(campaign: str) -> str:
 
 
 def log_curve_points(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Per-round curves on the parent run, skipping points already logged at `step`."""
+    """Per-round curves on the parent run (named as `mlflow_key` names them), skipping points already
+    logged at `step`."""
     ts = _now()
-    fresh = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-             if not any(m.step == step for m in client.get_metric_history(run_id, k))]
+    fresh = [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items()
+             if not any(m.step == step for m in client.get_metric_history(run_id, mlflow_key(k)))]
     log_batch(client, run_id, fresh)
 
 
@@ -169,15 +173,31 @@ def _stale_runs(experiment: str, key: str, model_sha256: str | None) -> tuple[st
     return keep, stale
 
 
+def log_datasets(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
+    """The data a run used as MLflow dataset inputs (the runs table's Dataset column): each
+    {"path": the world or COCO directory, "md5": its DVC md5 (the digest), "split", "images": how many
+    it used, "context": "training" or "evaluation"}, named after the directory and the split."""
+    inputs = []
+    for d in datasets:
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(d["path"])), name=f"{Path(d['path']).name}-{d['split']}",
+                              digest=d["md5"])
+        tags = {MLFLOW_DATASET_CONTEXT: d["context"], "split": d["split"],
+                **({} if d.get("images") is None else {"images": str(int(d["images"]))})}
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
 @task(name="log-round")
 def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, params: dict, tags: dict,
-              artifacts: dict[str, str], manifest: dict | None = None, span: tuple[int, int] | None = None) -> str:
+              artifacts: dict[str, str], manifest: dict | None = None, span: tuple[int, int] | None = None,
+              datasets: list[dict] = ()) -> str:
     """Log round `round_index` of `campaign` as a nested run; returns its run id.
 
     `artifacts` maps an artifact folder name to a local directory or file to upload; `manifest`
     (fisao.manifest) lists their files: it is logged too, and the run is marked complete only
     when the logged copies match it. `span` (start, end in ms) is when the round's work ran
-    (`round_span`, `evaluation_span`); without it the run spans its logging.
+    (`round_span`, `evaluation_span`); without it the run spans its logging. `datasets`: the data
+    the round used (`log_datasets`).
     """
     log = get_run_logger()
     start, end = span if span is not None else (None, None)
@@ -194,7 +214,9 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
             **tags, "mlflow.parentRunId": parent, "fisao.key": key, "fisao.kind": "round",
             "fisao.campaign": campaign, "fisao.round": str(round_index),
             "fisao.baseline": str(round_index == 0).lower(), COMPLETE: "false"}, start)
-        log_batch(client, run_id, [Metric(k, float(v), _now(), round_index) for k, v in metrics.items()], params)
+        log_batch(client, run_id, [Metric(mlflow_key(k), float(v), _now(), round_index) for k, v in metrics.items()],
+                  params)
+        log_datasets(client, run_id, list(datasets))
         items = list(artifacts.items())
         _log_artifacts(client, run_id, dict(items[: len(items) // 2]))
         crash_point("log:mid", round_index)  # the testing hook: metrics and half the artifacts logged
@@ -245,7 +267,7 @@ def log_checkpoint_eval(experiment: str, model: dict, data_md5: str, result: dic
     run_id = new_run(experiment, f"eval-{Path(model['path']).name}", {
         "fisao.key": key, "fisao.kind": "evaluation", "fisao.model_sha256": model["sha256"],
         "fisao.model_path": model["path"], "fisao.data_md5": data_md5}, start)
-    log_batch(client, run_id, [Metric(k, float(v), _now(), 0) for k, v in result["metrics"].items()], params)
+    log_batch(client, run_id, [Metric(mlflow_key(k), float(v), _now(), 0) for k, v in result["metrics"].items()], params)
     client.log_artifacts(run_id, result["path"], artifact_path="evaluation")
     client.set_tag(run_id, COMPLETE, "true")
     client.set_terminated(run_id, end_time=end)

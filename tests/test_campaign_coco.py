@@ -20,6 +20,7 @@ import yaml
 
 from fisao import io
 from fisao.dvcdata import dvc, read_dvc_file
+from tasks.records import mlflow_key
 from tests.conftest import init_project
 
 pytestmark = pytest.mark.e2e
@@ -93,9 +94,9 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["fisao.data_md5"] == coco_md5
         assert run.data.tags["fisao.policy"] == str(coco_world["llava"])
-        assert set(run.data.metrics) == set(metrics)
+        assert set(run.data.metrics) == {mlflow_key(key) for key in metrics}
         for key, value in metrics.items():
-            assert run.data.metrics[key] == pytest.approx(value), (k, key)
+            assert run.data.metrics[mlflow_key(key)] == pytest.approx(value), (k, key)
         evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
         assert {"evaluation/captions.jsonl", "evaluation/chair_details.jsonl", "evaluation/metrics.json",
                 "evaluation/pope_adversarial_answers.jsonl"} <= evaluation
@@ -107,7 +108,7 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     rows = client.download_artifacts(by_round[1].info.run_id, "scores/rewards.jsonl", str(tmp_path / "dl"))
     per_image = ROLLOUTS["n_per_image"] + ROLLOUTS["questions_per_image"]
     assert len(io.read_jsonl(rows)) == ROLLOUTS["images_per_round"] * per_image
-    assert [m.step for m in client.get_metric_history(parent.info.run_id, "chair_i")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "eval/chair_i")] == [0, 1]
     assert io.read_json(summary["summary_path"])["rounds"] == summary["rounds"]
 
     # A second run (say, after a crash) resumes the campaign: round 1 is verified against its
@@ -117,7 +118,7 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     assert all(stage["cached"] for stage in again["stages"].values())
     assert again["rounds"] == summary["rounds"] and again["checkpoints"] == summary["checkpoints"]
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
-    assert [m.step for m in client.get_metric_history(parent.info.run_id, "chair_i")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "eval/chair_i")] == [0, 1]
 
     # The evaluate-checkpoint flow on the real-model config: the same COCO md5 and runtime as the
     # campaign, so round 1's evaluation is found on disk rather than run again, and logged once.

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from fisao.config import RolloutConfig
+from tasks.records import mlflow_key
 from tests.conftest import TINY, init_project, nested
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +55,7 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
         "llava/config.json", "llava/model.safetensors", "llava/tokenizer.json", "llava/processor_config.json"}
     rnd = by_kind["round"]
     assert rnd.data.tags["mlflow.parentRunId"] == by_kind["campaign"].info.run_id
-    assert rnd.data.metrics["chair_i"] == pytest.approx(base["chair_i"])
+    assert rnd.data.metrics["eval/chair_i"] == pytest.approx(base["chair_i"])  # evaluation first: eval/
     evaluation = {a.path for a in client.list_artifacts(rnd.info.run_id, "evaluation")}
     assert {"evaluation/captions.jsonl", "evaluation/chair_details.jsonl", "evaluation/metrics.json"} <= evaluation
     local = client.download_artifacts(rnd.info.run_id, "evaluation/captions.jsonl", str(tmp_path))
@@ -66,7 +67,8 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
         run = by_round[k]
         assert run.data.tags["mlflow.parentRunId"] == by_kind["campaign"].info.run_id
         for key in ("chair_i", "score/reward_mean", "score/share_negative", "update/kl", "update/loss"):
-            assert run.data.metrics[key] == pytest.approx(first["rounds"][k][key]), (k, key)
+            assert run.data.metrics[mlflow_key(key)] == pytest.approx(first["rounds"][k][key]), (k, key)
+        assert "chair_i" not in run.data.metrics and "eval/pope_adversarial_f1" in run.data.metrics
         assert run.data.params["ppo.rounds"] == "2"
         names = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
         assert "adapter/adapter_config.json" in names
@@ -91,7 +93,7 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
     note = client.get_run(parent_run.info.run_id).data.tags["mlflow.note.content"]
     assert note.startswith(f"e2e: CHAIR_i {base['chair_i']:.3f} base → ")
     assert client.get_experiment(exp.experiment_id).tags["mlflow.note.content"] == note
-    assert first["mlflow"] == {"experiment_id": exp.experiment_id, "run_id": parent_run.info.run_id}
+    assert first["mlflow"] == {"experiment_id": exp.experiment_id, "run_id": parent_run.info.run_id, "view": "fisao-rounds"}
 
     # Prefect: flow runs named after the campaign and tagged with it; round tables and summary as artifacts.
     from prefect.client.orchestration import get_client
@@ -116,5 +118,5 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
     assert second["rounds"] == first["rounds"]
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
     parent = by_kind["campaign"].info.run_id
-    assert [m.step for m in client.get_metric_history(parent, "chair_i")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(parent, "eval/chair_i")] == [0, 1, 2]
     assert [m.step for m in client.get_metric_history(parent, "update/kl")] == [1, 2]

@@ -73,7 +73,7 @@ def test_sigkill_anywhere_then_resume_ends_like_an_uninterrupted_run(base_projec
         assert len(chaos[k]) == 1 and chaos[k][0].data.tags["fisao.complete"] == "true", k
         assert results(chaos[k][0].data.metrics) == results(ref[k][0].data.metrics), k
         assert chaos[k][0].data.tags["fisao.model_sha256"] == ref[k][0].data.tags["fisao.model_sha256"], k
-    assert curve_steps(project, "chaos", "chair_i") == list(range(ROUNDS + 1))
+    assert curve_steps(project, "chaos", "eval/chair_i") == list(range(ROUNDS + 1))
     assert curve_steps(project, "chaos", "update/kl") == list(range(1, ROUNDS + 1))
     summary = io.read_json(chaos_dir / "summary.json")
     ref_summary = io.read_json(ref_dir / "summary.json")

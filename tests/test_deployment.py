@@ -117,7 +117,7 @@ def test_nightly_deployment_adds_one_round_per_run(base_project, tmp_path):
         evaluation = client.search_runs([tiny.experiment_id], "tags.`fisao.kind` = 'evaluation'")
         assert len(evaluation) == 1
         assert evaluation[0].data.tags["fisao.model_sha256"] == rounds[2][0].data.tags["fisao.model_sha256"]
-        assert evaluation[0].data.metrics["chair_i"] == rounds[2][0].data.metrics["chair_i"]
+        assert evaluation[0].data.metrics["eval/chair_i"] == rounds[2][0].data.metrics["eval/chair_i"]
         print(f"deployment round trip: {time.time() - t0:.0f}s")
     finally:
         if worker is not None:

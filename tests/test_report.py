@@ -32,3 +32,14 @@ def test_the_summary_prints_the_result_and_the_experiments_runs_table_link(capsy
     assert "demo: CHAIR_i 0.145 base → 0.059 best (round 2 of 3)" in out
     assert "open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning" in out
     assert runs_link("7") in out
+
+
+def test_the_summary_says_where_the_registered_rounds_are(capsys):
+    summary = {"name": "demo", "stages": {}, "world": {"path": "/w", "action": "verified", "md5": "m"},
+               "clip": {"path": "/c"}, "llava": {"path": "/l"}, "rounds": ROUNDS,
+               "registry": {"name": "demo", "versions": {"1": "1", "2": "2", "3": "3"}, "aliases": {"best": "2"}}}
+
+    print_summary(summary)
+
+    assert ("registered model demo: models:/demo@best (version 2, round 2), models:/demo/latest (version 3, round 3); "
+            "`fisao eval model --model models:/demo@best`") in capsys.readouterr().out

@@ -147,3 +147,62 @@ def test_describe_writes_the_runs_and_its_experiments_description_and_experiment
         "demo: CHAIR_i 0.145 base → 0.059 best (round 3 of 3)")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert open_campaign.fn("demo", inputs, {}, "lock")["experiment_id"] == opened["experiment_id"]  # resumed
+
+
+def test_a_round_logs_the_data_it_used_as_datasets_with_the_dvc_md5_as_digest(tmp_path, store):
+    from fisao.config import load_config
+    from flows.rounds import round_datasets
+    from tasks.campaigns import open_campaign
+    from tasks.tracking import log_round
+
+    cfg = load_config(None)
+    world = {"path": str(tmp_path / "data" / "world"), "md5": "221863b2c1bcc38626fc724af3b0b652.dir"}
+    samples = {"figures": {"split": "pretrain", "rollouts": 768}}
+    open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")
+    metrics = {"chair_i": 0.2, "chair_n_captions": 500}
+    base = log_round.fn("demo", "demo", 0, metrics, {}, {}, {}, datasets=round_datasets(cfg, world, metrics))
+    first = log_round.fn("demo", "demo", 1, metrics, {}, {}, {}, datasets=round_datasets(cfg, world, metrics, samples))
+
+    def inputs(run_id):
+        return sorted((i.dataset.name, i.dataset.digest, i.dataset.source, {t.key: t.value for t in i.tags})
+                      for i in store.get_run(run_id).inputs.dataset_inputs)
+
+    source = f'{{"uri": "{world["path"]}"}}'
+    evaluation = ("world-test", world["md5"], source, {"mlflow.data.context": "evaluation", "split": "test",
+                                                      "images": "500"})
+    assert inputs(base) == [evaluation]
+    assert inputs(first) == [("world-pretrain", world["md5"], source, {
+        "mlflow.data.context": "training", "split": "pretrain", "images": str(cfg.rollout.images_per_round)}), evaluation]
+
+
+def test_evaluation_metrics_are_logged_under_eval_and_read_back_under_their_summary_names(tmp_path, store):
+    from tasks.campaigns import open_campaign
+    from tasks.records import round_runs, summary_key
+    from tasks.tracking import log_round
+
+    parent = open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")
+    metrics = {"chair_i": 0.2, "pope_adversarial_f1": 0.7, "update/kl": 0.01, "seconds/round": 3.0}
+    run = store.get_run(log_round.fn("demo", "demo", 1, metrics, {}, {}, {}))
+
+    assert run.data.metrics == {"eval/chair_i": 0.2, "eval/pope_adversarial_f1": 0.7, "update/kl": 0.01,
+                                "seconds/round": 3.0}
+    assert [m.step for m in store.get_metric_history(parent["run_id"], "eval/chair_i")] == [1]  # the curve
+    assert {summary_key(k): v for k, v in round_runs("demo")[1].data.metrics.items()} == metrics
+
+
+def test_a_campaigns_experiment_gets_the_saved_rounds_view_with_headline_columns(tmp_path, store):
+    import json
+
+    from flows.report import runs_link
+    from tasks.campaigns import open_campaign
+
+    opened = open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")
+
+    envelope = json.loads(store.get_experiment(opened["experiment_id"]).tags["mlflow.sharedViewState.fisao-rounds"])
+    state = json.loads(envelope["state"])
+    assert envelope["name"] == "fisao: rounds, headline metrics" and isinstance(envelope["createdAt"], int)
+    assert state["searchFilter"] == "tags.`fisao.kind` = 'round'"
+    assert state["selectedColumns"][:5] == ["attributes.`Dataset`", "attributes.`Models`", "params.`round`",
+                                            "metrics.`eval/chair_i`", "metrics.`eval/chair_s`"]
+    assert runs_link("3", "fisao-rounds").endswith("/#/experiments/3/runs?workflowType=machine_learning"
+                                                   "&viewStateShareKey=fisao-rounds")

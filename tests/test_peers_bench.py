@@ -133,6 +133,8 @@ def _check_mlflow(result: dict) -> None:
     param, the figures of peers.json)."""
     from mlflow.tracking import MlflowClient
 
+    from tasks.records import mlflow_key
+
     client = MlflowClient()
     for method, figures in result["methods"].items():
         (name,) = figures["campaigns"]
@@ -142,7 +144,8 @@ def _check_mlflow(result: dict) -> None:
         assert sorted(int(r.data.params["round"]) for r in runs) == [0, 1], method
         for run in runs:
             k = int(run.data.params["round"])
-            assert run.data.metrics["chair_i"] == pytest.approx(figures["chair_i"][k]), (method, k)
+            for key in CURVES:  # logged under MLflow's names (eval/chair_i), the same figures as peers.json
+                assert run.data.metrics[mlflow_key(key)] == pytest.approx(figures[key][k]), (method, key, k)
         (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`fisao.kind` = 'campaign'")
         assert parent.data.tags["fisao.status"] == "finished"
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}

@@ -113,11 +113,12 @@ class RolloutConfig(_Strict):
     # reward). "pretrain" has the weak pair prior of unseen images; on "train", whose prior the
     # policy learnt, it rarely hallucinates (measured: 5.7% of rollout mentions against 24% on val).
     split: Literal["train", "pretrain"] = "pretrain"
-    # 1024 with ppo.minibatch_size 64 and ppo.target_kl 0.05, chosen on val of worlds 0-2 (3 rounds):
-    # CHAIR_i -24%, -6%, -33% (recall -2.5, -1.5, -1.8 points) where 128 images with 16-answer steps
-    # and no KL stop gave -5%, -11%, -15% (recall -12.2, -1.5, -6.3); 1024 without the stop ran
-    # away within a round (KL 133, POPE yes-ratio 0.96).
-    images_per_round: int = Field(1024, ge=1)
+    # 256, chosen on val of worlds 0-2 (3 rounds): CHAIR_i -16%, -19%, -18%, recall -0.4, -3.4, -2.7
+    # points, POPE adversarial F1 -0.8, +1.3, -1.1, KL at most 2.7, where 128 gave -5%, -11%, -15%
+    # (recall -12.2, -1.5, -6.3). 1024 ran away within a round (KL 133, POPE yes-ratio 0.96); with
+    # 64-answer steps and ppo.target_kl 0.05 it gave -24%, -6%, -33% (a higher mean, a worse worst
+    # run, a KL of 9.7): not taken. docs/method.md has the val table.
+    images_per_round: int = Field(256, ge=1)
     n_per_image: int = Field(4, ge=1)
     # The logged log-probs are the policy's own (temperature 1, full softmax): with temperature 1
     # and top_p 1 the rollouts are exactly on-policy for PPO; other values sample from a warped
@@ -185,9 +186,9 @@ class PPOConfig(_Strict):
     # Early stop of a round's update (as SpinningUp's and Stable-Baselines3's PPO): no more optimizer
     # steps once the mean approx_kl of the last step (KL(π_old ‖ π), π_old the policy that sampled)
     # passes 1.5 × target_kl. None: every step of every epoch runs.
-    target_kl: float | None = Field(0.05, gt=0)
+    target_kl: float | None = Field(None, gt=0)
     # Rows per forward pass; one optimizer step covers minibatch_size * grad_accum rows.
-    minibatch_size: int = Field(64, ge=1)
+    minibatch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     # "base": the model with adapters disabled; "previous": the policy that sampled this round.

@@ -160,3 +160,16 @@ def needs_peers() -> None:
         import trl  # noqa: F401
     else:
         pytest.importorskip("trl", reason="the peers need trl: pip install -e '.[peers]' (make test installs it)")
+
+
+def project_env(project: Path, monkeypatch) -> None:
+    """Point MLflow at `project`'s store, and have whatever `flows.cli.main` sets in the environment
+    for `project` (its local state) undone after the test."""
+    from fisao.localstate import local_state_env
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    for key in local_state_env(project):
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)

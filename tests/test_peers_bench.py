@@ -12,12 +12,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_project, needs_peers
+from tests.conftest import copy_project, needs_peers, project_env
 
 pytestmark = pytest.mark.e2e
 needs_peers()
@@ -40,17 +39,11 @@ def _jsonl(path: Path) -> list[dict]:
 def test_peers_bench_one_round_one_seed(base_project, tmp_path_factory, harness, monkeypatch, capsys):
     from fisao.align.stages import round_examples
     from fisao.config import load_config
-    from fisao.localstate import local_state_env
     from fisao.peers import csr, grpo
     from fisao.peers.compare import METHODS
 
     project = copy_project(base_project, tmp_path_factory.mktemp("peers") / "project")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    for key in local_state_env(project):  # whatever `main` sets is undone after the test
-        if key in os.environ:
-            monkeypatch.setenv(key, os.environ[key])
-        else:
-            monkeypatch.delenv(key, raising=False)
+    project_env(project, monkeypatch)
     # What the peers trained on, as TRL got it: GRPO's rewards, DPO's pairs.
     rewarded: list[tuple[str, float]] = []
     answer_reward = grpo.answer_reward

@@ -9,15 +9,13 @@ sweep.json. The sweep's MLflow parent run and the campaigns' tags are checked, a
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import yaml
 
 from fisao import dvcdata, io
-from fisao.localstate import local_state_env
 from fisao.sweep import FIELDS, aggregate, plan, run_record
-from tests.conftest import copy_project
+from tests.conftest import copy_project, project_env
 
 pytestmark = pytest.mark.e2e
 SWEEP = "sw"
@@ -49,12 +47,7 @@ def test_sweep_goes_past_a_failed_campaign_then_continues_prints_writes_json_and
     from flows.sweep import sweep
 
     project = copy_project(base_project, tmp_path_factory.mktemp("sweep") / "project")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    for key in local_state_env(project):  # whatever `main` sets is undone after the test
-        if key in os.environ:
-            monkeypatch.setenv(key, os.environ[key])
-        else:
-            monkeypatch.delenv(key, raising=False)
+    project_env(project, monkeypatch)
     config = str(project / "tiny.yaml")
     data_dvc, data_md5 = (project / "data.dvc").read_bytes(), dvcdata.verify(project, "data")
     runs = plan(load_config(config), SWEEP, WORLDS, (0,))

@@ -41,24 +41,22 @@ themselves, the prompt encoded as sampling encoded it (`encode_prompts`), in the
 collator returns (prompt and completion flushed left, `completion_mask`). The reference is TRL's
 "ref" copy of the starting adapters (what it does for a PeftModel given no `ref_model`); it is
 deleted before the adapters are saved. TRL seeds the global random generators (`set_seed`):
-`_own_random_state` gives the caller's back.
+`fisao.peers.kept_random_state` gives the caller's back.
 """
 from __future__ import annotations
 
-import contextlib
-import random
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from fisao import io
+from fisao.peers import kept_random_state
 from fisao.align.lora import add_lora, load_adapter, merge_and_save, save_adapter
 from fisao.align.rollout import Rollouts, encode_prompts, sample_rollouts
 from fisao.align.verifier import Verifier
@@ -195,17 +193,6 @@ class PairCollator:
         return inputs
 
 
-@contextlib.contextmanager
-def _own_random_state():
-    """Give back Python's, NumPy's and torch's global generators, which TRL's trainer seeds."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
 
 def dpo_update(model, processor, images: Sequence[Image.Image], answers: ScoredAnswers, pairs: list[tuple[int, int]],
                cfg: CSRConfig, seed: int, gradient_checkpointing: bool = False, progress: bool = False) -> dict[str, float]:
@@ -222,7 +209,7 @@ def dpo_update(model, processor, images: Sequence[Image.Image], answers: ScoredA
     rows = [{"image": int(r.image_index[c]), "prompt": r.prompts[c], "chosen": r.texts[c],
              "rejected": r.texts[j], "chosen_ids": ids[c], "rejected_ids": ids[j]} for c, j in pairs]
     device = next(model.parameters()).device
-    with tempfile.TemporaryDirectory(prefix="csr-dpo-") as work, _own_random_state():
+    with tempfile.TemporaryDirectory(prefix="csr-dpo-") as work, kept_random_state():
         args = DPOConfig(
             output_dir=work, beta=cfg.beta, learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
             num_train_epochs=cfg.epochs, seed=seed, data_seed=seed, max_length=None, remove_unused_columns=False,

@@ -37,18 +37,17 @@ re-encodes an image once per completion per pass; log-probs are of the temperatu
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from fisao import io
+from fisao.peers import kept_random_state
 from fisao.align.calibration import Calibration
 from fisao.align.lora import add_lora, load_adapter, merge_and_save, save_adapter
 from fisao.align.rollout import encode_prompts
@@ -123,7 +122,7 @@ def grpo_round(policy_dir: str | Path, adapter_in: str | Path | None, examples: 
         "prompt": [[{"role": "user", "content": rollout.prompt}] for _ in ordered],
         "image": images, "image_id": [e.image_id for e in ordered]})
     out = Path(out)
-    with _kept_rng(), io.atomic_dir(out) as tmp:
+    with kept_random_state(), io.atomic_dir(out) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # LoRA's random A matrices, as update_stage seeds them
             model = add_lora(model, lora) if adapter_in is None else load_adapter(model, adapter_in, is_trainable=True)
@@ -236,14 +235,3 @@ def _printer_callback():
 
     return PrinterCallback
 
-
-@contextlib.contextmanager
-def _kept_rng() -> Iterator[None]:
-    """Run a block that reseeds Python's, NumPy's and torch's global generators, then restore them."""
-    py, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(np_state)

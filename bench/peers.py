@@ -38,11 +38,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
-import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,8 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fisao.localstate import apply_local_state  # noqa: E402
 from fisao.progress import quiet_library_bars  # noqa: E402
 
-PLOTTED = (("chair_i", "CHAIR_i (lower is better)"), ("recall", "recall"),
-           ("pope_adversarial_f1", "POPE adversarial F1"))
 HOW = {
     "curves": "each round's merged checkpoint evaluated by the campaign's evaluation task on eval.split; "
               "index 0 is the base model; mean and sample std (n - 1, null for one seed) over the seeds",
@@ -70,41 +65,6 @@ HOW = {
     "peak_rss_mb": "the most resident memory this process held while the method ran (sampled every 50 ms from "
                    "/proc/self/status): it includes what earlier steps left allocated (Prefect, the imports)",
 }
-
-
-class PeakRSS:
-    """The peak resident memory (MB) of this process while a block runs, sampled by a thread."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak = interval, 0.0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "PeakRSS":
-        gc.collect()
-        self.peak = rss_mb()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_mb())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
-
-
-def rss_mb() -> float:
-    """This process's resident memory now (MB); its peak so far where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def world_overrides(cfg, project: Path, world: str) -> tuple[dict, str]:
@@ -289,7 +249,8 @@ def _flow():
         from fisao import io
         from fisao.config import load_config
         from fisao.localstate import use_project
-        from fisao.peers.compare import LRS, METHODS, curves, pick_lr
+        from fisao.host import PeakRSS
+        from fisao.peers.compare import LRS, METHODS, curves, pick_lr, plot
         from fisao.progress import bar
         from tasks.records import init_store
 
@@ -334,34 +295,6 @@ def _flow():
         return result
 
     return peers
-
-
-def plot(result: dict, path: Path) -> Path:
-    """Per-round curves of every method (mean over seeds, ± std when there are several) as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.4 * len(PLOTTED), 3.8))
-    for ax, (key, title) in zip(axes, PLOTTED):
-        for (method, figures), marker, size in zip(result["methods"].items(), "osD^", (9, 7, 5, 4)):
-            mean, std = figures[key], figures[f"{key}_std"]
-            x = list(range(len(mean)))
-            ax.plot(x, mean, marker=marker, markersize=size, label=method)  # sizes keep equal curves visible
-            if all(s is not None for s in std):
-                ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
-            ax.set_xticks(x)
-        ax.set_xlabel("round (0 = base model)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"world {result['world']}, seeds {','.join(map(str, result['seeds']))}, {result['split']} split")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def table(result: dict) -> str:

@@ -1,8 +1,12 @@
-"""What this machine has free for a job: RAM (Linux's MemAvailable) and disk space under a path."""
+"""What this machine has free for a job: RAM (Linux's MemAvailable) and disk space under a path;
+and what this process holds (`rss_mb`, `PeakRSS`)."""
 from __future__ import annotations
 
+import gc
 import os
+import resource
 import shutil
+import threading
 from pathlib import Path
 
 
@@ -23,3 +27,38 @@ def free_disk(path: str | Path) -> int:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+class PeakRSS:
+    """The peak resident memory (MB) of this process while a block runs, sampled by a thread."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak = interval, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        self.peak = rss_mb()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MB); its peak so far where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

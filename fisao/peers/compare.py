@@ -1,5 +1,6 @@
 """The side-by-side's arithmetic (bench/peers.py): per-round curves over seeds, the learning rate
-picked on val, and what each method's campaign sets. Pure: no TRL, Prefect or MLflow here.
+picked on val, what each method's campaign sets, and the curves' plot. No TRL, Prefect or MLflow
+here.
 
 Four methods from the same base models, verifier and calibration (issue 14):
 - `fisao`: the config as it is (token-level rewards, PPO);
@@ -10,6 +11,7 @@ A training seed s sets `rollout.seed` and `ppo.seed`, as `fisao sweep` does (fis
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 METHODS = ("fisao", "fisao-sentence", "trl-grpo", "csr-dpo")
@@ -20,6 +22,8 @@ LRS = (5e-4, 1e-3, 2e-3)
 # A learning rate whose last round loses more recall than this against the base is not picked on val
 # while another keeps it (the issue's recall target: within 2 points).
 RECALL_DROP = 0.02
+PLOTTED = (("chair_i", "CHAIR_i (lower is better)"), ("recall", "recall"),
+           ("pope_adversarial_f1", "POPE adversarial F1"))
 
 
 def seed_overrides(seed: int) -> dict:
@@ -73,3 +77,31 @@ def pick_lr(results: dict[float, Sequence[dict]], recall_drop: float = RECALL_DR
     if kept:
         return min(kept, key=lambda lr: (results[lr][-1]["chair_i"], lr))
     return min(results, key=lambda lr: (-results[lr][-1]["recall"], lr))
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Per-round curves of every method (mean over seeds, ± std when there are several) as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.4 * len(PLOTTED), 3.8))
+    for ax, (key, title) in zip(axes, PLOTTED):
+        for (method, figures), marker, size in zip(result["methods"].items(), "osD^", (9, 7, 5, 4)):
+            mean, std = figures[key], figures[f"{key}_std"]
+            x = list(range(len(mean)))
+            ax.plot(x, mean, marker=marker, markersize=size, label=method)  # sizes keep equal curves visible
+            if all(s is not None for s in std):
+                ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+            ax.set_xticks(x)
+        ax.set_xlabel("round (0 = base model)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"world {result['world']}, seeds {','.join(map(str, result['seeds']))}, {result['split']} split")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

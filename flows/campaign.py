@@ -45,7 +45,7 @@ from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
 from tasks.publish import publish_summary, run_tag, tag_this_flow_run
 from tasks.realdata import memory_check, real_models
-from tasks.records import RUNS_VIEW, init_store
+from tasks.records import RUNS_VIEW, init_store, registered_name
 from tasks.registry import register_round
 from tasks.resume import verify_finished_rounds
 from tasks.tracking import describe, evaluation_span, log_build, log_curve, log_round
@@ -205,7 +205,7 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
     new_starts = [s["start"] for s in stages.values() if not s["cached"] and "start" in s]
     summary = {"name": cfg.name, "config": cfg.model_dump(mode="json"), **base, "calibration": cal, "rounds": metrics,
                "checkpoints": checkpoints, "seconds": round(time.time() - t0, 1),
-               "registry": {"name": cfg.name, "versions": versions, "aliases": registered["aliases"]},
+               "registry": {"name": registered_name(cfg.name), "versions": versions, "aliases": registered["aliases"]},
                "resume": {"verified_rounds": verified, "flow_started_at": t0,
                           "first_new_stage_at": min(new_starts) if new_starts else None}}
     summary_path = Path(out_dir) / "summary.json"

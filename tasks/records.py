@@ -190,6 +190,13 @@ MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<vers
 SHA256 = "fisao.model_sha256"  # the tag of a round's checkpoint hash, on its run, logged model and model version
 
 
+def registered_name(campaign: str) -> str:
+    """The campaign's model name in MLflow's registry: the campaign name with each '.' as '_'. MLflow
+    refuses '.' in registered and logged model names (and '/', ':', '%', quotes, which campaign names
+    never hold), while campaign names may hold it: `llava-1.5-7b` registers as `llava-1_5-7b`."""
+    return campaign.replace(".", "_")
+
+
 def model_version(uri: str) -> ModelVersion:
     """The registered model version that `uri` names; ValueError naming what the registry holds
     when there is no such model, alias or version."""

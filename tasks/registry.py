@@ -4,7 +4,8 @@ A FiSAO round's policy is a merged checkpoint (save_pretrained layout) and the L
 merged from. Each complete round run gets one MLflow 3 logged model (model type `fisao-policy`,
 named `CAMPAIGN-round-K`, artifacts `checkpoint/` and `adapter/`) that is the run's output (the
 runs table's Models column) and carries the run's metrics of that round; and one version of the
-registered model named after the campaign (`demo` version 1 = round 1, …). The alias `best` points
+registered model named after the campaign (`demo` version 1 = round 1, …; a '.' in the campaign's
+name becomes '_', which MLflow's model names need: `tasks.records.registered_name`). The alias `best` points
 at the best round by the campaign's metric (`CAMPAIGN_METRIC`: the lowest CHAIR_i, the earlier round
 on a tie, as `fisao runs` and the summary's headline pick it). MLflow reserves the alias `latest`:
 `models:/demo/latest` is its name for the highest version, the last round registered. The base
@@ -22,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
-from tasks.records import ADAPTER, CAMPAIGN_METRIC, CHECKPOINT, SHA256, best_round, round_runs
+from tasks.records import ADAPTER, CAMPAIGN_METRIC, CHECKPOINT, SHA256, best_round, registered_name, round_runs
 
 POLICY = "fisao-policy"  # the logged models' model type
 
@@ -45,7 +46,7 @@ def logged_policy(client: MlflowClient, campaign: str, k: int, run: Run, policy:
                 log.warning("logged model %s of round %d of %s was left unfinished by an interrupted run: deleted, "
                             "logged again", model.model_id, k, campaign)
                 client.delete_logged_model(model.model_id)
-        model_id = client.create_logged_model(run.info.experiment_id, name=f"{campaign}-round-{k}",
+        model_id = client.create_logged_model(run.info.experiment_id, name=f"{registered_name(campaign)}-round-{k}",
                                               source_run_id=run.info.run_id, model_type=POLICY,
                                               tags={SHA256: sha, "fisao.campaign": campaign, "fisao.round": str(k)},
                                               params=dict(run.data.params)).model_id
@@ -63,40 +64,50 @@ def logged_policy(client: MlflowClient, campaign: str, k: int, run: Run, policy:
     return model_id
 
 
-def _registered_model(client: MlflowClient, campaign: str) -> None:
+def _registered_model(client: MlflowClient, campaign: str) -> str:
+    """The name of campaign `campaign`'s registered model, created unless it exists; a ValueError if
+    that name is taken by another campaign's (`a.b` and `a_b` share the name `a_b`)."""
+    name = registered_name(campaign)
     try:
-        client.get_registered_model(campaign)
+        model = client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(campaign, tags={"fisao.campaign": campaign},
+        client.create_registered_model(name, tags={"fisao.campaign": campaign},
                                        description=f"FiSAO policies of campaign {campaign}: a version per round; "
-                                                   f"models:/{campaign}@best has the lowest {CAMPAIGN_METRIC}, "
-                                                   f"models:/{campaign}/latest is the last round")
+                                                   f"models:/{name}@best has the lowest {CAMPAIGN_METRIC}, "
+                                                   f"models:/{name}/latest is the last round")
+        return name
+    owner = model.tags.get("fisao.campaign")
+    if owner != campaign:
+        raise ValueError(f"registered model {name!r} holds the rounds of campaign {owner!r}, not of {campaign!r} "
+                         f"(MLflow model names cannot hold '.', so both map to {name!r}): rename campaign {campaign!r}")
+    return name
 
 
 def register_version(client: MlflowClient, campaign: str, k: int, run: Run, model_id: str, sha256: str) -> str:
-    """The version of registered model `campaign` that holds checkpoint `sha256`, created from logged
-    model `model_id` unless one exists; returns its number."""
-    _registered_model(client, campaign)
-    existing = client.search_model_versions(f"name = '{campaign}' AND {_filter({SHA256: sha256})}")
+    """The version of campaign `campaign`'s registered model that holds checkpoint `sha256`, created
+    from logged model `model_id` unless one exists; returns its number."""
+    name = _registered_model(client, campaign)
+    existing = client.search_model_versions(f"name = '{name}' AND {_filter({SHA256: sha256})}")
     if existing:
         return str(existing[0].version)
-    version = client.create_model_version(campaign, f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id,
+    version = client.create_model_version(name, f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id,
                                           tags={SHA256: sha256, "fisao.round": str(k)},
                                           description=f"round {k} of campaign {campaign}")
-    get_run_logger().info("registered round %d of %s as models:/%s/%s", k, campaign, campaign, version.version)
+    get_run_logger().info("registered round %d of %s as models:/%s/%s", k, campaign, name, version.version)
     return str(version.version)
 
 
 def set_best(client: MlflowClient, campaign: str, metric: str = CAMPAIGN_METRIC) -> dict[str, str]:
     """Point alias `best` at the version of the campaign's best complete round by `metric` (rounds whose
     checkpoint has no version yet are left out); returns {"best": version} ({} before any round)."""
-    versions = {v.tags.get(SHA256): str(v.version) for v in client.search_model_versions(f"name = '{campaign}'")}
+    name = registered_name(campaign)
+    versions = {v.tags.get(SHA256): str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
     runs = {k: r for k, r in round_runs(campaign).items() if k > 0 and r.data.tags.get(SHA256) in versions}
     best = best_round(runs, metric)
     if best is None:
         return {}
     version = versions[runs[best[0]].data.tags[SHA256]]
-    client.set_registered_model_alias(campaign, "best", version)
+    client.set_registered_model_alias(name, "best", version)
     return {"best": version}
 
 

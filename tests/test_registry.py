@@ -13,25 +13,31 @@ from tests.test_tracking import store  # noqa: F401  (the fixture: a fresh sqlit
 CHAIR_I = {1: 0.30, 2: 0.20, 3: 0.25}  # round 2 is the best, round 3 the last
 
 
-@pytest.fixture
-def campaign(tmp_path, store, monkeypatch):  # noqa: F811
-    """Campaign `demo` with rounds 1-3 logged complete, each with its own checkpoint on disk;
-    returns round -> the checkpoint's ref (path, sha256, adapter)."""
-    import tasks.registry
+def log_campaign(name: str, root, chair_i: dict[int, float]) -> dict:
+    """Campaign `name` with rounds `chair_i` logged complete, each with its own checkpoint under
+    `root`; returns round -> the checkpoint's ref (path, sha256, adapter)."""
     from tasks.campaigns import open_campaign
     from tasks.tracking import log_round
 
-    monkeypatch.setattr(tasks.registry, "get_run_logger", lambda: logging.getLogger("test"))
-    open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")
+    open_campaign.fn(name, {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")
     policies = {}
-    for k, chair_i in CHAIR_I.items():
-        model, adapter = tmp_path / f"round-{k}" / "model", tmp_path / f"round-{k}" / "adapter"
-        io.write_json(model / "config.json", {"round": k})
+    for k, value in chair_i.items():
+        model, adapter = root / name / f"round-{k}" / "model", root / name / f"round-{k}" / "adapter"
+        io.write_json(model / "config.json", {"campaign": name, "round": k})
         io.write_json(adapter / "adapter_config.json", {"r": 4})
         policies[k] = {"path": str(model), "sha256": io.tree_digest(model), "adapter": str(adapter)}
-        log_round.fn("demo", "demo", k, {"chair_i": chair_i, "update/kl": 0.01 * k}, {"round": k},
+        log_round.fn(name, name, k, {"chair_i": value, "update/kl": 0.01 * k}, {"round": k},
                      {"fisao.model_sha256": policies[k]["sha256"]}, {})
     return policies
+
+
+@pytest.fixture
+def campaign(tmp_path, store, monkeypatch):  # noqa: F811
+    """Campaign `demo` with rounds 1-3 logged complete; returns round -> the checkpoint's ref."""
+    import tasks.registry
+
+    monkeypatch.setattr(tasks.registry, "get_run_logger", lambda: logging.getLogger("test"))
+    return log_campaign("demo", tmp_path, CHAIR_I)
 
 
 def register_all(policies: dict) -> dict:
@@ -61,6 +67,24 @@ def test_each_round_is_a_logged_model_and_a_version_and_best_follows_the_lowest_
         assert {m.key: m.value for m in model.metrics} == {"eval/chair_i": CHAIR_I[k], "update/kl": pytest.approx(0.01 * k)}
         files = {a.path for a in store.list_logged_model_artifacts(output.model_id)}
         assert files == {"checkpoint", "adapter"}
+
+
+def test_a_campaign_name_with_a_dot_registers_with_an_underscore_and_a_clash_is_an_error(campaign, store, tmp_path):  # noqa: F811
+    """MLflow refuses '.' in model names; the real models' configs are named llava-1.5-7b and such."""
+    from tasks.records import checkpoint_dir
+    from tasks.registry import register_round
+
+    dotted = log_campaign("llava-1.5-7b", tmp_path, {1: 0.2})
+    assert register_round.fn("llava-1.5-7b", 1, dotted[1]) == {"version": "1", "aliases": {"best": "1"}}
+    model = store.get_registered_model("llava-1_5-7b")
+    assert model.tags["fisao.campaign"] == "llava-1.5-7b"
+    (output,) = store.get_run(store.get_model_version("llava-1_5-7b", "1").run_id).outputs.model_outputs
+    assert store.get_logged_model(output.model_id).name == "llava-1_5-7b-round-1"
+    assert io.tree_digest(checkpoint_dir("models:/llava-1_5-7b@best")) == dotted[1]["sha256"]
+    clash = log_campaign("llava-1_5-7b", tmp_path, {1: 0.3})
+    with pytest.raises(ValueError, match="holds the rounds of campaign 'llava-1.5-7b'.*rename campaign 'llava-1_5-7b'"):
+        register_round.fn("llava-1_5-7b", 1, clash[1])
+    assert [str(v.version) for v in store.search_model_versions("name = 'llava-1_5-7b'")] == ["1"]
 
 
 def test_registering_a_resumed_campaign_again_adds_no_version_and_no_model(campaign, store):  # noqa: F811

@@ -119,7 +119,7 @@ def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics:
     round_dir = Path(campaign_dir) / f"round-{k}"
     facts = {"campaign": cfg.name, "round": str(k), **{key.removeprefix("fisao."): str(v) for key, v in lineage.items()}}
     audit = round_report(samples, scores, tokenizer_dir, [*rounds, metrics], facts, f"{cfg.name} round {k}",
-                         str(round_dir / "audit"))
+                         str(round_dir / "audit"), cfg.reward.repeats)
     lineage_file = io.write_json(round_dir / "lineage.json", {"tags": lineage, "config": cfg.model_dump(mode="json")})
     artifacts = {"adapter": model["adapter"], "rollouts": samples["path"], "scores": scores["path"],
                  "calibration": calibration["path"], "evaluation": evaluation["path"], "audit": audit,

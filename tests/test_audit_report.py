@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fisao.audit.html import NEGATIVE, POSITIVE, render_report, reward_colour
+from fisao.audit.html import NEGATIVE, POSITIVE, headline_rows, render_report, reward_colour
 from fisao.audit.plots import metric_curves_png, reward_histogram_png
+from fisao.audit.report import histogram_caption
 
 ROWS = [
     {"row": 0, "image_id": 7, "answer_reward": 0.0, "text": "a red circle and a blue square <b>",
@@ -55,7 +56,8 @@ def page(tmp_path):
     reward_histogram_png([1.0, -1.0, 0.25, -0.5], [False, True, False, True], tmp_path / "rewards.png")
     metric_curves_png(ROUNDS, tmp_path / "curves.png")
     html = render_report("demo round 1", {"model sha256": "abc"}, ROUNDS[-1], ROWS,
-                         {"mention rewards": tmp_path / "rewards.png", "metrics": tmp_path / "curves.png"})
+                         {"mention rewards": tmp_path / "rewards.png", "metrics": tmp_path / "curves.png"},
+                         base=ROUNDS[0], captions={"mention rewards": histogram_caption("first")})
     path = tmp_path / "report.html"
     path.write_text(html)
     return path
@@ -72,6 +74,35 @@ def test_each_mention_is_coloured_by_its_reward(page):
     assert reward_colour(0.0) == "#ffffff"
     assert "&lt;b&gt;" in page.read_text()  # answer text is escaped, never markup
     assert parser.images == 2
+
+
+def test_report_puts_the_picture_first_and_provenance_last(page):
+    text = page.read_text()
+    order = [text.index(mark) for mark in ("CHAIR_i (lower is better)", "<figure>", "<h2>rollouts</h2>",
+                                           "<h2>all metrics of this round</h2>", "<h2>provenance</h2>")]
+    assert order == sorted(order)
+    provenance = text[text.index("<h2>provenance</h2>"):]
+    assert "<thead>" not in provenance and "<td>model sha256</td><td>abc</td>" in provenance  # no empty header row
+    # The headline: base model, this round, change.
+    assert "<td>CHAIR_i (lower is better)</td><td>0.3000</td><td>0.2500</td><td>-0.0500</td>" in text
+    assert "<figcaption>" in text and "spike at 0" in text  # the histogram's caption explains the repeat rule
+    assert "a correct repeat shows +0.00" in text  # and so does the legend
+
+
+def test_headline_rows_follow_the_benchmarks_order_and_skip_what_is_missing():
+    rows = headline_rows({"recall": 0.5, "chair_i": 0.2, "pope_adversarial_f1": 0.75, "update/kl": 1.0},
+                         {"recall": 0.6, "chair_i": 0.25})
+    assert rows == [["CHAIR_i (lower is better)", 0.25, 0.2, "-0.0500"], ["recall", 0.6, 0.5, "-0.1000"],
+                    ["POPE adversarial F1", None, 0.75, None]]
+    assert headline_rows({"chair_i": 0.2}, None) == [["CHAIR_i (lower is better)", None, 0.2, None]]
+
+
+def test_the_repeat_rule_is_explained_as_configured():
+    assert "spike at 0" in histogram_caption("first") and "spike" not in histogram_caption("each")
+    page = render_report("t", {}, {"chair_i": 0.1}, ROWS, {}, repeats="each")
+    assert "every mention keeps its own reward" in page and "a correct repeat shows" not in page
+    with pytest.raises(ValueError, match="repeats must be one of"):
+        render_report("t", {}, {}, ROWS, {}, repeats="last")
 
 
 def _where(path, rgb: tuple[int, int, int]) -> np.ndarray:

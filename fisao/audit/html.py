@@ -49,14 +49,42 @@ def _png(path: str | Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+def _table(rows: Sequence[Sequence], headers: Sequence[str] | None = None) -> str:
+    """An HTML table; without `headers` no header row (a key-value list needs none)."""
+    head = "" if headers is None else "<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers) + "</tr></thead>"
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return ""
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+# The report's headline: the benchmarks a campaign is judged by, in this order.
+HEADLINE = (("chair_i", "CHAIR_i (lower is better)"), ("chair_s", "CHAIR_s (lower is better)"), ("recall", "recall"),
+            ("pope_adversarial_f1", "POPE adversarial F1"), ("pope_popular_f1", "POPE popular F1"),
+            ("pope_random_f1", "POPE random F1"), ("pope_adversarial_yes_ratio", "POPE adversarial yes-ratio"))
+
+# What the reward's repeat rule (`reward.repeats`) does to a mention that names an object again.
+REPEAT_RULES = {
+    "first": "only the first mention of an object in an answer can earn a positive reward; a repeat keeps "
+             "min(reward, 0), so a correct repeat shows +0.00",
+    "each": "every mention keeps its own reward, repeats included",
+}
+
+
+def headline_rows(metrics: dict[str, float], base: dict[str, float] | None) -> list[list]:
+    """[label, base, this round, change] for each metric of HEADLINE that `metrics` has."""
+    rows = []
+    for key, label in HEADLINE:
+        if key not in metrics:
+            continue
+        was = None if base is None else base.get(key)
+        change = None if was is None else f"{metrics[key] - was:+.4f}"
+        rows.append([label, was, metrics[key], change])
+    return rows
 
 
 STYLE = """
@@ -67,13 +95,24 @@ body { font-family: sans-serif; margin: 24px; color: #111; max-width: 1000px; }
 .hallucinated { text-decoration: underline dotted 2px; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
 td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+figure { margin: 8px 0 16px; }
+figcaption { font-size: 13px; color: #444; max-width: 900px; }
 .legend span { padding: 3px 8px; margin-right: 6px; border-radius: 4px; }
 """
 
 
+def _figure(path: str | Path, name: str, caption: str) -> str:
+    return f"<figure>{_png(path, name)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
 def render_report(title: str, facts: dict[str, str], metrics: dict[str, float], examples: Sequence[dict],
-                  figures: dict[str, str | Path]) -> str:
-    """The page: facts (lineage), metrics, a few rollouts (rows of `fisao.audit.tokens`), figures."""
+                  figures: dict[str, str | Path], base: dict[str, float] | None = None,
+                  captions: dict[str, str] | None = None, repeats: str = "first") -> str:
+    """The page, picture first: headline metrics (base -> this round), the figures, a few rollouts
+    (rows of `fisao.audit.tokens`) coloured by reward, every metric, then the provenance `facts`."""
+    if repeats not in REPEAT_RULES:
+        raise ValueError(f"repeats must be one of {sorted(REPEAT_RULES)}, not {repeats!r}")
+    captions = captions or {}
     legend = "".join(f'<span style="background:{reward_colour(r)};color:{"#fff" if abs(r) > 0.6 else "#111"}">'
                      f"{r:+.1f}</span>" for r in (-1.0, -0.5, 0.0, 0.5, 1.0))
     answers = []
@@ -84,9 +123,11 @@ def render_report(title: str, facts: dict[str, str], metrics: dict[str, float], 
                        f'<div class="answer">{mention_html(row["text"], row["mentions"])}</div>{mentions}')
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            + _table(list(facts.items()), ["", ""])
-            + "<h2>metrics</h2>" + _table(sorted(metrics.items()), ["metric", "value"])
-            + f'<h2>rollouts</h2><p class="legend">reward: {legend} dotted underline: hallucinated (ground truth)</p>'
+            + _table(headline_rows(metrics, base), ["benchmark", "base model", "this round", "change"])
+            + "".join(_figure(p, name, captions.get(name, name)) for name, p in figures.items())
+            + f'<h2>rollouts</h2><p class="legend">reward: {legend} dotted underline: hallucinated (ground truth, '
+              f"never used in the reward). Repeats: {html.escape(REPEAT_RULES[repeats])}.</p>"
             + "".join(answers)
-            + "<h2>figures</h2>" + "".join(_png(p, name) for name, p in figures.items())
+            + "<h2>all metrics of this round</h2>" + _table(sorted(metrics.items()), ["metric", "value"])
+            + "<h2>provenance</h2>" + _table(list(facts.items()))
             + "</body></html>\n")

@@ -26,7 +26,7 @@ def reward_histogram_png(rewards: Sequence[float], hallucinated: Sequence[bool],
     bins = np.linspace(-1, 1, 21)
     ax.hist([r[~h], r[h]], bins=bins, stacked=True, color=["tab:green", "tab:red"],
             label=[f"correct (n={int((~h).sum())})", f"hallucinated (n={int(h.sum())})"])
-    ax.set_xlabel("reward of a mention (clamp((s - b) / w, -1, 1))")
+    ax.set_xlabel("mention reward")
     ax.set_ylabel("mentions")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
@@ -49,6 +49,7 @@ def metric_curves_png(rounds: Sequence[dict], path: str | Path, title: str = "me
             ax.plot(xs, ys, marker="o", color="tab:blue")
         ax.set_title(label, fontsize=9)
         ax.set_xticks(range(len(rounds)))
+        ax.set_xlabel("round", fontsize=8)
         ax.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -137,6 +137,9 @@ def peer_round(method: str, cfg, base: dict, adapter_in, examples, verifier, cal
                      runtime=cfg.model)
 
 
+PEER_MODULES = {"trl-grpo": "fisao.peers.grpo", "csr-dpo": "fisao.peers.csr"}  # what a peer's round runs
+
+
 def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> dict:
     """A peer's rounds from `base` (the summary of the same seed's fisao campaign), logged as a campaign."""
     from prefect import tags as prefect_tags
@@ -148,7 +151,7 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
     from fisao.localstate import campaign_dir
     from fisao.locks import RunLock
     from fisao.progress import bar
-    from fisao.versioning import code_version
+    from fisao.versioning import code_version, stage_files
     from flows.report import headline
     from flows.rounds import ALIGN_CODE, evaluate_model, round_params
     from tasks.campaigns import campaign_state, open_campaign
@@ -179,7 +182,7 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
             calibration = stages.read_calibration(base["calibration"]["path"])[0]
             policy, adapter, seconds, answers, dirs, cached = llava, None, 0.0, 0, [], False
             ppo = cfg.ppo.model_copy(update={"rounds": 1})  # the round count is not a round's input
-            code = code_version("peers", *ALIGN_CODE)
+            code = code_version(*sorted({*ALIGN_CODE, *stage_files(PEER_MODULES[method])}))
             for k in bar(range(1, ctx["rounds"] + 1), f"{name}: rounds"):
                 # Content-addressed, as a FiSAO round's stages: the same inputs find the finished round.
                 out = here / "rounds" / key_of(method, k, policy["sha256"], base["clip"]["sha256"],

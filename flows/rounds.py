@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 
 from fisao import io, localstate
 from fisao.config import Config
-from fisao.versioning import code_version
+from fisao.versioning import code_version, stage_files
 from flows.report import round_rows
 from flows.steps import run_step
 from tasks.align import rollouts, score, update
@@ -26,17 +26,12 @@ from tasks.publish import publish_round
 from tasks.resume import write_manifest
 from tasks.tracking import log_round, round_span
 
-# The world's base-model builds: the files they run (not the real-model parts of fisao/models/,
-# such as eva_clip.py and known.py, whose changes must not rebuild the world's models). Not
-# config.py: the builds' settings enter their keys as the hashes of their config sections, so an
-# option added to another section (reward.verifier) does not rebuild a world's models.
-MODEL_CODE = ("models/__init__.py", "models/build.py", "models/clip.py", "models/llava.py", "models/tokenizer.py",
-              "models/images.py", "models/families.py", "world", "coco.py", "io.py", "auroc.py", "generate.py")
-EVAL_CODE = ("benchmarks", "evaluate.py", "generate.py", "coco.py", "config.py", "io.py", "world/pope.py",
-             "runtime.py", "models/families.py")
-ALIGN_CODE = ("align", "benchmarks", "models/clip.py", "generate.py", "coco.py", "config.py", "io.py", "auroc.py",
-              "world/data.py", "examples.py", "runtime.py", "models/families.py", "models/eva_clip.py",
-              "crashpoints.py")
+# The files each kind of stage depends on, derived from what its library entry points import
+# (fisao.versioning.stage_files; tests/test_versioning.py): the world and its base-model builds,
+# the benchmarks, and a round's rollouts, scores and update (run in-process or by the launcher).
+MODEL_CODE = stage_files("fisao.world.store", "fisao.models.build")
+EVAL_CODE = stage_files("fisao.evaluate")
+ALIGN_CODE = stage_files("fisao.align.stages", "fisao.align.launch", "fisao.align.shards")
 
 ROUND_FIGURES = {
     "rollouts": ("tokens", "tokens_per_second"),

@@ -57,9 +57,10 @@ deploy: $(STAMP)
 	$(BIN)/prefect work-pool inspect fisao-process >/dev/null 2>&1 || $(BIN)/prefect work-pool create fisao-process --type process
 	FISAO_CHECKOUT=$${FISAO_CHECKOUT:-$(CURDIR)} $(BIN)/prefect --no-prompt deploy $(addprefix -n ,$(DEPLOYMENTS))
 
-# FiSAO beside TRL's GRPO and CSR-style DPO on the demo world (world seed 0), 3 rounds, 3 seeds
-# (bench/peers.py; issue 14). PEERS_ARGS changes them: make peers PEERS_ARGS="--seeds 0 --rounds 1".
-PEERS_ARGS ?= --world 0 --seeds 0,1,2 --rounds 3 --out outputs/peers
+# FiSAO beside TRL's GRPO and CSR-style DPO on the demo world (world seed 0), 3 rounds, 3 seeds,
+# each method's learning rate picked on the val split first (--tune; bench/peers.py, issue 14).
+# PEERS_ARGS changes them: make peers PEERS_ARGS="--world 0 --seeds 0 --rounds 1 --out outputs/peers-quick".
+PEERS_ARGS ?= --world 0 --seeds 0,1,2 --rounds 3 --tune --out outputs/peers
 peers: $(PEERS)
 	$(BIN)/python bench/peers.py $(PEERS_ARGS)
 

@@ -151,8 +151,8 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
     from fisao.localstate import campaign_dir
     from fisao.locks import RunLock
     from fisao.progress import bar
+    from fisao.summary import headline
     from fisao.versioning import code_version, stage_files
-    from flows.report import headline
     from flows.rounds import ALIGN_CODE, evaluate_model, round_params
     from tasks.campaigns import campaign_state, open_campaign
     from tasks.common import build_once, key_of
@@ -302,7 +302,7 @@ def _flow():
 
 def table(result: dict) -> str:
     """One row per method: base and last-round figures (mean ± std over seeds), cost and learning rate."""
-    from flows.report import table as text_table
+    from fisao.summary import table as text_table
 
     def cell(figures: dict, key: str, k: int) -> str:
         mean, std = figures[key][k], figures[f"{key}_std"][k]

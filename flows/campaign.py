@@ -36,9 +36,9 @@ from fisao.inputs import config_identity_hash, identity
 from fisao import localstate
 from fisao.localstate import use_project
 from fisao.locks import RunLock
+from fisao.summary import headline, summary_markdown
 from fisao.versioning import code_version, git_state, package_versions
 from flows.ephemeral import servers_started_by, stop_orphaned
-from flows.report import headline, summary_markdown
 from flows.rounds import ALIGN_CODE, MODEL_CODE, evaluate_model, round_datasets, round_params, run_round, timed
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign

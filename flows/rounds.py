@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from fisao import io, localstate
 from fisao.config import Config
 from fisao.versioning import code_version, stage_files
-from flows.report import round_rows
+from fisao.summary import round_rows
 from flows.steps import run_step
 from tasks.align import rollouts, score, update
 from tasks.audit import round_report

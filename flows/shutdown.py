@@ -74,7 +74,7 @@ def _mark_campaign(name: str, end: str, error: str, force: bool = False) -> bool
 
 
 def in_prefect(frame) -> bool:
-    """Whether `frame` runs Prefect's own code rather than the campaign's (fisao, tasks, flows).
+    """Whether `frame` runs Prefect's own code rather than the campaign's (fisao, tasks, flows, cli).
 
     The innermost frame of either decides (libraries such as torch or pydantic belong to whoever
     called them). A KeyboardInterrupt raised inside Prefect's task bookkeeping is not survived as
@@ -85,7 +85,7 @@ def in_prefect(frame) -> bool:
         module = frame.f_globals.get("__name__", "")
         if module == "prefect" or module.startswith("prefect."):
             return True
-        if module.split(".")[0] in ("fisao", "tasks", "flows"):
+        if module.split(".")[0] in ("fisao", "tasks", "flows", "cli"):
             return False
         frame = frame.f_back
     return False

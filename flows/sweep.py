@@ -23,9 +23,9 @@ from fisao import io
 from fisao.config import load_config
 from fisao.inputs import config_identity_hash, identity
 from fisao.localstate import use_project
+from fisao.summary import sweep_headline
 from fisao.sweep import aggregate, default_name, plan, run_record, sweep_dir, sweep_lock
 from flows.campaign import campaign
-from flows.report import sweep_headline
 from tasks.campaigns import campaign_state
 from tasks.publish import run_tag, tag_this_flow_run
 from tasks.records import init_store

@@ -27,7 +27,7 @@ from fisao import io
 
 COMPLETE = "fisao.complete"
 # Marks an experiment as model training, not a GenAI app. MLflow 3.17.2's UI reads the kind from the
-# address's `workflowType` instead (flows/report.py prints such a link); the tag is what its API
+# address's `workflowType` instead (fisao/summary.py prints such a link); the tag is what its API
 # and its experiment-kind selector record.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 INPUTS = "inputs.json"  # the parent run's recorded campaign inputs (see fisao/inputs.py)

@@ -163,7 +163,7 @@ def needs_peers() -> None:
 
 
 def project_env(project: Path, monkeypatch) -> None:
-    """Point MLflow at `project`'s store, and have whatever `flows.cli.main` sets in the environment
+    """Point MLflow at `project`'s store, and have whatever `cli.main.main` sets in the environment
     for `project` (its local state) undone after the test."""
     from fisao.localstate import local_state_env
 

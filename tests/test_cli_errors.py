@@ -5,10 +5,10 @@ import time
 
 import pytest
 
+from cli.main import main
 from fisao import io
 from fisao.benchmarks.pope import check_unclear
 from fisao.localstate import local_state_env
-from flows.cli import main
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli.main import main
 from fisao import dvcdata
 from fisao.dvcdata import verify
 from fisao.localstate import local_state_env
 from fisao.world.build import read_world_config
-from flows.cli import main
 
 SIZES = {"train": 10, "val": 3, "test": 5}
 

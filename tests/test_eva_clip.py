@@ -187,7 +187,7 @@ def test_fisao_convert_eva_clip_writes_a_verifier_that_loads_and_scores(tmp_path
 
     from fisao.align.verifier import Verifier
     from fisao.benchmarks.vocab import Vocabulary
-    from flows.cli import main
+    from cli.main import main
     from tests.realmodels import _image, tokenizers
 
     _, tok = tokenizers()

@@ -65,3 +65,29 @@ def test_library_never_imports_prefect_or_mlflow():
     bad = {m: sorted(n for n in names if n.split(".")[0] in ("prefect", "mlflow"))
            for m, names in _library().items()}
     assert not {m: n for m, n in bad.items() if n}
+
+
+def _modules(package: str) -> dict[str, set[str]]:
+    """The modules of a top-level package of the project, each with the modules it imports."""
+    return {path.relative_to(ROOT).as_posix(): _imports(path) for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def test_only_the_command_line_imports_the_command_line():
+    """cli/ sits on top (it starts flows, reads MLflow, prints): fisao/, tasks/ and flows/ never import it."""
+    bad = {path: sorted(n for n in names if n.split(".")[0] == "cli")
+           for package in ("fisao", "tasks", "flows") for path, names in _modules(package).items()}
+    assert not {path: n for path, n in bad.items() if n}
+
+
+def test_the_fisao_command_is_cli_main_and_loads_without_prefect_or_mlflow():
+    """The console script runs cli.main:main, and building its parser (what `fisao world build` or
+    `fisao eval chair` needs before running) imports neither Prefect nor MLflow: they start fast."""
+    import subprocess
+    import sys
+    import tomllib
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["fisao"] == "cli.main:main"
+    code = ("import sys; from cli.main import build_parser, main; build_parser().parse_args(['world', 'build']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

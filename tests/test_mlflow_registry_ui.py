@@ -74,7 +74,7 @@ def test_each_round_is_a_version_of_the_campaigns_model_and_a_resume_registers_n
 
 
 def test_models_uris_name_the_registered_checkpoint_on_the_command_line(ran, capsys):
-    from flows.cli import main
+    from cli.main import main
     from tasks.records import checkpoint_dir
 
     project, runs = ran["project"], round_runs_by_index()

@@ -119,7 +119,7 @@ def test_next_and_instructblip_estimates_from_known_configs(name, family, total,
 
     from fisao.memory import campaign_estimate
     from fisao.models.families import family_of
-    from flows.cli import main
+    from cli.main import main
 
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert family_of(known_config(cfg.model.policy)).name == family

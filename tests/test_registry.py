@@ -162,7 +162,7 @@ def test_a_models_uri_that_names_nothing_says_what_the_registry_holds(campaign, 
 
 
 def test_the_command_line_resolves_models_uris_and_names_the_registered_models(campaign, tmp_path, capsys):
-    from flows.cli import main
+    from cli.main import main
 
     register_all(campaign)
 

@@ -1,7 +1,7 @@
 """What the campaign and sweep summaries print: the one-line result and the MLflow link."""
 from __future__ import annotations
 
-from flows.report import headline, print_summary, runs_link, sweep_headline
+from fisao.summary import headline, print_summary, runs_link, sweep_headline
 
 ROUNDS = [{"chair_i": 0.145, "recall": 0.620}, {"chair_i": 0.114, "recall": 0.631},
           {"chair_i": 0.059, "recall": 0.624}, {"chair_i": 0.070, "recall": 0.600}]

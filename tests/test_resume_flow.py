@@ -40,7 +40,7 @@ def again(project, **kwargs):
 
 
 def cli(project, capsys, *args) -> tuple[int, str, str]:
-    from flows.cli import main
+    from cli.main import main
 
     rc = main(["--project", str(project), *args])
     out = capsys.readouterr()

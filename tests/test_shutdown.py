@@ -22,7 +22,7 @@ CHILD = """
 import sys, time, subprocess
 from fisao.locks import RunLock
 from flows.shutdown import CampaignStop
-import tasks.campaigns  # imported, with Prefect, before any campaign starts (flows/cli.py)
+import tasks.campaigns  # imported, with Prefect, before any campaign starts (cli/campaigns.py)
 from tasks.records import campaign_parent, experiment_id
 lock_path, grace, server, opened = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "server", sys.argv[4] == "opened"
 if opened:  # the campaign's parent run, as open_campaign leaves it
@@ -168,7 +168,9 @@ def test_in_prefect_tells_prefects_bookkeeping_from_the_campaigns_code():
     # The task body runs: the campaign's code (and the libraries it calls) is innermost.
     assert not in_prefect(_nested_frame("flows.rounds", "prefect.task_engine", "tasks.models", "fisao.models.clip",
                                         "torch.nn.modules.module"))
-    assert not in_prefect(_nested_frame("flows.campaign", "flows.report"))
+    assert not in_prefect(_nested_frame("flows.campaign", "fisao.summary"))
+    # The command line (cli/) is the campaign's code as well, as it was when it lived in flows/.
+    assert not in_prefect(_nested_frame("prefect.flows", "cli.campaigns"))
     assert not in_prefect(_nested_frame("__main__", "threading"))
     assert not in_prefect(None)
 
@@ -273,7 +275,8 @@ def test_a_forced_exit_of_a_sweep_marks_the_campaign_it_runs_and_the_sweep_and_r
 def test_the_sweep_command_a_stopped_sweep_prints_parses_back_to_the_same_sweep():
     import shlex
 
-    from flows.cli import build_parser, sweep_command
+    from cli.campaigns import sweep_command
+    from cli.main import build_parser
 
     argv = ["--project", "my project", "sweep", "--config", "configs/tiny.yaml", "--worlds", "10,11", "--seeds", "0,1",
             "--rounds", "0"]

@@ -7,8 +7,8 @@ import pytest
 
 from fisao.config import load_config
 from fisao.locks import CampaignLocked
+from fisao.summary import sweep_table
 from fisao.sweep import FIELDS, aggregate, parse_seeds, plan, relative_cut, run_record, sweep_lock
-from flows.report import sweep_table
 
 
 def _round(chair_i, yes=(0.5, 0.5, 0.5), kl=None, **more):
@@ -141,7 +141,7 @@ def test_sweep_lock_refuses_a_second_holder_by_name(tmp_path):
 
 def test_cli_sweep_refuses_bad_seeds_before_starting_anything(tmp_path, monkeypatch, capsys):
     from fisao.localstate import local_state_env
-    from flows.cli import main
+    from cli.main import main
 
     for key, value in local_state_env(tmp_path).items():  # main() sets these; monkeypatch undoes them
         monkeypatch.setenv(key, value)
@@ -154,7 +154,7 @@ def test_cli_sweep_refuses_bad_seeds_before_starting_anything(tmp_path, monkeypa
 
 
 def test_print_sweep_names_failed_campaigns_and_says_what_the_mean_covers(capsys):
-    from flows.report import print_sweep
+    from fisao.summary import print_sweep
 
     cfg = load_config(None)
     ok, bad = plan(cfg, "q", (10, 11), (0,))

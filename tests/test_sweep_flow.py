@@ -43,7 +43,7 @@ def test_sweep_goes_past_a_failed_campaign_then_continues_prints_writes_json_and
 
     import flows.rounds
     from fisao.config import load_config
-    from flows.cli import main
+    from cli.main import main
     from flows.sweep import sweep
 
     project = copy_project(base_project, tmp_path_factory.mktemp("sweep") / "project")

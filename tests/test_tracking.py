@@ -193,7 +193,7 @@ def test_evaluation_metrics_are_logged_under_eval_and_read_back_under_their_summ
 def test_a_campaigns_experiment_gets_the_saved_rounds_view_with_headline_columns(tmp_path, store):
     import json
 
-    from flows.report import runs_link
+    from fisao.summary import runs_link
     from tasks.campaigns import open_campaign
 
     opened = open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")

@@ -1,4 +1,4 @@
-"""`fisao runs` and `fisao audit`: what MLflow holds about campaigns, printed (and exported).
+"""`fisao runs` and `fisao audit` (cli/runs.py): what MLflow holds about campaigns, printed (and exported).
 
 Read-only, and without Prefect: only MLflow's store and the files its runs point to.
 """
@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from fisao import io
 from fisao.locks import lock_holder
-from flows.report import table
+from fisao.summary import table
 from tasks.records import (HEADLINE_METRICS, MANIFEST, best_round, campaign_parent, download, mlflow_key,
                            model_version, read_json_artifact, round_runs, summary_key)
 

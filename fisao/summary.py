@@ -1,4 +1,5 @@
-"""Print a campaign's summary as a table people can read at a glance."""
+"""A campaign's and a sweep's results as text people read at a glance: tables, the one-line headline,
+the markdown Prefect's UI shows, and links into MLflow's UI (pure: no Prefect, no MLflow)."""
 from __future__ import annotations
 
 

@@ -11,7 +11,7 @@ from fisao.align.calibration import Calibration
 from fisao.align.files import FIGURES
 from fisao.align.sample import rollout_images
 from fisao.align.score import (
-    caption_rewards, caption_token_rewards, claim_figures, mention_audit, oracle_scores, question_rewards,
+    caption_rewards, caption_token_rewards, claim_figures, mention_audit, mention_records, oracle_scores, question_rewards,
     reward_figures, sentence_rewards,
 )
 from fisao.benchmarks.mentions import parse_mentions
@@ -80,6 +80,18 @@ def test_oracle_scores_are_ground_truth_and_need_it():
     assert oracle_scores({"circle", "moon"}, ["circle", "square", "moon"], 7).tolist() == [1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="image 7 of the rollout split has none"):
         oracle_scores(None, ["circle"], 7)
+
+
+def test_mention_records_label_each_mention_with_ground_truth_for_the_audit():
+    text = "a circle and a crescent"
+    mentions = parse_mentions(text, VOCAB)
+    records = mention_records(mentions, torch.tensor([0.625, 0.1234567]), [0.5, -1.0], {"circle", "square"})
+    assert records == [
+        {"text": "circle", "category": "circle", "start": 2, "end": 8, "score": 0.625, "reward": 0.5,
+         "hallucinated": False},
+        {"text": "crescent", "category": "moon", "start": 15, "end": 23, "score": 0.12346, "reward": -1.0,
+         "hallucinated": True}]
+    assert [r["hallucinated"] for r in mention_records(mentions, torch.zeros(2), [0.0, 0.0], None)] == [None, None]
 
 
 def test_figures_by_hand():

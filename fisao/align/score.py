@@ -7,8 +7,8 @@ those scores is the pure functions below them:
 - `question_rewards`: the round's yes/no answers' rewards from the scores of the objects asked about;
 - `sentence_rewards`: the sentence-level ablation (one reward per description, on its last token);
 - `oracle_scores`: ground truth as the scores (`reward.verifier` "oracle");
-- `reward_figures`, `mention_audit`, `claim_figures`: the stage's figures; the audit's ground
-  truth is counted, never used in a reward.
+- `mention_records`, `reward_figures`, `mention_audit`, `claim_figures`: the stage's rows and
+  figures; the audit's ground truth is counted, never used in a reward.
 """
 from __future__ import annotations
 
@@ -133,7 +133,14 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     mentions = {r: parse_mentions(texts[r], verifier.vocab) for r in captions}
     scores = {r: verify(r, [m.category for m in mentions[r]]) if mentions[r] else torch.zeros(0) for r in captions}
     rewards = {r: caption_rewards(mentions[r], scores[r], mention_cal, reward) for r in captions}
-    answer_scores = None
+    rows: list[dict] = [{} for _ in range(n)]
+    for r, s, yes, value in zip(questions, q_scores, says_yes, q_rewards):
+        present = None if truth[index[r]] is None else asked[r] in truth[index[r]]
+        rows[r] = {"row": r, "image_id": image_ids[r], "kind": "question", "category": asked[r], "text": texts[r],
+                   "says_yes": yes, "score": round(s, 5), "reward": round(value, 5), "present": present}
+    for r in captions:
+        rows[r] = {"row": r, "image_id": image_ids[r], "kind": "caption", "text": texts[r],
+                   "mentions": mention_records(mentions[r], scores[r], rewards[r], truth[index[r]])}
     if reward.level == "token":
         token_rewards = torch.zeros(n, width)
         for r, value in zip(questions, q_rewards):
@@ -150,24 +157,9 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
         claims[questions] = torch.tensor(q_rewards)
         answer_rewards, token_rewards = sentence_rewards(rollouts.mask, claims, captions, answer_scores, sentence_cal,
                                                          reward)
-
-    rows: list[dict] = [{} for _ in range(n)]
-    audited: list[tuple[float, bool | None]] = []
-    for r, s, yes, value in zip(questions, q_scores, says_yes, q_rewards):
-        present = None if truth[index[r]] is None else asked[r] in truth[index[r]]
-        rows[r] = {"row": r, "image_id": image_ids[r], "kind": "question", "category": asked[r], "text": texts[r],
-                   "says_yes": yes, "score": round(s, 5), "reward": round(value, 5), "present": present}
-    for r in captions:
-        records = []
-        for m, s, rw in zip(mentions[r], scores[r].tolist(), rewards[r]):
-            hallucinated = None if truth[index[r]] is None else m.category not in truth[index[r]]
-            audited.append((rw, hallucinated))
-            records.append({"text": m.text, "category": m.category, "start": m.start, "end": m.end,
-                            "score": round(s, 5), "reward": round(rw, 5), "hallucinated": hallucinated})
-        rows[r] = {"row": r, "image_id": image_ids[r], "kind": "caption", "text": texts[r], "mentions": records}
-    if answer_scores is not None:
         for r, s in zip(captions, answer_scores.tolist()):
             rows[r]["answer_score"], rows[r]["answer_reward"] = round(s, 5), round(float(answer_rewards[r]), 5)
+    audited = [(rw, m["hallucinated"]) for r in captions for rw, m in zip(rewards[r], rows[r]["mentions"])]
     figures = {**reward_figures([rw for r in captions for rw in rewards[r]], token_rewards, rollouts.mask),
                **mention_audit(audited),
                **claim_figures([(value, yes, rows[r]["present"]) for r, yes, value in zip(questions, says_yes, q_rewards)])}
@@ -201,6 +193,16 @@ def caption_rewards(mentions: Sequence[Mention], scores: Tensor, calibration: Ca
     shape = SHAPES[reward.shape]
     rewards = [float(shape(s, *calibration.thresholds(m.category))) for m, s in zip(mentions, scores)]
     return REPEATS[reward.repeats]([m.category for m in mentions], rewards)
+
+
+def mention_records(mentions: Sequence[Mention], scores: Tensor, rewards: Sequence[float],
+                    truth: set[str] | None) -> list[dict]:
+    """One JSON record per mention of a description (M mentions, scores (M,), rewards (M,)): its words,
+    category, character span, score and reward (to 5 decimals) and, for the audit only, whether the
+    image's ground truth `truth` (its categories; None: unknown) says it is hallucinated."""
+    return [{"text": m.text, "category": m.category, "start": m.start, "end": m.end, "score": round(s, 5),
+             "reward": round(rw, 5), "hallucinated": None if truth is None else m.category not in truth}
+            for m, s, rw in zip(mentions, scores.tolist(), rewards)]
 
 
 def caption_token_rewards(text: str, offsets: Sequence[tuple[int, int]], mentions: Sequence[Mention],

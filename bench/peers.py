@@ -11,7 +11,7 @@ or the project's data directory (`data`, or its `data/world`). For each training
 2. `fisao-sentence`: the same with `reward.level: sentence` (configs/ablation-sentence.yaml);
 3. `trl-grpo` (`fisao.peers.grpo.grpo_round`) and 4. `csr-dpo` (`fisao.peers.csr.csr_round`), each
    from the base LLaVA, the CLIP and the mention-level calibration that seed's `fisao` campaign used
-   (its summary.json), on the same images per round (`stages.round_examples`), the same answers per
+   (its summary.json), on the same images per round (`fisao.align.sample.round_examples`), the same answers per
    image and the same LoRA; round k continues round k−1's adapters.
 Every round's merged checkpoint is evaluated by the campaign's own evaluation task
 (`flows.rounds.evaluate_model`, cached on the checkpoint's hash) on the config's `eval.split`, so
@@ -145,7 +145,9 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
     from prefect import tags as prefect_tags
 
     from fisao import io
-    from fisao.align import stages
+    from fisao.align.files import FIGURES
+    from fisao.align.sample import round_examples
+    from fisao.align.score import load_verifier, read_calibration
     from fisao.config import config_hash, load_config
     from fisao.inputs import config_identity_hash, identity
     from fisao.localstate import campaign_dir
@@ -178,8 +180,8 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
             log_round(name, name, 0, rounds[0], {**round_params(cfg, llava, 0), **peer},
                       {**tags, "fisao.model_sha256": llava["sha256"], "fisao.model_path": llava["path"]},
                       {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]))
-            verifier = stages.load_verifier(base["clip"]["path"], world["path"], cfg.reward, cfg.model)
-            calibration = stages.read_calibration(base["calibration"]["path"])[0]
+            verifier = load_verifier(base["clip"]["path"], world["path"], cfg.reward, cfg.model)
+            calibration = read_calibration(base["calibration"]["path"])[0]
             policy, adapter, seconds, answers, dirs, cached = llava, None, 0.0, 0, [], False
             ppo = cfg.ppo.model_copy(update={"rounds": 1})  # the round count is not a round's input
             code = code_version(*sorted({*ALIGN_CODE, *stage_files(PEER_MODULES[method])}))
@@ -188,10 +190,10 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
                 out = here / "rounds" / key_of(method, k, policy["sha256"], base["clip"]["sha256"],
                                                base["calibration"]["sha256"], world["md5"], config_hash(cfg.rollout),
                                                config_hash(cfg.reward), config_hash(cfg.lora), config_hash(ppo), code)
-                examples = stages.round_examples(world["path"], cfg.rollout, k)
-                cached |= not build_once(out, stages.FIGURES, functools.partial(
+                examples = round_examples(world["path"], cfg.rollout, k)
+                cached |= not build_once(out, FIGURES, functools.partial(
                     peer_round, method, cfg, base, adapter, examples, verifier, calibration, k, out))
-                figures = io.read_json(out / stages.FIGURES)
+                figures = io.read_json(out / FIGURES)
                 model = {"path": str(out / "model"), "sha256": io.tree_digest(out / "model")}
                 evaluation = evaluate_model(cfg, ctx["project"], k, model, world, timings, t0)
                 scalars = {f"{method}/{key}": v for key, v in figures.items()
@@ -203,7 +205,7 @@ def run_peer(ctx: dict, method: str, name: str, overrides: dict, base: dict) -> 
                 lineage = {**tags, "fisao.parent_sha256": policy["sha256"], "fisao.parent_path": policy["path"],
                            "fisao.model_sha256": model["sha256"], "fisao.model_path": model["path"]}
                 log_round(name, name, k, metrics, {**round_params(cfg, model, k), **peer}, lineage, artifacts,
-                          span=covering(span_of(out, stages.FIGURES, figures["seconds"]),
+                          span=covering(span_of(out, FIGURES, figures["seconds"]),
                                         evaluation_span(evaluation["path"])))
                 policy, adapter = model, out / "adapter"
                 seconds += figures["seconds"]

@@ -58,7 +58,9 @@ def main() -> int:
     p.add_argument("--set", nargs="*", default=[], help="config overrides, dotted.key=value (the value as in YAML)")
     args = p.parse_args()
 
-    from fisao.align import stages
+    from fisao.align.sample import rollout_stage
+    from fisao.align.score import calibration_stage, score_stage
+    from fisao.align.train import update_stage
     from fisao.config import load_config, parse_settings
 
     cfg = load_config(args.config, parse_settings(args.set))
@@ -97,13 +99,13 @@ def main() -> int:
         if llava is None:
             llava = work / "llava"
             timed("llava", build_llava, world, clip, cfg.llava, llava, progress=False)
-    timed("calibrate", stages.calibration_stage, llava, clip, world, cfg.reward, cfg.rollout, work / "cal",
+    timed("calibrate", calibration_stage, llava, clip, world, cfg.reward, cfg.rollout, work / "cal",
           progress=False, runtime=runtime)
-    rollouts = timed("rollouts", stages.rollout_stage, llava, world, cfg.rollout, 1, work / "rollouts", progress=False,
+    rollouts = timed("rollouts", rollout_stage, llava, world, cfg.rollout, 1, work / "rollouts", progress=False,
                      runtime=runtime)
-    timed("score", stages.score_stage, work / "rollouts", llava, clip, work / "cal", world, cfg.reward, work / "scores",
+    timed("score", score_stage, work / "rollouts", llava, clip, work / "cal", world, cfg.reward, work / "scores",
           runtime=runtime)
-    update = timed("update", stages.update_stage, llava, None, work / "rollouts", work / "scores", world, cfg.lora,
+    update = timed("update", update_stage, llava, None, work / "rollouts", work / "scores", world, cfg.lora,
                    cfg.ppo, 1, work / "update", runtime=runtime)
     from fisao.evaluate import evaluate_model
 

@@ -31,7 +31,8 @@ from tasks.tracking import log_round, round_span
 # the benchmarks, and a round's rollouts, scores and update (run in-process or by the launcher).
 MODEL_CODE = stage_files("fisao.world.store", "fisao.models.build")
 EVAL_CODE = stage_files("fisao.evaluate")
-ALIGN_CODE = stage_files("fisao.align.stages", "fisao.align.launch", "fisao.align.shards")
+ALIGN_CODE = stage_files("fisao.align.sample", "fisao.align.score", "fisao.align.train", "fisao.align.launch",
+                         "fisao.align.shards")
 
 ROUND_FIGURES = {
     "rollouts": ("tokens", "tokens_per_second"),

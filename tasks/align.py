@@ -13,7 +13,10 @@ from pathlib import Path
 from fisao import io
 from fisao.align.launch import write_args
 from fisao.align import shards as sharding
-from fisao.align import stages
+from fisao.align.files import FIGURES
+from fisao.align.sample import rollout_stage
+from fisao.align.score import calibration_stage, score_stage
+from fisao.align.train import update_stage
 from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig, config_hash
 from tasks.common import build_once, cached_task, key_of
 
@@ -24,7 +27,7 @@ def _rt(runtime: ModelConfig | None) -> tuple:
 
 
 def _ref(out: Path, **extra) -> dict:
-    return {"path": str(out), "sha256": io.tree_digest(out), "figures": io.read_json(out / stages.FIGURES), **extra}
+    return {"path": str(out), "sha256": io.tree_digest(out), "figures": io.read_json(out / FIGURES), **extra}
 
 
 @cached_task(name="calibrate")
@@ -33,8 +36,8 @@ def calibrate(policy: dict, clip: dict, world_dir: str, data_md5: str, reward: R
     """Verifier baseline and width from the base policy's answers on a labelled split."""
     out = Path(outputs) / "calibration" / key_of(policy["sha256"], clip["sha256"], data_md5, config_hash(reward),
                                                   config_hash(rollout), code, *_rt(runtime))
-    build_once(out, stages.FIGURES, lambda: stages.calibration_stage(policy["path"], clip["path"], world_dir, reward,
-                                                                      rollout, out, runtime=runtime))
+    build_once(out, FIGURES, lambda: calibration_stage(policy["path"], clip["path"], world_dir, reward, rollout, out,
+                                                        runtime=runtime))
     return _ref(out)
 
 
@@ -68,12 +71,12 @@ def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, ro
                               round_index=round_index, shards=shards, runtime=runtime, backend=backend)
             return
         if shards == 1:
-            stages.rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
+            rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
             return
         sharding.merge_rollout_shards(sharding.sample_shards(policy["path"], world_dir, cfg, round_index, out, shards,
                                                             runtime=runtime, backend=backend), out)
 
-    build_once(out, stages.FIGURES, build)
+    build_once(out, FIGURES, build)
     return _ref(out)
 
 
@@ -83,9 +86,8 @@ def score(samples: dict, policy: dict, clip: dict, calibration: dict, world_dir:
     """Per-token verifier rewards of the round's rollouts."""
     out = Path(outputs) / "scores" / key_of(samples["sha256"], clip["sha256"], calibration["sha256"], data_md5,
                                              config_hash(reward), code, *_rt(runtime))
-    build_once(out, stages.FIGURES, lambda: stages.score_stage(samples["path"], policy["path"], clip["path"],
-                                                                calibration["path"], world_dir, reward, out,
-                                                                runtime=runtime))
+    build_once(out, FIGURES, lambda: score_stage(samples["path"], policy["path"], clip["path"], calibration["path"],
+                                                  world_dir, reward, out, runtime=runtime))
     return _ref(out)
 
 
@@ -103,9 +105,9 @@ def update(base: dict, previous: dict | None, samples: dict, scores: dict, world
                 scores_dir=scores["path"], world_dir=world_dir, lora=lora, cfg=ppo, round_index=round_index,
                 runtime=runtime)
     if processes == 1:
-        build_once(out, stages.FIGURES, lambda: stages.update_stage(**args, out=out))
+        build_once(out, FIGURES, lambda: update_stage(**args, out=out))
     else:
-        build_once(out, stages.FIGURES, lambda: accelerate_launch("update", out, processes, **args))
+        build_once(out, FIGURES, lambda: accelerate_launch("update", out, processes, **args))
     model = out / "model"
     return {"path": str(model), "sha256": io.tree_digest(model), "adapter": str(out / "adapter"),
-            "figures": io.read_json(out / stages.FIGURES)}
+            "figures": io.read_json(out / FIGURES)}

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
 from fisao import io
-from fisao.align.stages import FIGURES
+from fisao.align.files import FIGURES
 from fisao.crashpoints import crash_point
 from fisao.manifest import verify_files
 from fisao.models.build import TRAIN_LOG

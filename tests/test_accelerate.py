@@ -11,7 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from fisao import io
-from fisao.align import shards, stages
+from fisao.align import shards
+from fisao.align.files import CALIBRATION, FIGURES
+from fisao.align.sample import rollout_stage
+from fisao.align.score import score_stage
+from fisao.align.train import update_stage
 from fisao.align.calibration import Calibration
 from fisao.align.launch import write_args
 from fisao.align.rollout import load_rollouts
@@ -25,20 +29,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(real_models, tmp_pat
     cfg = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"epochs": 2, "lr": 1e-2, "target_kl": 1e-6})})
     rt, coco, policy = cfg.model, real_models["coco"], cfg.model.policy
     cal = Calibration(0.1, -0.1, 0.0, 0.1, 0.5, 1, 1)
-    io.write_json(tmp_path / "cal" / stages.CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
-    stages.rollout_stage(policy, coco, cfg.rollout, 1, tmp_path / "r", progress=False, runtime=rt)
-    stages.score_stage(tmp_path / "r", policy, cfg.model.verifier, tmp_path / "cal", coco, cfg.reward, tmp_path / "s",
-                       runtime=rt)
+    io.write_json(tmp_path / "cal" / CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
+    rollout_stage(policy, coco, cfg.rollout, 1, tmp_path / "r", progress=False, runtime=rt)
+    score_stage(tmp_path / "r", policy, cfg.model.verifier, tmp_path / "cal", coco, cfg.reward, tmp_path / "s",
+                runtime=rt)
     args = dict(base_dir=policy, adapter_in=None, rollouts_dir=tmp_path / "r", scores_dir=tmp_path / "s", world_dir=coco,
                 lora=cfg.lora, cfg=cfg.ppo, round_index=1, runtime=rt)
-    one = stages.update_stage(**args, out=tmp_path / "one")
+    one = update_stage(**args, out=tmp_path / "one")
     launch = write_args(tmp_path / "args.json", **args, out=tmp_path / "two")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "-m", "fisao.align.launch", str(launch)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    two = io.read_json(tmp_path / "two" / stages.FIGURES)
+    two = io.read_json(tmp_path / "two" / FIGURES)
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["optimizer_steps"] == one["optimizer_steps"] == 2 and two["stopped_early"] == one["stopped_early"] == 1
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
@@ -58,7 +62,7 @@ def test_rollouts_sharded_over_two_processes_equal_the_shards_sampled_in_turn(re
     rt, coco, policy = cfg.model, real_models["coco"], cfg.model.policy
     parts = shards.shard_dirs(tmp_path / "one", 2)
     for i, part in enumerate(parts):
-        stages.rollout_stage(policy, coco, cfg.rollout, 1, part, progress=False, runtime=rt, shard=(i, 2))
+        rollout_stage(policy, coco, cfg.rollout, 1, part, progress=False, runtime=rt, shard=(i, 2))
     shards.merge_rollout_shards(parts, tmp_path / "one")
     launch = write_args(tmp_path / "args.json", "rollouts", policy_dir=policy, world_dir=coco, cfg=cfg.rollout,
                         round_index=1, out=tmp_path / "two", shards=2, runtime=rt)
@@ -67,7 +71,7 @@ def test_rollouts_sharded_over_two_processes_equal_the_shards_sampled_in_turn(re
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "-m", "fisao.align.launch", str(launch)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    sampled_by = [io.read_json(d / stages.FIGURES)["process"] for d in shards.shard_dirs(tmp_path / "two", 2)]
+    sampled_by = [io.read_json(d / FIGURES)["process"] for d in shards.shard_dirs(tmp_path / "two", 2)]
     assert sampled_by == [[0, 2], [1, 2]]  # each process sampled its own shard
     (a, extra_a), (b, extra_b) = load_rollouts(tmp_path / "one"), load_rollouts(tmp_path / "two")
     assert len(b) == cfg.rollout.images_per_round * cfg.rollout.n_per_image
@@ -75,4 +79,4 @@ def test_rollouts_sharded_over_two_processes_equal_the_shards_sampled_in_turn(re
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.mask, b.mask)
     assert torch.equal(a.image_index, b.image_index)
     assert torch.allclose(a.logprobs, b.logprobs, atol=1e-6)
-    assert io.read_json(tmp_path / "two" / stages.FIGURES)["shards"] == 2
+    assert io.read_json(tmp_path / "two" / FIGURES)["shards"] == 2

@@ -37,7 +37,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def test_peers_bench_one_round_one_seed(base_project, tmp_path_factory, harness, monkeypatch, capsys):
-    from fisao.align.stages import round_examples
+    from fisao.align.sample import round_examples
     from fisao.config import load_config
     from fisao.peers import csr, grpo
     from fisao.peers.compare import METHODS

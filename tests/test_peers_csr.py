@@ -15,7 +15,7 @@ from tests.conftest import needs_peers  # noqa: E402
 needs_peers()
 
 from fisao.align.rollout import encode_prompts  # noqa: E402
-from fisao.align.stages import round_examples  # noqa: E402
+from fisao.align.sample import round_examples  # noqa: E402
 from fisao.align.verifier import Verifier  # noqa: E402
 from fisao.benchmarks.vocab import Vocabulary  # noqa: E402
 from fisao.coco import load_image  # noqa: E402

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fisao.align import stages
+from fisao.align.sample import round_examples
+from fisao.align.score import calibration_stage, load_verifier, read_calibration
 from fisao.align.calibration import Calibration
 from fisao.align.verifier import check_vision_tower
 from fisao.benchmarks.vocab import Vocabulary
@@ -70,17 +71,17 @@ def grpo(tiny_models, tmp_path_factory):
                              "ppo.minibatch_size": 4})
     world, clip, llava = tiny_models["world"], tiny_models["clip"], tiny_models["llava"]
     root = tmp_path_factory.mktemp("grpo")
-    stages.calibration_stage(llava, clip, world, cfg.reward, cfg.rollout, root / "cal", progress=False)
-    calibration = stages.read_calibration(root / "cal")[0]
-    verifier = stages.load_verifier(clip, world, cfg.reward)
+    calibration_stage(llava, clip, world, cfg.reward, cfg.rollout, root / "cal", progress=False)
+    calibration = read_calibration(root / "cal")[0]
+    verifier = load_verifier(clip, world, cfg.reward)
     sections = {"rollout": cfg.rollout, "reward": cfg.reward, "lora": cfg.lora, "ppo": cfg.ppo}
-    examples = stages.round_examples(world, cfg.rollout, 1)
+    examples = round_examples(world, cfg.rollout, 1)
     random.seed(123)
     torch.manual_seed(123)
     figures = grpo_round(llava, None, examples, verifier, calibration, **sections, round_index=1, out=root / "r1")
     caller_rng = (random.random(), torch.rand(3))
     again = grpo_round(llava, None, examples, verifier, calibration, **sections, round_index=1, out=root / "r1-again")
-    second = grpo_round(llava, root / "r1" / "adapter", stages.round_examples(world, cfg.rollout, 2), verifier,
+    second = grpo_round(llava, root / "r1" / "adapter", round_examples(world, cfg.rollout, 2), verifier,
                         calibration, **sections, round_index=2, out=root / "r2")
     return {"cfg": cfg, "root": root, "examples": examples, "verifier": verifier, "calibration": calibration,
             "figures": figures, "again": again, "second": second, "caller_rng": caller_rng, "llava": llava}

@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from fisao import io
-from fisao.align import stages
+from fisao.align.files import CALIBRATION, REWARDS
+from fisao.align.sample import rollout_stage
+from fisao.align.score import score_stage
+from fisao.align.train import update_stage
 from fisao.align.calibration import Calibration
 from fisao.align.rollout import response_mask, sequence_logprobs
 from fisao.align.lora import add_lora
@@ -81,19 +84,19 @@ def test_one_round_on_coco_through_the_config(real_models, family, tmp_path):
     # mentions, and calibration says so); the round's stages take a written calibration. Calibration
     # on COCO runs in tests/test_campaign_coco.py, on models trained to see their images.
     cal = Calibration(0.1, -0.1, 0.0, 0.1, 0.5, 1, 1)
-    io.write_json(tmp_path / "cal" / stages.CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
+    io.write_json(tmp_path / "cal" / CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
 
-    r = stages.rollout_stage(policy, coco, cfg.rollout, 1, tmp_path / "r", progress=False, runtime=rt)
+    r = rollout_stage(policy, coco, cfg.rollout, 1, tmp_path / "r", progress=False, runtime=rt)
     assert r["rollouts"] == 8 and r["split"] == "train"
-    s = stages.score_stage(tmp_path / "r", policy, verifier, tmp_path / "cal", coco, cfg.reward, tmp_path / "s", runtime=rt)
-    rows = io.read_jsonl(tmp_path / "s" / stages.REWARDS)
+    s = score_stage(tmp_path / "r", policy, verifier, tmp_path / "cal", coco, cfg.reward, tmp_path / "s", runtime=rt)
+    rows = io.read_jsonl(tmp_path / "s" / REWARDS)
     assert s["mentions"] == sum(len(row["mentions"]) for row in rows) > 0
     assert s["audited_mentions"] == 0  # train2014 has no instances file here: no audit, rewards all the same
     assert all(m["hallucinated"] is None and -1 <= m["reward"] <= 1 for row in rows for m in row["mentions"])
 
     before = {k: v.clone() for k, v in vision_tower(load_policy(policy)[0]).state_dict().items()}
-    u = stages.update_stage(policy, None, tmp_path / "r", tmp_path / "s", coco, cfg.lora, cfg.ppo, 1, tmp_path / "u",
-                            runtime=rt)
+    u = update_stage(policy, None, tmp_path / "r", tmp_path / "s", coco, cfg.lora, cfg.ppo, 1, tmp_path / "u",
+                     runtime=rt)
     assert u["optimizer_steps"] == 2 and u["processes"] == 1
     merged, _ = load_policy(tmp_path / "u" / "model")
     assert type(merged).__name__ == type(load_policy(policy)[0]).__name__
@@ -123,14 +126,14 @@ def test_later_rounds_keep_the_runtime_dtype(real_models, tmp_path):
     rt = cfg.model.model_copy(update={"dtype": "bfloat16"})
     coco, base = real_models["coco"], cfg.model.policy
     cal = Calibration(0.1, -0.1, 0.0, 0.1, 0.5, 1, 1)
-    io.write_json(tmp_path / "cal" / stages.CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
+    io.write_json(tmp_path / "cal" / CALIBRATION, {"mention": cal.to_json(), "sentence": cal.to_json()})
     policy, adapter = base, None
     for k in (1, 2):
-        stages.rollout_stage(policy, coco, cfg.rollout, k, tmp_path / f"r{k}", progress=False, runtime=rt)
-        stages.score_stage(tmp_path / f"r{k}", policy, cfg.model.verifier, tmp_path / "cal", coco, cfg.reward,
-                           tmp_path / f"s{k}", runtime=rt)
-        stages.update_stage(base, adapter, tmp_path / f"r{k}", tmp_path / f"s{k}", coco, cfg.lora, cfg.ppo, k,
-                            tmp_path / f"u{k}", runtime=rt)
+        rollout_stage(policy, coco, cfg.rollout, k, tmp_path / f"r{k}", progress=False, runtime=rt)
+        score_stage(tmp_path / f"r{k}", policy, cfg.model.verifier, tmp_path / "cal", coco, cfg.reward,
+                    tmp_path / f"s{k}", runtime=rt)
+        update_stage(base, adapter, tmp_path / f"r{k}", tmp_path / f"s{k}", coco, cfg.lora, cfg.ppo, k,
+                     tmp_path / f"u{k}", runtime=rt)
         policy, adapter = tmp_path / f"u{k}" / "model", tmp_path / f"u{k}" / "adapter"
         with safe_open(str(policy / "model.safetensors"), "pt") as f:
             assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}  # the checkpoint is the runtime's

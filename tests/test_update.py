@@ -9,6 +9,7 @@ from fisao.align.rollout import encode_prompts, sample_rollouts, sequence_logpro
 from fisao.align.lora import (
     ValueHead, add_lora, load_policy_with_adapter, load_value_head, merge_and_save, save_adapter,
 )
+from fisao.align.train import policy_to_train
 from fisao.align.update import make_accelerator, ppo_update
 from fisao.coco import load_image
 from fisao.config import LoraConfig, PPOConfig
@@ -213,6 +214,35 @@ def test_saved_adapter_and_merged_checkpoint_reproduce_the_trained_policy(setup,
     assert answer(base, processor, images, questions, max_new_tokens=10, progress=False) != greedy  # training mattered
     with pytest.raises(FileNotFoundError, match="save_adapter"):
         load_policy_with_adapter(setup["base"], tmp_path / "merged")
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_policy_to_train_seeds_fresh_adapters_and_continues_saved_ones(setup, tmp_path):
+    critic_free, gae = PPOConfig(seed=3), PPOConfig(seed=3, advantage="gae")
+    rng = torch.get_rng_state()
+    first, head = policy_to_train(load_policy(setup["base"])[0], None, LORA, critic_free, 1)
+    assert torch.equal(torch.get_rng_state(), rng) and head is None  # the draw of A is seeded apart
+    again, _ = policy_to_train(load_policy(setup["base"])[0], None, LORA, critic_free, 1)
+    other, head = policy_to_train(load_policy(setup["base"])[0], None, LORA, gae, 2)
+    a, b, c = lora_state(first), lora_state(again), lora_state(other)
+    assert a and all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], c[k]) for k in a)
+    assert isinstance(head, ValueHead)
+    # round 2 continues round 1's adapters, trainable; a critic-free round 1 left no value head: gae gets a fresh one
+    save_adapter(first, tmp_path / "adapter")
+    continued, head = policy_to_train(load_policy(setup["base"])[0], tmp_path / "adapter", LORA, gae, 2)
+    d = lora_state(continued)
+    assert all(torch.equal(a[k], d[k]) for k in a) and isinstance(head, ValueHead)
+    assert all(p.requires_grad for n, p in continued.named_parameters() if "lora_" in n)
+    trained = ValueHead.for_model(continued)
+    torch.nn.init.normal_(trained.linear.weight)
+    save_adapter(continued, tmp_path / "with-head", value_head=trained)
+    _, head = policy_to_train(load_policy(setup["base"])[0], tmp_path / "with-head", LORA, gae, 3)
+    assert torch.equal(head.linear.weight, trained.linear.weight)
+    _, head = policy_to_train(load_policy(setup["base"])[0], tmp_path / "with-head", LORA, critic_free, 3)
+    assert head is None
 
 
 def test_config_sections_validate():

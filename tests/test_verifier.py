@@ -9,7 +9,10 @@ from safetensors.torch import load_file
 
 from transformers import AutoProcessor
 
-from fisao.align import stages
+from fisao.align.files import REWARDS, TOKEN_REWARDS
+from fisao.align.sample import round_questions, rollout_stage
+from fisao.align.score import calibration_stage, read_calibration, score_stage
+from fisao.align.train import update_stage
 from fisao.align.rewards import decision_spans, token_offsets
 from fisao.align.rollout import load_rollouts
 from fisao.align.verifier import Verifier, check_vision_tower
@@ -59,15 +62,15 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
                              "rollout.max_new_tokens": 16,
                              "reward.calibration_images": 16, "reward.calibration_answers": 4, "ppo.minibatch_size": 4})
     world, clip, llava = tiny_models["world"], tiny_models["clip"], tiny_models["llava"]
-    cal = stages.calibration_stage(llava, clip, world, cfg.reward, cfg.rollout, tmp_path / "cal", progress=False)
+    cal = calibration_stage(llava, clip, world, cfg.reward, cfg.rollout, tmp_path / "cal", progress=False)
     assert (tmp_path / "cal" / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert 0 <= cal["auroc"] <= 1
 
-    r = stages.rollout_stage(llava, world, cfg.rollout, 1, tmp_path / "rollouts", progress=False)
+    r = rollout_stage(llava, world, cfg.rollout, 1, tmp_path / "rollouts", progress=False)
     assert r["rollouts"] == 12 and r["split"] == "pretrain"
-    s = stages.score_stage(tmp_path / "rollouts", llava, clip, tmp_path / "cal", world, cfg.reward, tmp_path / "scores")
-    rewards = load_file(str(tmp_path / "scores" / stages.TOKEN_REWARDS))["token_rewards"]
-    rows = [json.loads(line) for line in (tmp_path / "scores" / stages.REWARDS).read_text().splitlines()]
+    s = score_stage(tmp_path / "rollouts", llava, clip, tmp_path / "cal", world, cfg.reward, tmp_path / "scores")
+    rewards = load_file(str(tmp_path / "scores" / TOKEN_REWARDS))["token_rewards"]
+    rows = [json.loads(line) for line in (tmp_path / "scores" / REWARDS).read_text().splitlines()]
     assert rewards.shape[0] == 12 and len(rows) == 12
     n_mentions = sum(len(row["mentions"]) for row in rows)
     assert s["mentions"] == n_mentions
@@ -80,19 +83,19 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
 
     # Yes/no questions about random objects: the claim's reward sits on the answer's first word.
     q_cfg = cfg.rollout.model_copy(update={"questions_per_image": 3})
-    r2 = stages.rollout_stage(llava, world, q_cfg, 1, tmp_path / "rollouts-q", progress=False)
+    r2 = rollout_stage(llava, world, q_cfg, 1, tmp_path / "rollouts-q", progress=False)
     assert r2["rollouts"] == 12 + 18
-    s2 = stages.score_stage(tmp_path / "rollouts-q", llava, clip, tmp_path / "cal", world, cfg.reward,
-                            tmp_path / "scores-q")
-    rows2 = [json.loads(line) for line in (tmp_path / "scores-q" / stages.REWARDS).read_text().splitlines()]
-    rewards2 = load_file(str(tmp_path / "scores-q" / stages.TOKEN_REWARDS))["token_rewards"]
+    s2 = score_stage(tmp_path / "rollouts-q", llava, clip, tmp_path / "cal", world, cfg.reward,
+                     tmp_path / "scores-q")
+    rows2 = [json.loads(line) for line in (tmp_path / "scores-q" / REWARDS).read_text().splitlines()]
+    rewards2 = load_file(str(tmp_path / "scores-q" / TOKEN_REWARDS))["token_rewards"]
     assert [r["text"] for r in rows2[:12]] == [r["text"] for r in rows]  # the captions are unchanged
     questions = [r for r in rows2 if r["kind"] == "question"]
     rollouts_q, _ = load_rollouts(tmp_path / "rollouts-q")
     tok = AutoProcessor.from_pretrained(str(llava)).tokenizer
     assert len(questions) == 18 and s2["questions"] == 18
     truth = {e.image_id: set(e.objects) for e in load_split(world, "pretrain")}
-    cal_b, cal_w = stages.read_calibration(tmp_path / "cal")[0].thresholds("circle")
+    cal_b, cal_w = read_calibration(tmp_path / "cal")[0].thresholds("circle")
     object_rewards = [max(-1.0, min(1.0, (q["score"] - cal_b) / cal_w)) for q in questions]
     # reward.question_baseline (the default, "mean"): each object reward minus their mean over the round's questions
     assert cfg.reward.question_baseline == "mean"
@@ -112,8 +115,8 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
 
     # reward.question_baseline "mean": each question's object reward less the round's mean of them.
     centred_cfg = cfg.reward.model_copy(update={"question_baseline": "mean"})
-    stages.score_stage(tmp_path / "rollouts-q", llava, clip, tmp_path / "cal", world, centred_cfg, tmp_path / "scores-c")
-    rows3 = [json.loads(line) for line in (tmp_path / "scores-c" / stages.REWARDS).read_text().splitlines()]
+    score_stage(tmp_path / "rollouts-q", llava, clip, tmp_path / "cal", world, centred_cfg, tmp_path / "scores-c")
+    rows3 = [json.loads(line) for line in (tmp_path / "scores-c" / REWARDS).read_text().splitlines()]
     q3 = [r for r in rows3 if r["kind"] == "question"]
     objects = [max(-1.0, min(1.0, (q["score"] - cal_b) / cal_w)) for q in questions]
     mean = sum(objects) / len(objects)
@@ -126,9 +129,9 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
     # reward.verifier "oracle": ground truth scores each mention 1 (present) or 0 (absent), so
     # every first mention earns +1 or -1; the questions' object rewards are ±1 less their mean.
     oracle_cfg = cfg.reward.model_copy(update={"verifier": "oracle"})
-    s4 = stages.score_stage(tmp_path / "rollouts-q", llava, clip, tmp_path / "cal", world, oracle_cfg,
-                            tmp_path / "scores-o")
-    rows4 = [json.loads(line) for line in (tmp_path / "scores-o" / stages.REWARDS).read_text().splitlines()]
+    s4 = score_stage(tmp_path / "rollouts-q", llava, clip, tmp_path / "cal", world, oracle_cfg,
+                     tmp_path / "scores-o")
+    rows4 = [json.loads(line) for line in (tmp_path / "scores-o" / REWARDS).read_text().splitlines()]
     mentions4 = [m for r in rows4 if r["kind"] == "caption" for m in r["mentions"]]
     assert mentions4 and s4["verifier_agreement"] == 1.0
     assert any(m["hallucinated"] for m in mentions4) and not all(m["hallucinated"] for m in mentions4)
@@ -147,8 +150,8 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
         load_config(None, {"reward.verifier": "oracle", "reward.level": "sentence"})
 
     before = {k: v.clone() for k, v in load_policy(llava)[0].model.vision_tower.state_dict().items()}
-    u = stages.update_stage(llava, None, tmp_path / "rollouts-q", tmp_path / "scores-q", world, cfg.lora, cfg.ppo, 1,
-                            tmp_path / "update")
+    u = update_stage(llava, None, tmp_path / "rollouts-q", tmp_path / "scores-q", world, cfg.lora, cfg.ppo, 1,
+                     tmp_path / "update")
     assert u["optimizer_steps"] > 0
     merged, _ = load_policy(tmp_path / "update" / "model")
     after = merged.model.vision_tower.state_dict()
@@ -158,8 +161,8 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
 
 def test_round_questions_are_seeded_per_image_and_distinct():
     cats = ["circle", "square", "moon", "star", "heart"]
-    asked = stages.round_questions([1, 2, 3], cats, 2, seed=0, round_index=1)
+    asked = round_questions([1, 2, 3], cats, 2, seed=0, round_index=1)
     assert all(len(set(q)) == 2 and set(q) <= set(cats) for q in asked)
-    assert stages.round_questions([2], cats, 2, seed=0, round_index=1) == asked[1:2]  # whichever shard holds image 2
-    assert stages.round_questions([1, 2, 3], cats, 2, seed=0, round_index=2) != asked
-    assert sorted(stages.round_questions([1], cats, 9, seed=0, round_index=1)[0]) == sorted(cats)
+    assert round_questions([2], cats, 2, seed=0, round_index=1) == asked[1:2]  # whichever shard holds image 2
+    assert round_questions([1, 2, 3], cats, 2, seed=0, round_index=2) != asked
+    assert sorted(round_questions([1], cats, 9, seed=0, round_index=1)[0]) == sorted(cats)

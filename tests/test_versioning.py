@@ -52,7 +52,7 @@ def test_an_entry_that_is_no_module_is_an_error(fake):
 STAGES = {
     "model": ("fisao.world.store", "fisao.models.build"),
     "eval": ("fisao.evaluate",),
-    "align": ("fisao.align.stages", "fisao.align.launch", "fisao.align.shards"),
+    "align": ("fisao.align.sample", "fisao.align.score", "fisao.align.train", "fisao.align.launch", "fisao.align.shards"),
 }
 
 

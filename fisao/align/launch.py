@@ -5,7 +5,7 @@ JSON); every process reads the same file and accelerate's environment says which
 The campaign's tasks write the file and start this when `scale.processes` > 1; tests run both
 stages on 2 CPU processes (gloo).
 
-- "update" (`fisao.align.stages.update_stage`): each process trains on its share of every
+- "update" (`fisao.align.train.update_stage`): each process trains on its share of every
   optimizer step and the main process writes the output directory (see fisao/align/update.py).
 - "rollouts" (`rollouts_on_processes`): the round's K shards are dealt out to the P processes
   (process p samples shards p, p + P, …, on its own device), then the main process gathers them
@@ -72,7 +72,7 @@ def rollouts_on_processes(policy_dir: str | Path, world_dir: str | Path, cfg: Ro
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from fisao.align.stages import update_stage
+    from fisao.align.train import update_stage
 
     args = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     torch.set_num_threads(int(args.pop("threads", 0)) or torch.get_num_threads())

@@ -10,7 +10,8 @@ import torch
 
 from fisao import io
 from fisao.align.rollout import concat_rollouts, load_rollouts, save_rollouts
-from fisao.align.stages import FIGURES, rollout_stage
+from fisao.align.files import FIGURES
+from fisao.align.sample import rollout_stage
 from fisao.config import ModelConfig, RolloutConfig
 
 

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 from fisao import io
 from fisao.align.rewards import token_offsets
 from fisao.align.rollout import load_rollouts
-from fisao.align.stages import REWARDS, TOKEN_REWARDS
+from fisao.align.files import REWARDS, TOKEN_REWARDS
 
 
 def token_rows(rollouts_dir: str | Path, scores_dir: str | Path, tokenizer_dir: str | Path) -> list[dict]:

@@ -235,7 +235,7 @@ def dpo_update(model, processor, images: Sequence[Image.Image], answers: ScoredA
 def csr_round(policy_dir: str | Path, adapter_in: str | Path | None, examples: Sequence[Example], verifier: Verifier,
               rollout: RolloutConfig, lora: LoraConfig, cfg: CSRConfig, round_index: int, out: str | Path,
               runtime: ModelConfig | None = None, progress: bool = False) -> dict:
-    """One CSR round on `examples` (pick them with `fisao.align.stages.round_examples`, as FiSAO's round does).
+    """One CSR round on `examples` (pick them with `fisao.align.sample.round_examples`, as FiSAO's round does).
 
     policy_dir: the base model the adapters sit on (the same every round); adapter_in: the previous
     round's `out/adapter` (None: fresh LoRA, round 1). Samples from base + adapter_in, scores,

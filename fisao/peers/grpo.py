@@ -2,7 +2,7 @@
 
 What a user would run instead of FiSAO (issue 14): GRPO with LoRA and a reward function that
 scores each whole answer. Here the reward comes from the SAME verifier and calibration as FiSAO's
-(`answer_reward`: the mean of the answer's mention rewards as `fisao.align.stages.answer_rewards_of`
+(`answer_reward`: the mean of the answer's mention rewards as `fisao.align.score.caption_rewards`
 gives them, 0 for an answer without a mention), the LoRA is FiSAO's own (`add_lora`, the same r,
 alpha and target modules; round k continues round k−1's adapters), and the round writes what a
 FiSAO round writes (`adapter/`, the merged `model/`), so the project's evaluation loads it as is.
@@ -51,7 +51,7 @@ from fisao.peers import kept_random_state
 from fisao.align.calibration import Calibration
 from fisao.align.lora import add_lora, load_adapter, merge_and_save, save_adapter
 from fisao.align.rollout import encode_prompts
-from fisao.align.stages import answer_rewards_of
+from fisao.align.score import caption_rewards
 from fisao.align.verifier import Verifier
 from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.vocab import Vocabulary
@@ -68,12 +68,14 @@ def answer_reward(text: str, score: Callable[[list[str]], torch.Tensor], vocab: 
                   calibration: Calibration, reward: RewardConfig) -> float:
     """The whole answer's reward: the mean of its mention rewards, 0 for an answer with no mention.
 
-    Each mention reward is FiSAO's (`answer_rewards_of`): the CHAIR parser's mentions over
+    Each mention reward is FiSAO's (`caption_rewards`): the CHAIR parser's mentions over
     `vocab`, `score(categories)` their verifier scores (M,), `reward.shape` against the
     calibration's (b, w), then `reward.repeats` (by default a repeated category keeps only a
     penalty, and counts in the mean). `reward.level` and `reward.span` do not matter here.
     """
-    _, _, rewards, _ = answer_rewards_of(text, [], score, vocab, calibration, reward, 0)
+    mentions = parse_mentions(text, vocab)
+    scores = score([m.category for m in mentions]) if mentions else torch.zeros(0)
+    rewards = caption_rewards(mentions, scores, calibration, reward)
     return sum(rewards) / len(rewards) if rewards else 0.0
 
 
@@ -87,7 +89,7 @@ def grpo_round(policy_dir: str | Path, adapter_in: str | Path | None, examples: 
     (TRL's `num_generations`), at `rollout.temperature`, `top_p`, `max_new_tokens`; `ppo.lr`,
     `minibatch_size` (rows per forward), `grad_accum`, `max_grad_norm`, `clip`, `epochs`,
     `beta_kl`, `reference` and `seed` as the module docstring says. `calibration` is the
-    mention-level one (`stages.read_calibration(...)[0]`).
+    mention-level one (`fisao.align.score.read_calibration(...)[0]`).
 
     Writes `adapter/` (peft safetensors), `model/` (merged, for `fisao.generate.load_policy`),
     `answers.jsonl` (each sampled answer: image id, text, tokens, mentions, reward — exactly what
@@ -183,7 +185,7 @@ def _trl():
 def _check(examples: Sequence[Example], rollout: RolloutConfig, reward: RewardConfig, ppo: PPOConfig, n_rows: int) -> None:
     """ValueErrors for settings GRPO cannot run with, each naming the key to change."""
     if not examples:
-        raise ValueError("grpo_round got no images: pass the round's examples (stages.round_examples)")
+        raise ValueError("grpo_round got no images: pass the round's examples (fisao.align.sample.round_examples)")
     if len({e.image_id for e in examples}) != len(examples):
         raise ValueError("grpo_round got the same image twice: pass each of the round's examples once")
     if rollout.n_per_image < 2:

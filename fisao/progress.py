@@ -56,7 +56,12 @@ def bar(iterable: Iterable[T], desc: str, enabled: bool = True, leave: bool = Fa
 
 
 def quiet_library_bars() -> None:
-    """Off a terminal, turn off the bars of the Hugging Face libraries (weights loading), which
-    would print as one '\\r' line; call before they are imported. Variables already set win."""
+    """Turn off other libraries' bars; call before they are imported. Variables already set win.
+
+    MLflow's "Downloading artifacts" bars always: resuming a campaign or a comparison checks every
+    finished round's logged files, a nested bar per round and hundreds per run, which bury fisao's
+    own bars and log lines. The Hugging Face libraries' (weights loading) off a terminal only,
+    where they would print as one '\\r' line."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -47,11 +47,22 @@ def test_library_bars_are_turned_off_only_off_a_terminal(monkeypatch):
     import os
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     terminal = Pipe()
     terminal.isatty = lambda: True
     monkeypatch.setattr(sys, "stderr", terminal)
     progress.quiet_library_bars()
     assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"  # MLflow's artifact bars: always off
     monkeypatch.setattr(sys, "stderr", Pipe())
     progress.quiet_library_bars()
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+
+
+def test_mlflow_reads_the_switch_that_turns_its_artifact_bars_off(monkeypatch):
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is True
+    progress.quiet_library_bars()
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is False

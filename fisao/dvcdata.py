@@ -63,7 +63,9 @@ def read_dvc_file(path: str | Path) -> DvcOut:
         raise ValueError(f"{path} is not a DVC file with an output md5 ({e}); restore it with `git checkout {path.name}`") from e
 
 
-def read_manifest(path: str | Path) -> dict[str, str]:
+def read_file_md5s(path: str | Path) -> dict[str, str]:
+    """path -> md5 of each file of a data directory, from its `<data_dir>.md5` list (not a round's
+    manifest.json, which tasks/resume.py writes)."""
     entries = {}
     for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -75,7 +77,7 @@ def read_manifest(path: str | Path) -> dict[str, str]:
     return entries
 
 
-def write_manifest(path: str | Path, entries: dict[str, str]) -> None:
+def write_file_md5s(path: str | Path, entries: dict[str, str]) -> None:
     io.atomic_write_text(path, "".join(f"{md5}  {rel}\n" for rel, md5 in sorted(entries.items())))
 
 
@@ -113,7 +115,7 @@ def has_remote(project: Path) -> bool:
 
 
 def track(project: Path, data_dir: str = "data") -> str:
-    """`dvc add` the data directory and write its manifest; returns the md5 now in `<data_dir>.dvc`.
+    """`dvc add` the data directory and write its per-file md5 list (`<data_dir>.md5`); returns the md5 now in `<data_dir>.dvc`.
 
     Refuses to record what `verify` could never match: leftovers of an interrupted write (which
     DVC would hash and `file_md5s` skips), or a DVC that hashes the files differently from
@@ -138,7 +140,7 @@ def track(project: Path, data_dir: str = "data") -> str:
             f"{dir_md5(entries)} here, so `verify` could never pass: check .dvcignore for patterns that hide "
             f"files under {data_dir}/, and that DVC is 3.x (`dvc --version`)"
         )
-    write_manifest(project / f"{data_dir}.md5", entries)
+    write_file_md5s(project / f"{data_dir}.md5", entries)
     return recorded
 
 
@@ -151,7 +153,7 @@ def verify(project: Path, data_dir: str = "data") -> str:
     if actual == expected.md5:
         return actual
     manifest = project / f"{data_dir}.md5"
-    detail = (describe_difference(read_manifest(manifest), entries) if manifest.is_file()
+    detail = (describe_difference(read_file_md5s(manifest), entries) if manifest.is_file()
               else f"  ({manifest.name} is missing, so the differing files cannot be named)")
     raise DataMismatch(
         f"{data_dir}/ hashes to {actual}, but {dvc_file.name} records {expected.md5}:\n{detail}\n"

@@ -8,7 +8,7 @@ from PIL import Image
 
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
 from fisao.align.rewards import (
-    QUESTION_BASELINES, REPEATS, SHAPES, SPANS, binary, claim_reward, continuous, decision_spans, every_mention, first_mention, last_token_reward, mention_spans,
+    QUESTION_BASELINES, REPEATS, REWARD_SHAPES, SPANS, binary, claim_reward, continuous, decision_spans, every_mention, first_mention, last_token_reward, mention_spans,
     phrase_spans, place_rewards, token_offsets,
 )
 from fisao.benchmarks.mentions import parse_mentions
@@ -22,7 +22,7 @@ def test_continuous_and_binary_by_hand():
     # b = 0.5, w = 0.2: (s - b) / w = 2, 0, -0.5, -1, -7.5 -> clamped
     assert continuous(s, 0.5, 0.2).tolist() == pytest.approx([1.0, 0.0, -0.5, -1.0, -1.0])
     assert binary(s, 0.5, 0.2).tolist() == [1.0, 0.0, -1.0, -1.0, -1.0]
-    assert set(SHAPES) == {"continuous", "binary"}
+    assert set(REWARD_SHAPES) == {"continuous", "binary"}
 
 
 def test_place_rewards_by_hand():

@@ -98,7 +98,7 @@ def test_first_call_creates_and_records_the_world(recorded):
     assert status.path == str(project / "data" / "world")
     entries = file_md5s(project / "data")
     assert read_dvc_file(project / "data.dvc").md5 == status.md5 == dir_md5(entries)
-    assert dvcdata.read_manifest(project / "data.md5") == entries
+    assert dvcdata.read_file_md5s(project / "data.md5") == entries
     assert all(rel.startswith("world/") for rel in entries) and "world/vocab.txt" in entries
     assert "/data" in (project / ".gitignore").read_text().split()
 
@@ -250,14 +250,14 @@ def test_broken_dvc_and_manifest_files(tmp_path):
         read_dvc_file(tmp_path / "data.dvc")
     (tmp_path / "data.md5").write_text(f"{'0' * 32}  a.txt\nnot a line\n")
     with pytest.raises(ValueError, match=r"data\.md5:2: expected '<md5>  <path>'"):
-        dvcdata.read_manifest(tmp_path / "data.md5")
+        dvcdata.read_file_md5s(tmp_path / "data.md5")
 
 
 def test_the_manifest_round_trips_and_matches_md5sum(tmp_path):
     entries = {"b/c.txt": "1" * 32, "a.txt": "2" * 32}
-    dvcdata.write_manifest(tmp_path / "data.md5", entries)
+    dvcdata.write_file_md5s(tmp_path / "data.md5", entries)
     assert (tmp_path / "data.md5").read_text() == f"{'2' * 32}  a.txt\n{'1' * 32}  b/c.txt\n"
-    assert dvcdata.read_manifest(tmp_path / "data.md5") == entries
+    assert dvcdata.read_file_md5s(tmp_path / "data.md5") == entries
 
 
 def test_dvc_is_the_one_installed_beside_python():

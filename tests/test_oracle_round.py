@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fisao.align.lora import add_lora
-from fisao.align.rewards import REPEATS, SHAPES, SPANS, place_rewards, token_offsets
+from fisao.align.rewards import REPEATS, REWARD_SHAPES, SPANS, place_rewards, token_offsets
 from fisao.align.rollout import Rollouts, sample_rollouts
 from fisao.align.update import make_accelerator, ppo_update
 from fisao.benchmarks.mentions import parse_mentions
@@ -58,7 +58,7 @@ def oracle_rewards(rollouts: Rollouts, tokenizer, data) -> tuple[torch.Tensor, i
         found = parse_mentions(text, data["vocab"])
         truth = data["truth"][int(rollouts.image_index[row])]
         score = torch.tensor([1.0 if m.category in truth else -1.0 for m in found])
-        reward = SHAPES[REWARD.shape](score, 0.0, 1.0).tolist()  # baseline 0, width 1: the score itself
+        reward = REWARD_SHAPES[REWARD.shape](score, 0.0, 1.0).tolist()  # baseline 0, width 1: the score itself
         reward = REPEATS[REWARD.repeats]([m.category for m in found], reward)
         spans = SPANS[REWARD.span](text, [(m.start, m.end) for m in found], REWARD.span_words)
         rewards[row] = place_rewards(offsets, spans, reward, width)

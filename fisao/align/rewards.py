@@ -34,7 +34,7 @@ def binary(s: Tensor, b: Tensor | float, w: Tensor | float) -> Tensor:
     return torch.sign(s - b)
 
 
-SHAPES: dict[str, Callable[[Tensor, Tensor | float, Tensor | float], Tensor]] = {
+REWARD_SHAPES: dict[str, Callable[[Tensor, Tensor | float, Tensor | float], Tensor]] = {
     "continuous": continuous, "binary": binary,
 }
 

@@ -25,7 +25,7 @@ from fisao import io
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
 from fisao.align.files import CALIBRATION, FIGURES, HISTOGRAM, REWARDS, TOKEN_REWARDS
 from fisao.align.rewards import (
-    QUESTION_BASELINES, REPEATS, SHAPES, SPANS, claim_reward, decision_spans, last_token_reward, place_rewards, token_offsets,
+    QUESTION_BASELINES, REPEATS, REWARD_SHAPES, SPANS, claim_reward, decision_spans, last_token_reward, place_rewards, token_offsets,
 )
 from fisao.align.rollout import load_rollouts, sample_rollouts
 from fisao.align.sample import rollout_images
@@ -190,7 +190,7 @@ def caption_rewards(mentions: Sequence[Mention], scores: Tensor, calibration: Ca
     Each is `reward.shape` of its score against the calibration's (b, w) for its category, then
     `reward.repeats` over the description (by default a repeated category keeps only a penalty).
     """
-    shape = SHAPES[reward.shape]
+    shape = REWARD_SHAPES[reward.shape]
     rewards = [float(shape(s, *calibration.thresholds(m.category))) for m, s in zip(mentions, scores)]
     return REPEATS[reward.repeats]([m.category for m in mentions], rewards)
 
@@ -223,7 +223,7 @@ def question_rewards(scores: Sequence[float], categories: Sequence[str], says_ye
     against the calibration's (b, w), less `reward.question_baseline` over the round's Q
     questions; a yes earns it, a no its negative (`claim_reward`).
     """
-    shape = SHAPES[reward.shape]
+    shape = REWARD_SHAPES[reward.shape]
     objects = torch.tensor([float(shape(torch.tensor(s), *calibration.thresholds(c))) for s, c in zip(scores, categories)])
     centred = QUESTION_BASELINES[reward.question_baseline](objects).tolist()
     return [claim_reward(yes, value) for yes, value in zip(says_yes, centred)]
@@ -241,7 +241,7 @@ def sentence_rewards(mask: Tensor, answer_rewards: Tensor, captions: Sequence[in
     """
     answer_rewards = answer_rewards.clone()
     if len(captions):
-        answer_rewards[list(captions)] = SHAPES[reward.shape](scores, calibration.baseline, calibration.width).float()
+        answer_rewards[list(captions)] = REWARD_SHAPES[reward.shape](scores, calibration.baseline, calibration.width).float()
     return answer_rewards, last_token_reward(mask, answer_rewards)
 
 

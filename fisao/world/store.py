@@ -56,7 +56,7 @@ def world_data_dir(project: str | Path, data_dir: str, cfg: WorldConfig) -> str:
         return data_dir
     manifest = project / f"{data_dir}.md5"
     if manifest.is_file():
-        recorded = dvcdata.read_manifest(manifest).get("world/world.json")
+        recorded = dvcdata.read_file_md5s(manifest).get("world/world.json")
         same = recorded == hashlib.md5(world_json_bytes(cfg)).hexdigest()
     else:
         same = _same_config(project / data_dir / "world", cfg)

@@ -19,7 +19,7 @@ from fisao.config import Config
 from fisao.versioning import code_version, stage_files
 from fisao.summary import round_rows
 from flows.steps import run_step
-from tasks.align import rollouts, score, update
+from tasks import align
 from tasks.audit import round_report
 from tasks.evaluate import evaluate
 from tasks.publish import publish_round
@@ -73,59 +73,59 @@ def round_params(cfg: Config, model: dict, k: int) -> dict:
     return params
 
 
-def round_datasets(cfg: Config, world: dict, metrics: dict, samples: dict | None = None) -> list[dict]:
+def round_datasets(cfg: Config, world: dict, metrics: dict, rollouts: dict | None = None) -> list[dict]:
     """The data a round used, for its MLflow run's dataset inputs: the rollouts' images (FiSAO rounds;
-    `samples` the rollout stage's ref) and the evaluation's, each with the data directory's md5."""
+    `rollouts` the rollout stage's ref) and the evaluation's, each with the data directory's md5."""
     data = {"path": world["path"], "md5": world["md5"]}
     evaluation = {**data, "context": "evaluation", "split": cfg.eval.split, "images": metrics.get("chair_n_captions")}
-    if samples is None:
+    if rollouts is None:
         return [evaluation]
-    split = samples["figures"].get("split", cfg.rollout.split)
+    split = rollouts["figures"].get("split", cfg.rollout.split)
     return [{**data, "context": "training", "split": split, "images": cfg.rollout.images_per_round}, evaluation]
 
 
 def fisao_round(cfg: Config, campaign_dir: str, k: int, base: dict, policy: dict, previous: dict | None,
                 calibration: dict, t0: float) -> tuple[dict, dict, dict, dict]:
-    """Round k's rollouts, scores and update; returns (new policy, figures, samples, scores)."""
+    """Round k's rollouts, scores and update; returns (new policy, figures, rollouts, scores)."""
     code, world, stages = code_version(*ALIGN_CODE), base["world"], base["stages"]
     rt, scale = cfg.model, cfg.scale
-    samples = timed(stages, t0, f"rollouts-{k}", rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code,
+    rollouts = timed(stages, t0, f"rollouts-{k}", align.rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code,
                     campaign_dir, rt, scale.shards, scale.rollout_backend, scale.processes)
-    scores = timed(stages, t0, f"score-{k}", score, samples, policy, base["clip"], calibration, world["path"],
+    scores = timed(stages, t0, f"score-{k}", align.score, rollouts, policy, base["clip"], calibration, world["path"],
                    world["md5"], cfg.reward, code, campaign_dir, rt)
     # The round count is the campaign's business, not a round's: "one more round" must not change
     # the update's cache key (ppo.rounds is read nowhere in fisao/align).
     ppo = cfg.ppo.model_copy(update={"rounds": 1})
-    new = timed(stages, t0, f"update-{k}", update, base["llava"], previous, samples, scores, world["path"],
+    new = timed(stages, t0, f"update-{k}", align.update, base["llava"], previous, rollouts, scores, world["path"],
                 world["md5"], cfg.lora, ppo, k, code, campaign_dir, rt, scale.processes)
     figures = {}
-    for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
+    for stage, ref in (("rollouts", rollouts), ("score", scores), ("update", new)):
         figures.update({f"{stage}/{name}": ref["figures"][name] for name in ROUND_FIGURES[stage] if name in ref["figures"]})
     # What the stages took when they ran (a cached rerun reports the same figures).
-    for stage, ref in (("rollouts", samples), ("score", scores), ("update", new)):
+    for stage, ref in (("rollouts", rollouts), ("score", scores), ("update", new)):
         figures[f"seconds/{stage}"] = ref["figures"]["seconds"]
     figures["seconds/round"] = round(sum(figures[f"seconds/{s}"] for s in ("rollouts", "score", "update")), 2)
-    return new, figures, samples, scores
+    return new, figures, rollouts, scores
 
 
 def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics: dict, rounds: list[dict],
-                 model: dict, evaluation: dict, calibration: dict, samples: dict, scores: dict,
+                 model: dict, evaluation: dict, calibration: dict, rollouts: dict, scores: dict,
                  tokenizer_dir: str, world: dict) -> str:
     """Round k's report and manifest, then its MLflow run (complete once the logged copies verify)."""
     round_dir = Path(campaign_dir) / f"round-{k}"
     facts = {"campaign": cfg.name, "round": str(k), **{key.removeprefix("fisao."): str(v) for key, v in lineage.items()}}
-    audit = round_report(samples, scores, tokenizer_dir, [*rounds, metrics], facts, f"{cfg.name} round {k}",
+    audit = round_report(rollouts, scores, tokenizer_dir, [*rounds, metrics], facts, f"{cfg.name} round {k}",
                          str(round_dir / "audit"), cfg.reward.repeats)
     lineage_file = io.write_json(round_dir / "lineage.json", {"tags": lineage, "config": cfg.model_dump(mode="json")})
-    artifacts = {"adapter": model["adapter"], "rollouts": samples["path"], "scores": scores["path"],
+    artifacts = {"adapter": model["adapter"], "rollouts": rollouts["path"], "scores": scores["path"],
                  "calibration": calibration["path"], "evaluation": evaluation["path"], "audit": audit,
                  "lineage": str(lineage_file)}
     groups = {**artifacts, "model": [model["path"], str(Path(model["path"]).parent)],
               "adapter": [model["adapter"], str(Path(model["adapter"]).parent)]}
     manifest = write_manifest(groups, str(round_dir / "manifest.json"))
     return log_round(cfg.name, cfg.name, k, metrics, round_params(cfg, model, k), lineage, artifacts, manifest,
-                     span=round_span(samples, scores, model, evaluation),
-                     datasets=round_datasets(cfg, world, metrics, samples))
+                     span=round_span(rollouts, scores, model, evaluation),
+                     datasets=round_datasets(cfg, world, metrics, rollouts))
 
 
 def round_run_name() -> str:
@@ -143,12 +143,12 @@ def run_round(cfg: Config, project: str, k: int, base: dict, policy: dict, previ
     train, evaluate, record in MLflow and publish the metrics table; returns {"policy": the new
     checkpoint's ref, "metrics": round k's metrics}. Stage timings go into `base["stages"]`."""
     out_dir = str(localstate.campaign_dir(project, cfg.outputs_dir, cfg.name))
-    new, figures, samples, scores = fisao_round(cfg, out_dir, k, base, policy, previous, calibration, t0)
+    new, figures, rollouts, scores = fisao_round(cfg, out_dir, k, base, policy, previous, calibration, t0)
     evaluation = evaluate_model(cfg, project, k, checkpoint_ref(new), base["world"], base["stages"], t0)
     lineage = {**tags, "fisao.parent_sha256": policy["sha256"], "fisao.parent_path": policy["path"],
                "fisao.model_sha256": new["sha256"], "fisao.model_path": new["path"]}
     metrics = {**evaluation["metrics"], **figures}
-    record_round(cfg, out_dir, k, lineage, metrics, rounds, new, evaluation, calibration, samples, scores,
+    record_round(cfg, out_dir, k, lineage, metrics, rounds, new, evaluation, calibration, rollouts, scores,
                  policy["path"], base["world"])
     publish_round(cfg.name, k, round_rows([*rounds, metrics]))
     return {"policy": checkpoint_ref(new), "metrics": metrics}

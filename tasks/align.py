@@ -81,27 +81,27 @@ def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, ro
 
 
 @cached_task(name="score")
-def score(samples: dict, policy: dict, clip: dict, calibration: dict, world_dir: str, data_md5: str,
+def score(rollouts: dict, policy: dict, clip: dict, calibration: dict, world_dir: str, data_md5: str,
           reward: RewardConfig, code: str, outputs: str, runtime: ModelConfig | None = None) -> dict:
     """Per-token verifier rewards of the round's rollouts."""
-    out = Path(outputs) / "scores" / key_of(samples["sha256"], clip["sha256"], calibration["sha256"], data_md5,
+    out = Path(outputs) / "scores" / key_of(rollouts["sha256"], clip["sha256"], calibration["sha256"], data_md5,
                                              config_hash(reward), code, *_rt(runtime))
-    build_once(out, FIGURES, lambda: score_stage(samples["path"], policy["path"], clip["path"], calibration["path"],
+    build_once(out, FIGURES, lambda: score_stage(rollouts["path"], policy["path"], clip["path"], calibration["path"],
                                                   world_dir, reward, out, runtime=runtime))
     return _ref(out)
 
 
 @cached_task(name="update")
-def update(base: dict, previous: dict | None, samples: dict, scores: dict, world_dir: str, data_md5: str,
+def update(base: dict, previous: dict | None, rollouts: dict, scores: dict, world_dir: str, data_md5: str,
            lora: LoraConfig, ppo: PPOConfig, round_index: int, code: str, outputs: str,
            runtime: ModelConfig | None = None, processes: int = 1) -> dict:
     """PPO with LoRA on the scored rollouts; returns the merged checkpoint (`path`) and the adapter.
 
     With `processes` > 1 the update runs under `accelerate launch` (fisao/align/launch.py)."""
-    out = Path(outputs) / "rounds" / key_of(base["sha256"], previous and previous["sha256"], samples["sha256"],
+    out = Path(outputs) / "rounds" / key_of(base["sha256"], previous and previous["sha256"], rollouts["sha256"],
                                              scores["sha256"], data_md5, config_hash(lora), config_hash(ppo),
                                              round_index, code, *_rt(runtime))
-    args = dict(base_dir=base["path"], adapter_in=previous and previous["adapter"], rollouts_dir=samples["path"],
+    args = dict(base_dir=base["path"], adapter_in=previous and previous["adapter"], rollouts_dir=rollouts["path"],
                 scores_dir=scores["path"], world_dir=world_dir, lora=lora, cfg=ppo, round_index=round_index,
                 runtime=runtime)
     if processes == 1:

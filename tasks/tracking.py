@@ -81,9 +81,9 @@ def evaluation_span(path: str | Path) -> tuple[int, int]:
     return span_of(path, METRICS, io.read_json(timing)["seconds"] if timing.is_file() else None)
 
 
-def round_span(samples: dict, scores: dict, model: dict, evaluation: dict) -> tuple[int, int]:
+def round_span(rollouts: dict, scores: dict, model: dict, evaluation: dict) -> tuple[int, int]:
     """A FiSAO round's span: from its rollouts' start to the end of its last stage (the evaluation)."""
-    stages = [(samples["path"], samples), (scores["path"], scores), (Path(model["path"]).parent, model)]
+    stages = [(rollouts["path"], rollouts), (scores["path"], scores), (Path(model["path"]).parent, model)]
     return covering(*(span_of(path, FIGURES, ref["figures"].get("seconds")) for path, ref in stages),
                     evaluation_span(evaluation["path"]))
 

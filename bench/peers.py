@@ -257,7 +257,8 @@ def _flow():
         from fisao.host import PeakRSS
         from fisao.peers.compare import LRS, METHODS, curves, pick_lr, plot
         from fisao.progress import bar
-        from tasks.records import init_store
+        from fisao.summary import compare_link
+        from tasks.records import experiment_id, init_store
 
         use_project(project)
         init_store(project)
@@ -285,7 +286,10 @@ def _flow():
                           "peak_rss_mb": round(peaks[m], 1), "lr": chosen[m],
                           "stages_cached": any(r["stages_cached"] for r in runs[m]),
                           "campaigns": [r["name"] for r in runs[m]], "round_dirs": [r["round_dirs"] for r in runs[m]]}
+        names = [name for m in METHODS for name in methods[m]["campaigns"]]
+        ids = [i for i in (experiment_id(name, create=False) for name in names) if i is not None]
         result = {"seeds": list(seeds), "methods": methods, "world": world, "config": config, "rounds": rounds,
+                  "mlflow_compare": compare_link(ids) if ids else None,
                   "split": cfg.eval.split, "threads": torch.get_num_threads(),
                   "lr": {"tuned": tune, "values": list(lrs) if tune else [cfg.ppo.lr],
                          "how": ("picked per method on the val split with seed %d: the lowest last-round CHAIR_i among "
@@ -365,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table(result))
     print(f"wrote {Path(args.out) / 'peers.json'} and {Path(args.out) / 'peers.png'}")
+    if result.get("mlflow_compare"):
+        print(f"all campaigns in one MLflow view: make mlflow-ui, then open {result['mlflow_compare']}")
     print(json.dumps(result))
     return 0
 

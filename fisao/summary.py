@@ -29,6 +29,14 @@ def runs_link(experiment_id: str, view: str | None = None) -> str:
     return link if view is None else f"{link}&viewStateShareKey={view}"
 
 
+def compare_link(experiment_ids: list[str]) -> str:
+    """MLflow's UI comparing several experiments (campaigns) in one runs table and one set of charts."""
+    if not experiment_ids:
+        raise ValueError("compare_link needs at least one experiment id")
+    ids = ",".join(f'"{i}"' for i in sorted(set(experiment_ids), key=int))
+    return f"{MLFLOW_UI}/#/compare-experiments/s?experiments=[{ids}]&workflowType=machine_learning"
+
+
 def registry_line(summary: dict) -> str | None:
     """Where the campaign's policies are in MLflow's model registry (None before its first round)."""
     reg = summary.get("registry") or {}

@@ -142,3 +142,8 @@ def _check_mlflow(result: dict) -> None:
         (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`fisao.kind` = 'campaign'")
         assert parent.data.tags["fisao.status"] == "finished"
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    # One MLflow view of all four campaigns: the compare link names exactly their experiments.
+    ids = sorted((client.get_experiment_by_name(f["campaigns"][0]).experiment_id for f in result["methods"].values()),
+                 key=int)
+    assert result["mlflow_compare"].endswith("?experiments=[" + ",".join(f'"{i}"' for i in ids) + "]"
+                                             "&workflowType=machine_learning")

@@ -1,6 +1,8 @@
 """What the campaign and sweep summaries print: the one-line result and the MLflow link."""
 from __future__ import annotations
 
+import pytest
+
 from fisao.summary import headline, print_summary, runs_link, sweep_headline
 
 ROUNDS = [{"chair_i": 0.145, "recall": 0.620}, {"chair_i": 0.114, "recall": 0.631},
@@ -43,3 +45,12 @@ def test_the_summary_says_where_the_registered_rounds_are(capsys):
 
     assert ("registered model demo: models:/demo@best (version 2, round 2), models:/demo/latest (version 3, round 3); "
             "`fisao eval model --model models:/demo@best`") in capsys.readouterr().out
+
+
+def test_the_compare_link_names_each_experiment_once_in_numeric_order():
+    from fisao.summary import MLFLOW_UI, compare_link
+
+    assert compare_link(["12", "3", "12"]) == (
+        f'{MLFLOW_UI}/#/compare-experiments/s?experiments=["3","12"]&workflowType=machine_learning')
+    with pytest.raises(ValueError, match="at least one experiment"):
+        compare_link([])

@@ -16,7 +16,7 @@ Nothing is downloaded, and nothing is read but the campaign config (configs/llav
   llava-hf processor classes around it, and random images.
 
 The round is the campaign's own code, in memory (no checkpoint written): `sample_rollouts`; the
-`Verifier`, `calibrate`, `caption_rewards` and `caption_token_rewards` (the scoring stage's); `add_lora`,
+`Verifier`, `calibrate`, `description_rewards` and `caption_token_rewards` (the scoring stage's); `add_lora`,
 gradient checkpointing (`prepare_for_training`) and `ppo_update`; then the adapters merged and a
 CHAIR pass (`answer`, `chair`) on `--eval-images` other images. The config's batch sizes, LoRA,
 PPO and evaluation settings apply; only the images, answers per image and new tokens are the
@@ -39,6 +39,7 @@ import time
 STARTED = time.perf_counter()  # imports count: the whole run must fit the GPU machine's spell
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -61,11 +62,10 @@ from fisao.align.calibration import calibrate  # noqa: E402
 from fisao.align.lora import add_lora  # noqa: E402
 from fisao.align.rewards import token_offsets  # noqa: E402
 from fisao.align.rollout import sample_rollouts  # noqa: E402
-from fisao.align.score import caption_rewards, caption_token_rewards  # noqa: E402
+from fisao.align.score import caption_token_rewards, description_rewards  # noqa: E402
 from fisao.align.update import make_accelerator, ppo_update  # noqa: E402
 from fisao.align.verifier import Verifier, check_vision_tower  # noqa: E402
 from fisao.benchmarks.chair import chair  # noqa: E402
-from fisao.benchmarks.mentions import parse_mentions  # noqa: E402
 from fisao.benchmarks.vocab import Vocabulary  # noqa: E402
 from fisao.config import load_config  # noqa: E402
 from fisao.generate import answer  # noqa: E402
@@ -257,10 +257,9 @@ def score(verifier: Verifier, tok, images, rollouts, reward_cfg, seed: int) -> t
     for r in range(n):
         ids = rollouts.response_ids[r][rollouts.mask[r]].tolist()
         text, offsets = token_offsets(tok, ids)
-        found = parse_mentions(text, verifier.vocab)
-        scores = verifier.score(emb[rollouts.image_index[r]], [m.category for m in found]) if found else torch.zeros(0)
-        token_rewards[r] = caption_token_rewards(text, offsets, found, caption_rewards(found, scores, cal, reward_cfg),
-                                                 reward_cfg, width)
+        found, _, rewards = description_rewards(text, verifier.vocab, functools.partial(
+            verifier.score, emb[rollouts.image_index[r]]), cal, reward_cfg)
+        token_rewards[r] = caption_token_rewards(text, offsets, found, rewards, reward_cfg, width)
         on = [t for t in range(len(offsets)) if token_rewards[r, t] != 0]
         inside = [t for t in on if any(offsets[t][0] < m.end and offsets[t][1] > m.start for m in found)]
         mentions, rewarded, rewarded_outside = mentions + len(found), rewarded + len(on), rewarded_outside + len(on) - len(inside)

@@ -11,6 +11,7 @@ from fisao.align.calibration import Calibration
 from fisao.align.files import FIGURES
 from fisao.align.sample import rollout_images
 from fisao.align.score import (
+    description_rewards,
     caption_rewards, caption_token_rewards, claim_figures, mention_audit, mention_records, oracle_scores, question_rewards,
     reward_figures, sentence_rewards,
 )
@@ -36,6 +37,23 @@ def test_caption_rewards_by_hand():
     per_class = Calibration(**{**CAL.to_json(), "per_class": {"square": (0.0, 0.5)}})
     assert caption_rewards(mentions, scores, per_class, RewardConfig()) == [0.5, 0.5, 0.0, -0.25]
     assert caption_rewards([], torch.zeros(0), CAL, RewardConfig()) == []
+
+
+def test_description_rewards_parse_score_and_reward_one_description():
+    asked = []
+
+    def score(categories):
+        asked.append(list(categories))
+        return torch.tensor([{"circle": 0.625, "square": 0.25, "moon": 0.4375}[c] for c in categories])
+
+    mentions, scores, rewards = description_rewards("a circle, a square and a disk and a moon", VOCAB, score, CAL,
+                                                    RewardConfig())
+    assert asked == [["circle", "square", "circle", "moon"]]  # one call, every mention in order
+    assert [m.category for m in mentions] == ["circle", "square", "circle", "moon"]
+    assert scores.tolist() == [0.625, 0.25, 0.625, 0.4375]
+    assert rewards == [0.5, -1.0, 0.0, -0.25]  # as caption_rewards by hand above: the repeat keeps min(0.5, 0)
+    asked.clear()
+    assert description_rewards("nothing here", VOCAB, score, CAL, RewardConfig())[2] == [] and asked == []
 
 
 def test_caption_token_rewards_by_hand():

@@ -12,9 +12,10 @@ those scores is the pure functions below them:
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -130,9 +131,9 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     q_scores = [float(verify(r, [asked[r]])[0]) for r in questions]
     says_yes = [pope_answer(texts[r]) == "yes" for r in questions]
     q_rewards = question_rewards(q_scores, [asked[r] for r in questions], says_yes, mention_cal, reward)
-    mentions = {r: parse_mentions(texts[r], verifier.vocab) for r in captions}
-    scores = {r: verify(r, [m.category for m in mentions[r]]) if mentions[r] else torch.zeros(0) for r in captions}
-    rewards = {r: caption_rewards(mentions[r], scores[r], mention_cal, reward) for r in captions}
+    described = {r: description_rewards(texts[r], verifier.vocab, functools.partial(verify, r), mention_cal, reward)
+                 for r in captions}
+    mentions, scores, rewards = ({r: d[i] for r, d in described.items()} for i in range(3))
     rows: list[dict] = [{} for _ in range(n)]
     for r, s, yes, value in zip(questions, q_scores, says_yes, q_rewards):
         present = None if truth[index[r]] is None else asked[r] in truth[index[r]]
@@ -193,6 +194,15 @@ def caption_rewards(mentions: Sequence[Mention], scores: Tensor, calibration: Ca
     shape = REWARD_SHAPES[reward.shape]
     rewards = [float(shape(s, *calibration.thresholds(m.category))) for m, s in zip(mentions, scores)]
     return REPEATS[reward.repeats]([m.category for m in mentions], rewards)
+
+
+def description_rewards(text: str, vocab, score: Callable[[list[str]], Tensor], calibration: Calibration,
+                        reward: RewardConfig) -> tuple[list[Mention], Tensor, list[float]]:
+    """One description's mentions (the CHAIR parser's over `vocab`), their scores (M,) from
+    `score(categories)` (not called without a mention) and their rewards (M,) (`caption_rewards`)."""
+    mentions = parse_mentions(text, vocab)
+    scores = score([m.category for m in mentions]) if mentions else torch.zeros(0)
+    return mentions, scores, caption_rewards(mentions, scores, calibration, reward)
 
 
 def mention_records(mentions: Sequence[Mention], scores: Tensor, rewards: Sequence[float],

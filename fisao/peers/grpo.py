@@ -2,7 +2,7 @@
 
 What a user would run instead of FiSAO (issue 14): GRPO with LoRA and a reward function that
 scores each whole answer. Here the reward comes from the SAME verifier and calibration as FiSAO's
-(`answer_reward`: the mean of the answer's mention rewards as `fisao.align.score.caption_rewards`
+(`answer_reward`: the mean of the answer's mention rewards as `fisao.align.score.description_rewards`
 gives them, 0 for an answer without a mention), the LoRA is FiSAO's own (`add_lora`, the same r,
 alpha and target modules; round k continues round k−1's adapters), and the round writes what a
 FiSAO round writes (`adapter/`, the merged `model/`), so the project's evaluation loads it as is.
@@ -51,7 +51,7 @@ from fisao.peers import kept_random_state
 from fisao.align.calibration import Calibration
 from fisao.align.lora import add_lora, load_adapter, merge_and_save, save_adapter
 from fisao.align.rollout import encode_prompts
-from fisao.align.score import caption_rewards
+from fisao.align.score import description_rewards
 from fisao.align.verifier import Verifier
 from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.vocab import Vocabulary
@@ -68,14 +68,12 @@ def answer_reward(text: str, score: Callable[[list[str]], torch.Tensor], vocab: 
                   calibration: Calibration, reward: RewardConfig) -> float:
     """The whole answer's reward: the mean of its mention rewards, 0 for an answer with no mention.
 
-    Each mention reward is FiSAO's (`caption_rewards`): the CHAIR parser's mentions over
+    Each mention reward is FiSAO's (`description_rewards`): the CHAIR parser's mentions over
     `vocab`, `score(categories)` their verifier scores (M,), `reward.shape` against the
     calibration's (b, w), then `reward.repeats` (by default a repeated category keeps only a
     penalty, and counts in the mean). `reward.level` and `reward.span` do not matter here.
     """
-    mentions = parse_mentions(text, vocab)
-    scores = score([m.category for m in mentions]) if mentions else torch.zeros(0)
-    rewards = caption_rewards(mentions, scores, calibration, reward)
+    _, _, rewards = description_rewards(text, vocab, score, calibration, reward)
     return sum(rewards) / len(rewards) if rewards else 0.0
 
 

@@ -134,7 +134,7 @@ def run_chair(model, processor, data: EvalData, cfg: EvalConfig, out: Path, prog
     io.write_jsonl(out / "captions.jsonl", ({"image_id": i, "caption": c} for i, c in zip(ids, captions)))
     io.write_jsonl(out / "chair_details.jsonl", (d.to_json() for d in result.details))
     m = result.metrics
-    return {"chair_s": m["chair_s"], "chair_i": m["chair_i"], "recall": m["recall"], "len": m["len"],
+    return {"chair_s": m["chair_s"], "chair_i": m["chair_i"], "recall": m["recall"], "len": m["len"], "glued": m["glued"],
             "chair_n_captions": m["n_captions"], "chair_n_mentions": m["n_mentions"]}
 
 

@@ -38,6 +38,16 @@ def test_chair_metrics_by_hand():
     # Words: 12 + 5 + 2 + 3 = 22 over 4 captions.
     assert m["len"] == pytest.approx(22 / 4)
     assert m["n_unknown_image"] == 1 and m["n_empty"] == 1
+    assert m["glued"] == 0.0
+
+
+def test_glued_share_counts_captions_with_a_glued_word_and_chair_ignores_the_glued_name():
+    truth = {1: {"dog"}, 2: {"dog"}, 3: {"dog"}}
+    m = chair([(1, "A dog and a catNo."), (2, "A dogYes dogYes."), (3, "A dog.")], truth, COCO).metrics
+    # The glued "catNo" is no mention for CHAIR (the authors' tokenizer reads one unknown word), so
+    # caption 1 does not hallucinate; two of three captions hold a glued word.
+    assert m["n_mentions"] == 2 and m["n_hallucinated"] == 0
+    assert m["glued"] == pytest.approx(2 / 3)
 
 
 def test_chair_details_per_caption():

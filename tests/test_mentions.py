@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fisao.benchmarks.mentions import Mention, count_words, mentioned_categories, parse_mentions
+from fisao.benchmarks.mentions import Mention, count_words, glued_words, mentioned_categories, parse_mentions
 from fisao.benchmarks.vocab import Vocabulary
 
 COCO = Vocabulary.coco()
@@ -176,3 +176,26 @@ def test_bow_tie_and_home_plate():
 
 def test_count_words_ignores_punctuation():
     assert count_words("Two red circles, and a plus-sign!") == 6  # two red circles and a plus-sign
+
+
+# ---- glued words: the reward's reading ---------------------------------------------------------
+
+def test_glued_words_hide_a_mention_from_chair_but_not_from_the_reward_reading(world):
+    # What policies wrote after a round (docs/method.md): an answer word glued onto the last object.
+    text = "a red circle and a green squareNo. The redNo."
+    assert mentioned_categories(text, world) == ["circle"]  # CHAIR's reading: "squareNo" is no word it knows
+    # "a red circle and a green " is 25 characters: "square" is [25, 31), its glued "No" [31, 33).
+    assert parse_mentions(text, world, split_glued=True) == [Mention("circle", "circle", 6, 12),
+                                                              Mention("square", "square", 25, 31)]
+    assert glued_words(text) == ["squareNo", "redNo"]
+
+
+def test_glue_points_are_case_changes_and_digits_only(world):
+    # A capital after a lowercase letter, or digits against letters, split a word; nothing else does.
+    assert [m.text for m in parse_mentions("two Squares, disk2 and 3crescents", world, split_glued=True)] == [
+        "Squares", "disk", "crescents"]
+    assert [m.text for m in parse_mentions("plus signYes", world, split_glued=True)] == ["plus sign"]
+    for text in ("A Circle, SQUARES and plus-signs.", "two circles", ""):
+        assert glued_words(text) == []
+        assert parse_mentions(text, world, split_glued=True) == parse_mentions(text, world)
+    assert glued_words("moonYesNo circle star2") == ["moonYesNo", "star2"]

@@ -54,6 +54,10 @@ def test_description_rewards_parse_score_and_reward_one_description():
     assert rewards == [0.5, -1.0, 0.0, -0.25]  # as caption_rewards by hand above: the repeat keeps min(0.5, 0)
     asked.clear()
     assert description_rewards("nothing here", VOCAB, score, CAL, RewardConfig())[2] == [] and asked == []
+    # A glued answer word does not hide a mention from the reward (reward.split_glued, the default);
+    # CHAIR's reading (split_glued False) misses the square.
+    assert description_rewards("a circle and a squareNo", VOCAB, score, CAL, RewardConfig())[2] == [0.5, -1.0]
+    assert description_rewards("a circle and a squareNo", VOCAB, score, CAL, RewardConfig(split_glued=False))[2] == [0.5]
 
 
 def test_caption_token_rewards_by_hand():

@@ -81,12 +81,14 @@ def calibrate(scores: Sequence[float], hallucinated: Sequence[bool], categories:
     return Calibration(s_c, s_h, b, w, auroc(s, ~h), n_c, n_h, classes)
 
 
-def label_mentions(texts: Sequence[str], image_objects: Sequence[set[str]], vocab: Vocabulary) -> list[tuple[int, Mention, bool]]:
-    """(answer index, mention, hallucinated) for every mention of every answer."""
+def label_mentions(texts: Sequence[str], image_objects: Sequence[set[str]], vocab: Vocabulary,
+                   split_glued: bool = False) -> list[tuple[int, Mention, bool]]:
+    """(answer index, mention, hallucinated) for every mention of every answer (`parse_mentions`'s,
+    glued words split with `split_glued`)."""
     if len(texts) != len(image_objects):
         raise ValueError(f"{len(texts)} answers but ground truth for {len(image_objects)}")
     return [(i, m, m.category not in truth) for i, (text, truth) in enumerate(zip(texts, image_objects))
-            for m in parse_mentions(text, vocab)]
+            for m in parse_mentions(text, vocab, split_glued)]
 
 
 def histogram_png(scores: Sequence[float], hallucinated: Sequence[bool], calibration: Calibration, path: str | Path,

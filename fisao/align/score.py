@@ -70,7 +70,7 @@ def calibration_stage(policy_dir: str | Path, clip_dir: str | Path, world_dir: s
     index = rollouts.image_index.tolist()
     truths = example_truth(world_dir, examples, verifier.vocab)
     truth = [truths[i] for i in index]
-    labelled = label_mentions(rollouts.texts, truth, verifier.vocab)
+    labelled = label_mentions(rollouts.texts, truth, verifier.vocab, reward.split_glued)
     embeddings = verifier.image_embeddings(images)
     scores = [float(verifier.score(embeddings[index[a]], [m.category])[0]) for a, m, _ in labelled]
     halluc = [h for _, _, h in labelled]
@@ -198,9 +198,10 @@ def caption_rewards(mentions: Sequence[Mention], scores: Tensor, calibration: Ca
 
 def description_rewards(text: str, vocab, score: Callable[[list[str]], Tensor], calibration: Calibration,
                         reward: RewardConfig) -> tuple[list[Mention], Tensor, list[float]]:
-    """One description's mentions (the CHAIR parser's over `vocab`), their scores (M,) from
+    """One description's mentions (the CHAIR parser's over `vocab`, glued words split with
+    `reward.split_glued`), their scores (M,) from
     `score(categories)` (not called without a mention) and their rewards (M,) (`caption_rewards`)."""
-    mentions = parse_mentions(text, vocab)
+    mentions = parse_mentions(text, vocab, split_glued=reward.split_glued)
     scores = score([m.category for m in mentions]) if mentions else torch.zeros(0)
     return mentions, scores, caption_rewards(mentions, scores, calibration, reward)
 

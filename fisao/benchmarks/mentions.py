@@ -4,6 +4,14 @@
 mentions), each with its canonical category and the character span of its words in the original
 text, so later code can map a mention onto tokenizer offsets.
 
+`parse_mentions(text, vocab, split_glued=True)` is the reward's reading: a word is also split
+where a token was glued onto it ("a green starNo": "star" + "No", see `GLUE_RE`), which CHAIR's
+reading (and the authors' tokenizer) takes as one unknown word. Policies trained against the
+CHAIR reading learnt to glue an answer word onto the objects they were unsure of, which hid
+those mentions from the verifier (measured: up to 166 of 200 greedy descriptions after one round,
+and the rollouts' KL to the reference at 15-20 nats). `glued_words(text)` lists such words, so
+an evaluation can report how often a policy writes them.
+
 How a text is read, following the CHAIR authors' `caption_to_words` (LisaAnne/Hallucination,
 utils/chair.py):
 1. Split into words (letters/digits, inner hyphens kept: `vocab.WORD_RE`), lowercased; all
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -118,9 +127,34 @@ def _match(forms: list[tuple[str, ...]], i: int, vocab: Vocabulary) -> tuple[int
     return 0, None, ""
 
 
-def parse_mentions(text: str, vocab: Vocabulary) -> list[Mention]:
-    """Every object mention in `text`, in order, duplicates kept (see the module docstring)."""
-    spans = [(m.start(), m.end()) for m in WORD_RE.finditer(text)]
+# Where a word holds two glued together: a lowercase letter followed by a capital ("starNo"), or
+# letters next to digits ("star2"). Neither occurs inside an English word of a caption.
+GLUE_RE = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Za-z])(?=[0-9])|(?<=[0-9])(?=[A-Za-z])")
+
+
+def _word_spans(text: str, split_glued: bool) -> list[tuple[int, int]]:
+    """(start, end) of every word of `text`; with `split_glued`, glued words in their parts."""
+    spans = []
+    for m in WORD_RE.finditer(text):
+        if not split_glued:
+            spans.append((m.start(), m.end()))
+            continue
+        cuts = [m.start()] + [m.start() + g.start() for g in GLUE_RE.finditer(m.group()) if g.start()] + [m.end()]
+        spans.extend((a, b) for a, b in zip(cuts, cuts[1:]) if a < b)
+    return spans
+
+
+def glued_words(text: str) -> list[str]:
+    """The words of `text` (as CHAIR reads them) that hold a glue point (`GLUE_RE`), in order."""
+    return [m.group() for m in WORD_RE.finditer(text) if any(g.start() for g in GLUE_RE.finditer(m.group()))]
+
+
+def parse_mentions(text: str, vocab: Vocabulary, split_glued: bool = False) -> list[Mention]:
+    """Every object mention in `text`, in order, duplicates kept (see the module docstring).
+
+    `split_glued`: also split words at glue points (the reward's reading); False is CHAIR's.
+    """
+    spans = _word_spans(text, split_glued)
     forms = [_forms(text[a:b].lower()) for a, b in spans]
     found: list[tuple[Mention, str]] = []  # (mention, the name it counts as)
     unit_words: set[str] = set()  # what each word or phrase counts as, for the toilet rule

@@ -173,6 +173,10 @@ class PPOConfig(_Strict):
     # Weight of a k3 KL(π ‖ π_ref) term in the loss, recomputed as π moves: it holds back the tokens
     # that carry no reward, which the reward's KL (fixed at sampling time) never reaches.
     kl_loss_coef: float = Field(0.0, ge=0)
+    # What that term measures at each response position: "k3", the estimate at the sampled token;
+    # "full", the exact KL over the whole vocabulary (one more forward, adapters off, per micro-batch),
+    # which also sees probability moving onto tokens that were never sampled.
+    kl_loss_estimator: Literal["k3", "full"] = "k3"
     clip: float = Field(0.2, gt=0, lt=1)
     value_clip: float = Field(0.2, gt=0)
     # Weight of the value loss (shares the LoRA backbone with the policy); "gae" only.

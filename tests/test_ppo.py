@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fisao.align.ppo import (
-    ADVANTAGES, critic_free_advantages, gae_advantages, kl_loss, kl_per_token, masked_mean, masked_whiten, ppo_loss,
+    ADVANTAGES, critic_free_advantages, full_kl_per_token, gae_advantages, kl_loss, kl_loss_full, kl_per_token, masked_mean, masked_whiten, ppo_loss,
     selective_log_softmax, shaped_rewards, value_loss,
 )
 from fisao.config import PPOConfig
@@ -61,6 +61,33 @@ def test_kl_loss_is_the_masked_mean_of_k3_by_hand():
     assert float(kl_loss(logp, ref, mask)) == pytest.approx((first + second) / 2)
     assert float(kl_loss(logp, ref, mask, num_tokens=4)) == pytest.approx((first + second) / 4)
     assert float(kl_loss(ref, ref, mask)) == 0.0
+
+
+def test_full_kl_by_hand_and_against_a_naive_loop():
+    # One position, two tokens: π = (1/2, 1/2), π_ref = (1/4, 3/4):
+    # KL = ½·log(½ / ¼) + ½·log(½ / ¾) = ½·log 2 + ½·log(2/3).
+    logits = torch.log(torch.tensor([[[0.5, 0.5]]])) + 7.0  # a shift of the logits changes nothing
+    ref = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    assert float(full_kl_per_token(logits, ref)[0, 0]) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    g = torch.Generator().manual_seed(0)
+    logits, ref = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    naive = torch.zeros(2, 3)
+    for b in range(2):
+        for t in range(3):
+            p, q = logits[b, t].softmax(-1), ref[b, t].softmax(-1)
+            naive[b, t] = sum(float(p[v] * math.log(p[v] / q[v])) for v in range(5))
+    assert torch.allclose(full_kl_per_token(logits, ref), naive, atol=1e-6)
+    assert float(full_kl_per_token(ref, ref).abs().max()) < 1e-6
+    # Mass moving onto a token the reference almost never writes: the sampled token's k3 barely
+    # moves, the full KL does.
+    ref = torch.log(torch.tensor([[[0.98, 0.01, 0.01]]]))
+    moved = torch.log(torch.tensor([[[0.90, 0.09, 0.01]]]))
+    k3 = float(kl_per_token(moved[..., 0], ref[..., 0], "k3")[0, 0])
+    assert float(full_kl_per_token(moved, ref)[0, 0]) > 20 * k3
+    mask = torch.tensor([[True, False]])
+    two = torch.cat([moved, ref], dim=1)
+    ref_two = torch.cat([ref, ref], dim=1)
+    assert float(kl_loss_full(two, ref_two, mask)) == pytest.approx(float(full_kl_per_token(moved, ref)[0, 0]))
 
 
 def naive_gae(rewards, values, mask, gamma, lam):

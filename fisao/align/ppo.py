@@ -151,6 +151,27 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, num_tokens: float | Te
     return masked_mean(kl_per_token(logp, ref_logp, "k3"), mask, num_tokens)
 
 
+def full_kl_per_token(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Exact KL(π(·|s_t) ‖ π_ref(·|s_t)) over the whole vocabulary at each position. (B, T, V) x2 -> (B, T).
+
+    Σ_v π(v) (log π(v) − log π_ref(v)), in float32. Unlike the k1/k3 estimates at the sampled
+    token, it sees probability moving onto tokens the rollouts never sampled (measured: after one
+    round, "No" glued onto object names in most descriptions, a token the reference almost never
+    writes there).
+    """
+    logp = logits.float().log_softmax(-1)
+    ref_logp = ref_logits.float().log_softmax(-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def kl_loss_full(logits: Tensor, ref_logits: Tensor, mask: Tensor, num_tokens: float | Tensor | None = None) -> Tensor:
+    """Token-normalised exact KL(π ‖ π_ref) (`full_kl_per_token`) as a loss term -> scalar.
+
+    logits, ref_logits (B, T, V) at the response positions; mask (B, T).
+    """
+    return masked_mean(full_kl_per_token(logits, ref_logits), mask, num_tokens)
+
+
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float,
                num_tokens: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss, token-normalised -> (loss scalar, stats). All inputs (B, T).

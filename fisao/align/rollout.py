@@ -94,10 +94,14 @@ def response_hidden(model, inputs: dict[str, Tensor], response_ids: Tensor, mask
     return hidden[:, prompt_len - 1 : prompt_len - 1 + response_ids.shape[1]]
 
 
+def response_logits(model, hidden: Tensor) -> Tensor:
+    """The (N, T, V) float32 logits of `response_hidden`'s states (N, T, H)."""
+    return hf_model(model).get_output_embeddings()(hidden).float()
+
+
 def token_logprobs(model, hidden: Tensor, response_ids: Tensor, mask: Tensor) -> Tensor:
     """log π(response token) from `response_hidden`'s states -> (N, T) float32, 0 on padding."""
-    logits = hf_model(model).get_output_embeddings()(hidden).float()
-    return selective_log_softmax(logits, response_ids) * mask
+    return selective_log_softmax(response_logits(model, hidden), response_ids) * mask
 
 
 def sequence_logprobs(model, inputs: dict[str, Tensor], response_ids: Tensor, mask: Tensor) -> Tensor:

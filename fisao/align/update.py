@@ -15,6 +15,9 @@
    step whose forward measured an approx_kl (KL of the sampling policy to the current one, over
    that step's tokens) past 1.5 × target_kl: a round moves the policy about that far at most,
    however many rollouts (one step past it: a step measures the policy before its own update).
+With `ppo.kl_loss_coef`, a KL term joins the loss: the k3 estimate at the sampled tokens, or with
+`ppo.kl_loss_estimator: full` the exact KL over the vocabulary at every response position, the
+reference's logits from one more forward with the adapters disabled.
 The value head (GAE only) is owned by the caller, so it survives across rounds.
 """
 from __future__ import annotations
@@ -28,8 +31,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from fisao.align.lora import ValueHead
-from fisao.align.ppo import ADVANTAGES, kl_loss, kl_per_token, masked_mean, masked_whiten, ppo_loss, shaped_rewards, value_loss
-from fisao.align.rollout import Rollouts, encode_prompts, pad_right, response_hidden, token_logprobs
+from fisao.align.ppo import (ADVANTAGES, kl_loss, kl_loss_full, kl_per_token, masked_mean, masked_whiten, ppo_loss,
+                             selective_log_softmax, shaped_rewards, value_loss)
+from fisao.align.rollout import Rollouts, encode_prompts, pad_right, response_hidden, response_logits, token_logprobs
 from fisao.config import PPOConfig
 
 
@@ -40,12 +44,22 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
-    def forward(self, inputs: dict[str, Tensor], response_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(log π of each response token, values or None), both (N, T), 0 on padding."""
+    def forward(self, inputs: dict[str, Tensor], response_ids: Tensor, mask: Tensor,
+                with_logits: bool = False) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
+        """(log π of each response token, values or None), both (N, T), 0 on padding; with
+        `with_logits` also the (N, T, V) logits at the response positions."""
         hidden = response_hidden(self.policy, inputs, response_ids, mask)
-        logp = token_logprobs(self.policy, hidden, response_ids, mask)
         values = None if self.value_head is None else self.value_head(hidden) * mask
-        return logp, values
+        if not with_logits:
+            return token_logprobs(self.policy, hidden, response_ids, mask), values
+        logits = response_logits(self.policy, hidden)
+        return selective_log_softmax(logits, response_ids) * mask, values, logits
+
+    @torch.no_grad()
+    def reference_logits(self, inputs: dict[str, Tensor], response_ids: Tensor, mask: Tensor) -> Tensor:
+        """(N, T, V) logits of the reference (adapters disabled) at the response positions."""
+        with self.policy.disable_adapter():
+            return response_logits(self.policy, response_hidden(self.policy, inputs, response_ids, mask))
 
 
 def _micro_batch(processor, images, rollouts: Rollouts, rows: Tensor, device) -> tuple[dict, Tensor, Tensor]:
@@ -217,12 +231,21 @@ def _train_micro_batch(actor, processor, images, rollouts, rows, targets: Target
     def cut(x: Tensor) -> Tensor:
         return x[rows, :width].to(device)
 
-    logp, values = actor(inputs, ids, mask)
+    full_kl = bool(cfg.kl_loss_coef) and cfg.kl_loss_estimator == "full"
+    if full_kl:
+        logp, values, logits = actor(inputs, ids, mask, with_logits=True)
+    else:
+        logp, values = actor(inputs, ids, mask)
     pg_loss, out = ppo_loss(logp, cut(rollouts.logprobs), cut(targets.advantages), mask, cfg.clip, num_tokens)
     loss = pg_loss
     out = {k: float(v) for k, v in out.items()}
     out["policy_loss"] = float(pg_loss.detach())
-    if cfg.kl_loss_coef:
+    if full_kl:
+        ref_logits = accelerator.unwrap_model(actor).reference_logits(inputs, ids, mask)
+        k_loss = kl_loss_full(logits, ref_logits, mask, num_tokens)
+        loss = loss + cfg.kl_loss_coef * k_loss
+        out["kl_loss"] = float(k_loss.detach())
+    elif cfg.kl_loss_coef:
         k_loss = kl_loss(logp, cut(targets.ref_logp), mask, num_tokens)
         loss = loss + cfg.kl_loss_coef * k_loss
         out["kl_loss"] = float(k_loss.detach())

@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from tasks.records import campaign_parent, recorded_inputs
+    from tasks.mlflow_store import campaign_parent, recorded_inputs
 
     inputs = recorded_inputs(args.name)
     if inputs is None:

@@ -45,7 +45,7 @@ from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
 from tasks.publish import publish_summary, run_tag, tag_this_flow_run
 from tasks.realdata import memory_check, real_models
-from tasks.records import RUNS_VIEW, init_store, registered_name
+from tasks.mlflow_store import RUNS_VIEW, init_store, registered_name
 from tasks.registry import register_round
 from tasks.resume import verify_finished_rounds
 from tasks.tracking import describe, evaluation_span, log_build, log_curve, log_round

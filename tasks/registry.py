@@ -5,7 +5,7 @@ merged from. Each complete round run gets one MLflow 3 logged model (model type 
 named `CAMPAIGN-round-K`, artifacts `checkpoint/` and `adapter/`) that is the run's output (the
 runs table's Models column) and carries the run's metrics of that round; and one version of the
 registered model named after the campaign (`demo` version 1 = round 1, …; a '.' in the campaign's
-name becomes '_', which MLflow's model names need: `tasks.records.registered_name`). The alias `best` points
+name becomes '_', which MLflow's model names need: `tasks.mlflow_store.registered_name`). The alias `best` points
 at the best round by the campaign's metric (`CAMPAIGN_METRIC`: the lowest CHAIR_i, the earlier round
 on a tie, as `fisao runs` and the summary's headline pick it). MLflow reserves the alias `latest`:
 `models:/demo/latest` is its name for the highest version, the last round registered. The base
@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
-from tasks.records import ADAPTER, CAMPAIGN_METRIC, CHECKPOINT, SHA256, best_round, registered_name, round_runs
+from tasks.mlflow_store import ADAPTER, CAMPAIGN_METRIC, CHECKPOINT, SHA256, best_round, registered_name, round_runs
 
 POLICY = "fisao-policy"  # the logged models' model type
 

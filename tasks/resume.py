@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 
 from fisao import io
 from fisao.manifest import build_manifest, group_digest, verify_manifest
-from tasks.records import MANIFEST, has_artifact, read_json_artifact, round_runs, summary_key
+from tasks.mlflow_store import MANIFEST, has_artifact, read_json_artifact, round_runs, summary_key
 
 
 @task(name="write-manifest")

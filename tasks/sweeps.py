@@ -11,7 +11,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
-from tasks.records import campaign_parent, experiment_id, find_runs
+from tasks.mlflow_store import campaign_parent, experiment_id, find_runs
 from tasks.tracking import log_batch, log_curve_points, new_run
 
 

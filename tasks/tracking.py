@@ -36,7 +36,7 @@ from fisao.crashpoints import crash_point
 from fisao.manifest import verify_files
 from fisao.models.build import TRAIN_LOG
 from tasks.evaluate import METRICS, TIMING
-from tasks.records import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs, mlflow_key
+from tasks.mlflow_store import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs, mlflow_key
 
 
 def log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] = (), params: dict | None = None,

@@ -177,7 +177,7 @@ def test_a_round_logs_the_data_it_used_as_datasets_with_the_dvc_md5_as_digest(tm
 
 def test_evaluation_metrics_are_logged_under_eval_and_read_back_under_their_summary_names(tmp_path, store):
     from tasks.campaigns import open_campaign
-    from tasks.records import round_runs, summary_key
+    from tasks.mlflow_store import round_runs, summary_key
     from tasks.tracking import log_round
 
     parent = open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")

@@ -21,11 +21,12 @@ HOUR = 3600.0
 def store(tmp_path, monkeypatch):
     """A fresh MLflow sqlite store in `tmp_path` (the project), with Prefect's run logger replaced."""
     import tasks.campaigns
+    import tasks.resume
     import tasks.tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("FISAO_PROJECT", str(tmp_path))
-    for module in (tasks.tracking, tasks.campaigns):
+    for module in (tasks.tracking, tasks.campaigns, tasks.resume):
         monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test"))
     from mlflow.tracking import MlflowClient
 

@@ -95,15 +95,19 @@ def test_a_manifest_naming_another_checkpoint_than_its_run_is_a_resume_mismatch(
     assert f"`mlflow runs delete --run-id {run_id}`" in message and "resume the campaign" in message  # the fix
 
 
-def test_resuming_an_unknown_campaign_names_it_and_how_to_start_it(store):  # noqa: F811
+def test_resuming_an_unknown_campaign_names_it_and_how_to_start_it(tmp_path, store, capsys):  # noqa: F811
+    from cli.main import main
     from tasks.resume import UnknownCampaign, recorded_campaign
 
     with pytest.raises(UnknownCampaign) as e:
         recorded_campaign("ghost")
 
     assert e.value.round is None
-    assert str(e.value).startswith("campaign 'ghost': MLflow (sqlite:///")
+    assert str(e.value).startswith(f"campaign 'ghost': MLflow (sqlite:///{tmp_path / 'mlflow.db'}) holds no such")
     assert "`fisao run --config CONFIG --run-name ghost`" in str(e.value) and "`fisao runs`" in str(e.value)
+    # `fisao resume ghost` ends with that one line and exit status 2, before Prefect starts.
+    assert main(["--project", str(tmp_path), "resume", "ghost"]) == 2
+    assert capsys.readouterr().err == f"fisao: error: {e.value}\n"
 
 
 def test_resume_runs_the_recorded_config_to_the_last_round_target(store):  # noqa: F811

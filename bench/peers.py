@@ -258,7 +258,7 @@ def _flow():
         from fisao.peers.compare import LRS, METHODS, curves, pick_lr, plot
         from fisao.progress import bar
         from fisao.summary import compare_link
-        from tasks.records import experiment_id, init_store
+        from tasks.mlflow_store import experiment_id, init_store
 
         use_project(project)
         init_store(project)

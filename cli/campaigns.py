@@ -7,7 +7,6 @@ flows/shutdown.py says, and the temporary Prefect API is started in a session of
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -51,15 +50,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from tasks.records import campaign_parent, recorded_inputs
+    from tasks.resume import recorded_campaign
 
-    inputs = recorded_inputs(args.name)
-    if inputs is None:
-        raise ValueError(f"no campaign {args.name!r} in MLflow ({os.environ['MLFLOW_TRACKING_URI']}); start it with "
-                         f"`fisao run --config CONFIG --run-name {args.name}`, or list campaigns with `fisao runs`")
+    recorded = recorded_campaign(args.name)  # the config it started with and its round target
     if args.rounds is None and args.more_rounds is None:
-        args.rounds = int(campaign_parent(args.name).data.tags.get("fisao.target_rounds", inputs["resolved"]["ppo"]["rounds"]))
-    return _campaign(args, None, inputs["resolved"], args.name)
+        args.rounds = recorded["target_rounds"]
+    return _campaign(args, None, recorded["config"], args.name)
 
 
 def _sweep(args: argparse.Namespace) -> int:

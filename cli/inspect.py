@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from fisao import io
 from fisao.locks import lock_holder
 from fisao.summary import table
-from tasks.records import (HEADLINE_METRICS, MANIFEST, best_round, campaign_parent, download, mlflow_key,
-                           model_version, read_json_artifact, round_runs, summary_key)
+from tasks.mlflow_store import (HEADLINE_METRICS, MANIFEST, best_round, campaign_parent, download, mlflow_key,
+                                model_version, read_json_artifact, round_runs, summary_key)
 
 
 def status(parent: Run) -> str:

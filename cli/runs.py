@@ -11,7 +11,7 @@ from pathlib import Path
 
 def registered_checkpoint(uri: str) -> Path:
     """The local checkpoint of a registered model's URI (models:/demo@best), said on stderr."""
-    from tasks.records import checkpoint_dir
+    from tasks.mlflow_store import checkpoint_dir
 
     path = checkpoint_dir(uri)
     print(f"{uri}: {path}", file=sys.stderr)
@@ -20,7 +20,7 @@ def registered_checkpoint(uri: str) -> Path:
 
 def _runs(args: argparse.Namespace) -> int:
     from cli.inspect import campaign_detail, runs_overview
-    from tasks.records import all_campaigns
+    from tasks.mlflow_store import all_campaigns
 
     if args.name:
         print(campaign_detail(args.name, args.metric))

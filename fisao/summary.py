@@ -22,7 +22,7 @@ MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves mlflow.db
 
 def runs_link(experiment_id: str, view: str | None = None) -> str:
     """The experiment's runs table in MLflow's UI, in saved view `view` if given (a campaign's:
-    tasks.records.RUNS_VIEW). MLflow 3.17.2 chooses between its GenAI pages (an empty traces
+    tasks.mlflow_store.RUNS_VIEW). MLflow 3.17.2 chooses between its GenAI pages (an empty traces
     overview) and the runs table by the `workflowType` in the address, else by the reader's last
     choice, not by an experiment tag (docs/mlflow.md), so the link sets it."""
     link = f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"

@@ -7,9 +7,10 @@ process); every stage is a task whose cache key holds the hashes of its inputs (
 among them), its config section and the code version, so a second run skips finished work.
 
 Running a campaign name again resumes it. Under the campaign's lock (one process per name), the
-inputs are checked against those it started with (InputsChanged says what differs), rounds that
-MLflow holds as complete are verified against their manifests and taken as they are, a damaged
-one is recomputed, and an unfinished round continues from its last finished stage via the cache.
+inputs are checked against those it started with (InputsChanged says what differs); what is
+finished, what is stale and what to redo is decided in tasks/resume.py: rounds that MLflow holds
+as complete are verified against their manifests and taken as they are, a damaged one is
+recomputed, and an unfinished round continues from its last finished stage via the cache.
 How many rounds: `rounds`, else `add_rounds` more than are done (a schedule's "one more round"),
 else the config's `ppo.rounds`.
 
@@ -45,9 +46,9 @@ from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
 from tasks.publish import publish_summary, run_tag, tag_this_flow_run
 from tasks.realdata import memory_check, real_models
-from tasks.records import RUNS_VIEW, init_store, registered_name
+from tasks.mlflow_store import RUNS_VIEW, init_store, registered_name
 from tasks.registry import register_round
-from tasks.resume import verify_finished_rounds
+from tasks.resume import rounds_done, take_round, target_rounds, verify_finished_rounds
 from tasks.tracking import describe, evaluation_span, log_build, log_curve, log_round
 from tasks.world import prepare_world
 
@@ -69,17 +70,6 @@ def build_base(cfg: Config, project: str, world: dict, tags: dict, t0: float, re
     log_build(cfg.name, "llava", llava, {**cfg.llava.model_dump(), "clip_sha256": clip["sha256"]}, tags,
               campaign=cfg.name)
     return {"world": world, "clip": clip, "llava": llava, "stages": stages, "tags": tags}
-
-
-def target_rounds(cfg: Config, done: int, rounds: int | None, add_rounds: int | None) -> int:
-    if rounds is not None and add_rounds is not None:
-        raise ValueError("give either rounds (a total) or add_rounds (more than are done), not both")
-    for key, value in (("rounds", rounds), ("add_rounds", add_rounds)):
-        if value is not None and value < 0:  # a deployment's parameters do not pass the command line's check
-            raise ValueError(f"{key} must be a whole number >= 0, got {value}")
-    if add_rounds is not None:
-        return done + add_rounds
-    return rounds if rounds is not None else cfg.ppo.rounds
 
 
 def campaign_run_name() -> str:
@@ -133,8 +123,7 @@ def _run(cfg: Config, project: str, t0: float, rounds: int | None, add_rounds: i
     parent = open_campaign(cfg.name, inputs, tags, lock_file, allow_changed, started=t0)
     try:
         finished = verify_finished_rounds(cfg.name) if parent["resumed"] else {}
-        done = next(k for k in range(1, len(finished) + 2) if str(k) not in finished) - 1
-        target = target_rounds(cfg, done, rounds, add_rounds)
+        target = target_rounds(cfg, rounds_done(finished), rounds, add_rounds)
         campaign_state(parent["run_id"], {"fisao.target_rounds": str(target)})
         summary = _rounds(cfg, project, t0, stages, world, real, tags, finished, target)
         describe(parent["run_id"], f"{cfg.name}: {headline(summary['rounds'])}")
@@ -185,8 +174,8 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
     policy, previous, checkpoints, verified = llava, None, [llava["path"]], []
     versions, registered = {}, {"aliases": {}}
     for k in range(1, target + 1):
-        done = finished.get(str(k))
-        if done and done["ok"] and done["parent_sha256"] == policy["sha256"]:
+        done = take_round(finished, k, policy["sha256"])
+        if done:
             policy = previous = done["policy"]
             metrics.append(done["metrics"])
             log_curve(cfg.name, done["metrics"], k)

@@ -17,7 +17,7 @@ from flows.rounds import EVAL_CODE
 from flows.steps import run_step
 from tasks.evaluate import evaluate
 from tasks.realdata import real_data
-from tasks.records import checkpoint_dir
+from tasks.mlflow_store import checkpoint_dir
 from tasks.tracking import log_checkpoint_eval
 from tasks.world import prepare_world
 

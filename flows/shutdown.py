@@ -65,7 +65,7 @@ def _mark_campaign(name: str, end: str, error: str, force: bool = False) -> bool
     """Mark campaign `name`'s MLflow run `end` if it is still marked running, or whatever it says when
     `force` (MLflow only, no Prefect); returns whether MLflow knows the campaign."""
     from tasks.campaigns import campaign_state
-    from tasks.records import campaign_parent
+    from tasks.mlflow_store import campaign_parent
 
     parent = campaign_parent(name)
     if parent is not None and (force or parent.data.tags.get("fisao.status") == "running"):
@@ -276,7 +276,7 @@ class CampaignStop(CommandStop):
         return _mark_campaign(self.name, end, error, force)
 
     def recorded(self) -> bool:
-        from tasks.records import campaign_parent
+        from tasks.mlflow_store import campaign_parent
 
         return campaign_parent(self.name) is not None
 

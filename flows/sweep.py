@@ -28,7 +28,7 @@ from fisao.sweep import aggregate, default_name, plan, run_record, sweep_dir, sw
 from flows.campaign import campaign
 from tasks.campaigns import campaign_state
 from tasks.publish import run_tag, tag_this_flow_run
-from tasks.records import init_store
+from tasks.mlflow_store import init_store
 from tasks.sweeps import close_sweep, open_sweep, tag_campaign
 from tasks.tracking import describe
 

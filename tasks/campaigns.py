@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 
 from fisao import io
 from fisao.inputs import changes
-from tasks.records import INPUTS, campaign_parent, experiment_id, recorded_inputs, runs_view_tag
+from tasks.mlflow_store import INPUTS, campaign_parent, experiment_id, recorded_inputs, runs_view_tag
 from tasks.tracking import log_batch, new_run
 
 

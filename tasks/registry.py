@@ -5,7 +5,7 @@ merged from. Each complete round run gets one MLflow 3 logged model (model type 
 named `CAMPAIGN-round-K`, artifacts `checkpoint/` and `adapter/`) that is the run's output (the
 runs table's Models column) and carries the run's metrics of that round; and one version of the
 registered model named after the campaign (`demo` version 1 = round 1, …; a '.' in the campaign's
-name becomes '_', which MLflow's model names need: `tasks.records.registered_name`). The alias `best` points
+name becomes '_', which MLflow's model names need: `tasks.mlflow_store.registered_name`). The alias `best` points
 at the best round by the campaign's metric (`CAMPAIGN_METRIC`: the lowest CHAIR_i, the earlier round
 on a tie, as `fisao runs` and the summary's headline pick it). MLflow reserves the alias `latest`:
 `models:/demo/latest` is its name for the highest version, the last round registered. The base
@@ -14,7 +14,9 @@ model (round 0) is no version: it is the campaign's starting point, logged by it
 Logged once: a round's logged model and its version carry the checkpoint's sha256
 (`fisao.model_sha256`) and are looked up by it before anything is created, so a resumed campaign,
 or one whose process died between logging a round and registering it, registers each checkpoint
-once. A logged model that a crash left unfinished (status PENDING) is deleted and logged again.
+once. A logged model that a crash left unfinished (status PENDING) is deleted and logged again
+(tasks/resume.py: `drop_unfinished_models`); a round is registered only from its complete run of
+that checkpoint (`logged_round`, RoundNotLogged otherwise).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
-from tasks.records import ADAPTER, CAMPAIGN_METRIC, CHECKPOINT, SHA256, best_round, registered_name, round_runs
+from tasks.mlflow_store import ADAPTER, CAMPAIGN_METRIC, CHECKPOINT, SHA256, best_round, registered_name, round_runs
+from tasks.resume import drop_unfinished_models, logged_round
 
 POLICY = "fisao-policy"  # the logged models' model type
 
@@ -41,11 +44,7 @@ def logged_policy(client: MlflowClient, campaign: str, k: int, run: Run, policy:
     if ready:
         model_id = ready[0]
     else:
-        for model in found:
-            if model.status != LoggedModelStatus.READY:
-                log.warning("logged model %s of round %d of %s was left unfinished by an interrupted run: deleted, "
-                            "logged again", model.model_id, k, campaign)
-                client.delete_logged_model(model.model_id)
+        drop_unfinished_models(client, found, campaign, k)
         model_id = client.create_logged_model(run.info.experiment_id, name=f"{registered_name(campaign)}-round-{k}",
                                               source_run_id=run.info.run_id, model_type=POLICY,
                                               tags={SHA256: sha, "fisao.campaign": campaign, "fisao.round": str(k)},
@@ -115,9 +114,9 @@ def set_best(client: MlflowClient, campaign: str, metric: str = CAMPAIGN_METRIC)
 def register_round(campaign: str, k: int, policy: dict) -> dict:
     """Round `k`'s checkpoint `policy` ({"path", "sha256", "adapter"}) as a logged model of its complete
     round run and a version of registered model `campaign` (each once), then the aliases; returns
-    {"version": its version, "aliases": {"best": version}}."""
-    client, run = MlflowClient(), round_runs(campaign).get(k)
-    assert run is not None and run.data.tags.get(SHA256) == policy["sha256"], f"round {k} is logged complete first"
+    {"version": its version, "aliases": {"best": version}}. RoundNotLogged when MLflow holds no
+    complete run of round `k` with that checkpoint."""
+    client, run = MlflowClient(), logged_round(campaign, k, policy["sha256"])
     model_id = logged_policy(client, campaign, k, run, policy)
     version = register_version(client, campaign, k, run, model_id, policy["sha256"])
     return {"version": version, "aliases": set_best(client, campaign)}

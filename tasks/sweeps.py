@@ -11,7 +11,8 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
-from tasks.records import campaign_parent, experiment_id, find_runs
+from tasks.mlflow_store import experiment_id, find_runs
+from tasks.resume import logged_campaign
 from tasks.tracking import log_batch, log_curve_points, new_run
 
 
@@ -51,10 +52,9 @@ def open_sweep(sweep: str, config_hash: str, params: dict, tags: dict) -> dict:
 
 @task(name="tag-campaign")
 def tag_campaign(campaign: str, tags: dict[str, str]) -> None:
-    """Tag the campaign's parent run (e.g. with the sweep it belongs to)."""
-    parent = campaign_parent(campaign)
-    assert parent is not None, f"campaign {campaign} ran, so it has a parent run"
-    log_batch(MlflowClient(), parent.info.run_id, tags=tags)
+    """Tag the parent run of `campaign`, which has run (e.g. with the sweep it belongs to);
+    CampaignNotLogged when MLflow lost it."""
+    log_batch(MlflowClient(), logged_campaign(campaign).info.run_id, tags=tags)
 
 
 @task(name="close-sweep")

@@ -8,8 +8,8 @@ Logging is idempotent: every run carries a `fisao.key` tag and is marked complet
 complete run with the same key is reused instead of logged twice (MLflow appends duplicate
 metric points), and a curve point already present at a step is not logged again. A round is
 marked complete only after its artifacts were logged and the logged copies verified against the
-round's manifest; a run that a crash left unmarked is deleted when the round is logged again, so
-MLflow never shows a round twice.
+round's manifest; a run that a crash left unmarked is deleted when the round is logged again
+(tasks/resume.py decides which runs are stale), so MLflow never shows a round twice.
 
 Every run spans the work it records, not the moment it was logged: a stage's output directory is
 complete when its marker file is written (last), and the stage records how many seconds it took,
@@ -36,7 +36,8 @@ from fisao.crashpoints import crash_point
 from fisao.manifest import verify_files
 from fisao.models.build import TRAIN_LOG
 from tasks.evaluate import METRICS, TIMING
-from tasks.records import COMPLETE, MANIFEST, campaign_parent, experiment_id, find_run, find_runs, mlflow_key
+from tasks.mlflow_store import COMPLETE, MANIFEST, experiment_id, find_run, mlflow_key
+from tasks.resume import drop_stale_round_runs, logged_campaign, round_key
 
 
 def log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] = (), params: dict | None = None,
@@ -122,11 +123,9 @@ def log_build(experiment: str, kind: str, ref: dict, params: dict, tags: dict, c
 
 
 def campaign_run(campaign: str) -> str:
-    """The parent run of `campaign` (tasks.campaigns.open_campaign creates it)."""
-    parent = campaign_parent(campaign)
-    if parent is None:
-        raise RuntimeError(f"campaign {campaign!r} has no parent run in MLflow: open_campaign must run first")
-    return parent.info.run_id
+    """The id of the parent run of `campaign` (tasks.campaigns.open_campaign creates it; CampaignNotLogged
+    when MLflow lost it)."""
+    return logged_campaign(campaign).info.run_id
 
 
 def log_curve_points(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -154,23 +153,6 @@ def verify_logged(run_id: str, manifest: dict, names) -> list[str]:
             local = Path(MlflowClient().download_artifacts(run_id, name, tmp))
             problems += [p.describe() for p in verify_files(manifest["groups"][name], local, name)]
     return problems
-
-
-def _stale_runs(experiment: str, key: str, model_sha256: str | None) -> tuple[str | None, list[str]]:
-    """(complete run to keep, runs to delete) among the runs logged under `key`.
-
-    A complete run is kept when it describes the same checkpoint (a run is marked complete only
-    after its manifest, when one is due, was logged and checked); runs a crash left incomplete and
-    complete runs of another checkpoint (a recomputed round that came out different) go.
-    """
-    keep, stale = None, []
-    for run in find_runs(experiment, {"fisao.key": key}):
-        same = model_sha256 is None or run.data.tags.get("fisao.model_sha256") == model_sha256
-        if keep is None and run.data.tags.get(COMPLETE) == "true" and same:
-            keep = run.info.run_id
-        else:
-            stale.append(run.info.run_id)
-    return keep, stale
 
 
 def log_datasets(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
@@ -203,12 +185,8 @@ def log_round(experiment: str, campaign: str, round_index: int, metrics: dict, p
     start, end = span if span is not None else (None, None)
     client = MlflowClient()
     parent = campaign_run(campaign)
-    key = f"{campaign}:round-{round_index}"
-    run_id, stale = _stale_runs(experiment, key, tags.get("fisao.model_sha256"))
-    for old in stale:
-        log.warning("MLflow run %s of round %d of %s was left incomplete by an interrupted run (or describes another "
-                    "checkpoint): deleted, the round is logged again", old, round_index, campaign)
-        client.delete_run(old)
+    key = round_key(campaign, round_index)
+    run_id = drop_stale_round_runs(experiment, campaign, round_index, tags.get("fisao.model_sha256"))
     if run_id is None:
         run_id = new_run(experiment, f"round-{round_index}", {
             **tags, "mlflow.parentRunId": parent, "fisao.key": key, "fisao.kind": "round",

@@ -20,7 +20,7 @@ import yaml
 
 from fisao import io
 from fisao.dvcdata import dvc, read_dvc_file
-from tasks.records import mlflow_key
+from tasks.mlflow_store import mlflow_key
 from tests.conftest import init_project
 
 pytestmark = pytest.mark.e2e

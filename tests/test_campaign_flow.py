@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fisao.config import RolloutConfig
-from tasks.records import mlflow_key
+from tasks.mlflow_store import mlflow_key
 from tests.conftest import TINY, init_project, nested
 
 pytestmark = pytest.mark.e2e

@@ -127,7 +127,7 @@ def test_chair_details_to_an_unwritable_path_is_one_line_and_no_figures(tmp_path
 
 def test_a_deployments_negative_round_count_is_refused_too():
     from fisao.config import load_config
-    from flows.campaign import target_rounds
+    from tasks.resume import target_rounds
 
     cfg = load_config(None, {"ppo.rounds": 0})
     assert target_rounds(cfg, 0, None, None) == 0  # ppo.rounds: 0 is the base model only, as --rounds 0

@@ -46,7 +46,7 @@ def ran(base_project, tmp_path_factory, harness):
 
 
 def round_runs_by_index():
-    from tasks.records import round_runs
+    from tasks.mlflow_store import round_runs
 
     return round_runs(NAME)
 
@@ -75,7 +75,7 @@ def test_each_round_is_a_version_of_the_campaigns_model_and_a_resume_registers_n
 
 def test_models_uris_name_the_registered_checkpoint_on_the_command_line(ran, capsys):
     from cli.main import main
-    from tasks.records import checkpoint_dir
+    from tasks.mlflow_store import checkpoint_dir
 
     project, runs = ran["project"], round_runs_by_index()
     best = int(ran["first"]["registry"]["aliases"]["best"])
@@ -182,7 +182,7 @@ def chromium(tmp_path: Path, url: str, *how: str) -> subprocess.CompletedProcess
 
 
 def test_mlflows_runs_page_shows_the_round_runs_with_eval_chair_i(ran, mlflow_ui, tmp_path):
-    from tasks.records import RUNS_VIEW
+    from tasks.mlflow_store import RUNS_VIEW
 
     first, runs = ran["first"], round_runs_by_index()
     url = f"{mlflow_ui}/#/experiments/{first['mlflow']['experiment_id']}/runs?workflowType=machine_learning" \

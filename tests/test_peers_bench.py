@@ -126,7 +126,7 @@ def _check_mlflow(result: dict) -> None:
     param, the figures of peers.json)."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.records import mlflow_key
+    from tasks.mlflow_store import mlflow_key
 
     client = MlflowClient()
     for method, figures in result["methods"].items():

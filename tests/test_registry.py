@@ -47,7 +47,7 @@ def register_all(policies: dict) -> dict:
 
 
 def test_each_round_is_a_logged_model_and_a_version_and_best_follows_the_lowest_chair_i(campaign, store):  # noqa: F811
-    from tasks.records import round_runs
+    from tasks.mlflow_store import round_runs
 
     registered = register_all(campaign)
 
@@ -71,7 +71,7 @@ def test_each_round_is_a_logged_model_and_a_version_and_best_follows_the_lowest_
 
 def test_a_campaign_name_with_a_dot_registers_with_an_underscore_and_a_clash_is_an_error(campaign, store, tmp_path):  # noqa: F811
     """MLflow refuses '.' in model names; the real models' configs are named llava-1.5-7b and such."""
-    from tasks.records import checkpoint_dir
+    from tasks.mlflow_store import checkpoint_dir
     from tasks.registry import register_round
 
     dotted = log_campaign("llava-1.5-7b", tmp_path, {1: 0.2})
@@ -101,7 +101,7 @@ def test_registering_a_resumed_campaign_again_adds_no_version_and_no_model(campa
 
 
 def test_a_model_logged_before_a_crash_is_linked_to_its_run_when_registered_again(campaign, store, monkeypatch):  # noqa: F811
-    from tasks.records import round_runs
+    from tasks.mlflow_store import round_runs
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed after the model was logged")
@@ -119,7 +119,7 @@ def test_a_model_logged_before_a_crash_is_linked_to_its_run_when_registered_agai
 
 
 def test_a_logged_model_left_unfinished_by_a_crash_is_replaced(campaign, store):  # noqa: F811
-    from tasks.records import round_runs
+    from tasks.mlflow_store import round_runs
 
     run = round_runs("demo")[1]
     pending = store.create_logged_model(run.info.experiment_id, name="demo-round-1", source_run_id=run.info.run_id,
@@ -134,7 +134,7 @@ def test_a_logged_model_left_unfinished_by_a_crash_is_replaced(campaign, store):
 
 
 def test_models_uris_resolve_to_the_registered_checkpoint(campaign, store):  # noqa: F811
-    from tasks.records import checkpoint_dir
+    from tasks.mlflow_store import checkpoint_dir
 
     register_all(campaign)
 
@@ -152,7 +152,7 @@ def test_models_uris_resolve_to_the_registered_checkpoint(campaign, store):  # n
     ("models:/demo", "is not a registered model's URI: give models:/NAME@ALIAS"),
 ])
 def test_a_models_uri_that_names_nothing_says_what_the_registry_holds(campaign, uri, message):
-    from tasks.records import checkpoint_dir
+    from tasks.mlflow_store import checkpoint_dir
 
     register_all(campaign)
 

@@ -155,7 +155,7 @@ def test_changed_config_is_refused_unless_allowed(finished):
 
     resumed = again(project, allow_changed_data=True)
     assert resumed["resume"]["verified_rounds"] == [1]  # a finished round stays as it was trained
-    from tasks.records import campaign_parent
+    from tasks.mlflow_store import campaign_parent
 
     tags = campaign_parent(NAME).data.tags
     assert any(k.startswith("fisao.inputs_changed.") and "ppo.lr 0.001 -> 0.002" in v for k, v in tags.items())

@@ -23,7 +23,7 @@ import sys, time, subprocess
 from fisao.locks import RunLock
 from flows.shutdown import CampaignStop
 import tasks.campaigns  # imported, with Prefect, before any campaign starts (cli/campaigns.py)
-from tasks.records import campaign_parent, experiment_id
+from tasks.mlflow_store import campaign_parent, experiment_id
 lock_path, grace, server, opened = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "server", sys.argv[4] == "opened"
 if opened:  # the campaign's parent run, as open_campaign leaves it
     from mlflow.tracking import MlflowClient
@@ -219,7 +219,7 @@ from mlflow.tracking import MlflowClient
 from fisao.locks import RunLock
 from flows.shutdown import SweepStop
 import tasks.campaigns
-from tasks.records import experiment_id
+from tasks.mlflow_store import experiment_id
 root = Path(sys.argv[1])
 for name, kind in (("sw-w0-s0", "campaign"), ("sw-w1-s0", "campaign"), ("sw", "sweep")):
     MlflowClient().create_run(experiment_id(name), run_name=name, tags={

@@ -21,11 +21,12 @@ HOUR = 3600.0
 def store(tmp_path, monkeypatch):
     """A fresh MLflow sqlite store in `tmp_path` (the project), with Prefect's run logger replaced."""
     import tasks.campaigns
+    import tasks.resume
     import tasks.tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("FISAO_PROJECT", str(tmp_path))
-    for module in (tasks.tracking, tasks.campaigns):
+    for module in (tasks.tracking, tasks.campaigns, tasks.resume):
         monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test"))
     from mlflow.tracking import MlflowClient
 
@@ -177,7 +178,7 @@ def test_a_round_logs_the_data_it_used_as_datasets_with_the_dvc_md5_as_digest(tm
 
 def test_evaluation_metrics_are_logged_under_eval_and_read_back_under_their_summary_names(tmp_path, store):
     from tasks.campaigns import open_campaign
-    from tasks.records import round_runs, summary_key
+    from tasks.mlflow_store import round_runs, summary_key
     from tasks.tracking import log_round
 
     parent = open_campaign.fn("demo", {"data_md5": "m", "config_hash": "h", "config": {}, "resolved": {}}, {}, "lock")

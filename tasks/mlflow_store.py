@@ -1,12 +1,13 @@
-"""Reading what MLflow holds about campaigns (no Prefect here: `fisao runs` and `fisao audit` use it).
+"""fisao's layout in MLflow's store, and read-only queries of it: no task and no Prefect here
+(`fisao runs` and `fisao audit` use it; the tasks that write are tasks/tracking.py and tasks/registry.py).
 
-Layout (written by tasks/tracking.py): one experiment per campaign name; in it one parent run
-(`fisao.kind = campaign`) and one nested run per round (`fisao.kind = round`, `fisao.round = k`).
-A round counts only when its run carries `fisao.complete = true` (set after its artifacts were
-logged and verified) and is not deleted; runs of a round that a crash left half-logged are
-deleted when the round is logged again. Each complete round's policy is also a version of the
-registered model named after the campaign (tasks/registry.py); `checkpoint_dir` resolves its
-`models:/` URIs to the local checkpoint.
+Layout: one experiment per campaign name; in it one parent run (`fisao.kind = campaign`) and one
+nested run per round (`fisao.kind = round`, `fisao.round = k`). A round counts only when its run
+carries `fisao.complete = true` (set after its artifacts were logged and verified) and is not
+deleted (`round_runs`); what a resumed campaign takes from those runs, and which runs are stale,
+is decided in tasks/resume.py. Each complete round's policy is also a version of the registered
+model named after the campaign (tasks/registry.py); `checkpoint_dir` resolves its `models:/` URIs
+to the local checkpoint.
 """
 from __future__ import annotations
 

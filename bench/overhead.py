@@ -1,6 +1,6 @@
 """What orchestration costs: one campaign as plain library calls, then through `fisao run`, with where the difference goes.
 
-    python bench/overhead.py [--config configs/demo.yaml] [--rounds N] [--set KEY=VALUE ...]
+    python bench/overhead.py [--config configs/demo.yaml] [--rounds N] [--set KEY=VALUE ...] [--workdir DIR]
     python bench/overhead.py --tiny [--rounds 1]      # configs/tiny.yaml, the test suite's tiny world and models
 
 Both runs do the same campaign from scratch (the world, CLIP and LLaVA builds, the base model's
@@ -195,6 +195,17 @@ def instrument_flow(timers: Timers, marks: dict) -> None:
     flows.campaign.campaign.fn = spanned("body", flows.campaign.campaign.fn)
 
 
+def workdir(path: str | None, prefix: str) -> Path:
+    """`path` (created; it must be new or empty), or a new temp folder."""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    work = Path(path)
+    if work.exists() and (not work.is_dir() or any(work.iterdir())):
+        raise ValueError(f"--workdir {path} is not an empty folder: give a new or empty one")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def settings_argv(settings: list[str]) -> list[str]:
     """`--set KEY=VALUE` once per setting, as `fisao run` and this script take them."""
     return [arg for setting in settings for arg in ("--set", setting)]
@@ -287,7 +298,7 @@ def compare(args: argparse.Namespace) -> int:
     rounds = cfg.ppo.rounds if args.rounds is None else args.rounds
     if rounds < 0:
         raise ValueError(f"--rounds {rounds}: give 0 or more")
-    work = Path(tempfile.mkdtemp(prefix="fisao-overhead-"))
+    work = workdir(args.workdir, "fisao-overhead-")
     print(f"config {config}, {rounds} round(s), work in {work}", flush=True)
     runs = {}
     for kind in ("plain", "flow"):
@@ -326,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="FiSAO rounds (default: the config's ppo.rounds)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change one setting, as `fisao run --set` (repeatable)")
+    p.add_argument("--workdir", default=None, help="a new or empty folder for both runs' projects and logs "
+                   "(default: a new temp folder)")
     p.add_argument("--child", choices=("plain", "flow"), help=argparse.SUPPRESS)
     p.add_argument("--project", help=argparse.SUPPRESS)
     p.add_argument("--times", help=argparse.SUPPRESS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def _run(script: str, *args: str, timeout: int = 900) -> tuple[subprocess.Comple
 def test_round_bench_beside_its_plain_loops(tiny_models):
     done, out = _run("round.py", "--config", TINY, "--world", str(tiny_models["world"]), "--clip",
                      str(tiny_models["clip"]), "--llava", str(tiny_models["llava"]))
+    shutil.rmtree(out["workdir"])  # the round's temp folder (its stages' files), read no further
     assert set(ROUND_KEYS) <= set(out)
     assert all(out[k] > 0 for k in ROUND_KEYS), {k: out[k] for k in ROUND_KEYS}
     assert out["round_s"] == pytest.approx(out["rollouts_s"] + out["score_s"] + out["update_s"] + out["eval_s"], abs=0.02)
@@ -87,20 +89,27 @@ def test_plain_update_takes_the_updates_micro_batches(tiny_models, monkeypatch):
     assert [rows.tolist() for rows in _bench("round").update_micro_batches(len(rollouts), cfg, round_index, 3)] == seen[:6]
 
 
-def test_overhead_refuses_what_its_plain_run_cannot_do(tmp_path):
+def test_overhead_refuses_bad_input_before_running(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--config",
                            str(ROOT / "configs" / "llava-1.5-7b.yaml")], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and "a `model` section" in done.stderr and "--tiny" in done.stderr
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("kept")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--tiny", "--workdir",
+                           str(tmp_path / "busy")], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "is not an empty folder" in done.stderr
+    assert (tmp_path / "busy" / "file").read_text() == "kept"
 
 
 @pytest.mark.e2e
-def test_overhead_bench_plain_beside_fisao_run():
+def test_overhead_bench_plain_beside_fisao_run(tmp_path):
     """Both runs of one tiny round: the flow's spans are measured where they happen (the Prefect
     server, MLflow, the report, manifests), each run's spans add up to its wall time, and both
     runs did the same campaign with the same settings."""
     bench = _bench("overhead")
     # A setting that changes round 1's work: were it lost on the way to either run, their metrics would differ.
-    done, out = _run("overhead.py", "--tiny", "--rounds", "1", "--set", "rollout.images_per_round=4")
+    done, out = _run("overhead.py", "--tiny", "--rounds", "1", "--set", "rollout.images_per_round=4",
+                     "--workdir", str(tmp_path / "work"))
     assert out["plain_s"] > 0 and out["flow_s"] > 0
     assert out["ratio"] == round(out["flow_s"] / out["plain_s"], 3)
     assert out["difference_s"] == pytest.approx(out["flow_s"] - out["plain_s"], abs=0.011)
@@ -118,3 +127,4 @@ def test_overhead_bench_plain_beside_fisao_run():
     # The same campaign: both evaluated the base model and round 1 with the same results.
     assert len(out["chair_i"]["plain"]) == 2 and out["same_metrics"]
     assert f"ratio {out['ratio']:.3f}" in done.stdout
+    assert out["workdir"] == str(tmp_path / "work") and (tmp_path / "work" / "flow.log").is_file()

@@ -171,6 +171,8 @@ def plain_update(policy_dir, rollouts_dir: Path, world_dir, cfg, round_index: in
         if (i + 1) % cfg.ppo.grad_accum == 0:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the last step's kernels, queued, count too
     seconds = time.perf_counter() - t
     answers = sum(len(rows) for rows in micro)
     return {"answers": answers, "optimizer_steps": len(micro) // cfg.ppo.grad_accum, "seconds": round(seconds, 2),

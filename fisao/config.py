@@ -219,8 +219,9 @@ class RewardConfig(_Strict):
     # 13 points on val); "first" does not pay for repeats.
     repeats: Literal["each", "first"] = "first"
     # Read a word with a token glued onto it as its parts ("starNo": a star), as CHAIR does not.
-    # False (CHAIR's reading): policies learnt to glue "No"/"Yes" onto the objects they were unsure
-    # of, which hid those mentions from the reward (docs/method.md, "Glued words").
+    # False (CHAIR's reading): after an update that glued "No"/"Yes" onto names, those names earned
+    # no reward, so nothing pushed them down; on val one run in nine collapsed POPE and one rose
+    # (docs/method.md, "Glued words").
     split_glued: bool = True
     # What a yes/no question's object reward is measured against (fisao/align/rewards.py
     # QUESTION_BASELINES): "none", the verifier's reward as is; "mean", minus its mean over the

@@ -6,11 +6,12 @@ text, so later code can map a mention onto tokenizer offsets.
 
 `parse_mentions(text, vocab, split_glued=True)` is the reward's reading: a word is also split
 where a token was glued onto it ("a green starNo": "star" + "No", see `GLUE_RE`), which CHAIR's
-reading (and the authors' tokenizer) takes as one unknown word. Policies trained against the
-CHAIR reading learnt to glue an answer word onto the objects they were unsure of, which hid
-those mentions from the verifier (measured: up to 166 of 200 greedy descriptions after one round,
-and the rollouts' KL to the reference at 15-20 nats). `glued_words(text)` lists such words, so
-an evaluation can report how often a policy writes them.
+reading (and the authors' tokenizer) takes as one unknown word. One PPO update can put an answer
+word where a name or a full stop belongs (measured: 166 of 200 greedy descriptions after one
+round, the rollouts' KL to the reference at 15-20 nats); read the CHAIR way, the glued names
+then escaped the verifier's reward, hallucinated or not, so the next update could not push them
+down (docs/method.md, "Glued words"). `glued_words(text)` lists such words, so an evaluation can
+report how often a policy writes them.
 
 How a text is read, following the CHAIR authors' `caption_to_words` (LisaAnne/Hallucination,
 utils/chair.py):

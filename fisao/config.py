@@ -220,7 +220,7 @@ class RewardConfig(_Strict):
     repeats: Literal["each", "first"] = "first"
     # Read a word with a token glued onto it as its parts ("starNo": a star), as CHAIR does not.
     # False (CHAIR's reading): after an update that glued "No"/"Yes" onto names, those names earned
-    # no reward, so nothing pushed them down; on val one run in nine collapsed POPE and one rose
+    # no reward, so nothing pushed them down; on val, of seven runs one collapsed POPE and one rose
     # (docs/method.md, "Glued words").
     split_glued: bool = True
     # What a yes/no question's object reward is measured against (fisao/align/rewards.py

@@ -166,9 +166,9 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
     evaluation = evaluate_model(cfg, project, 0, llava, world, stages, t0)
     metrics = [evaluation["metrics"]]
     record_base = {**tags, "fisao.model_sha256": llava["sha256"], "fisao.model_path": llava["path"]}
-    log_round(cfg.name, cfg.name, 0, metrics[0], round_params(cfg, llava, 0), record_base,
-              {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]),
-              datasets=round_datasets(cfg, world, metrics[0]))
+    log_round(experiment=cfg.name, campaign=cfg.name, round_index=0, metrics=metrics[0],
+              params=round_params(cfg, llava, 0), tags=record_base, artifacts={"evaluation": evaluation["path"]},
+              span=evaluation_span(evaluation["path"]), datasets=round_datasets(cfg, world, metrics[0]))
     cal = timed(stages, t0, "calibrate", calibrate, policy=ModelRef.of(llava), verifier=ModelRef.of(base["clip"]),
                 data=DataRef.of(world), reward=cfg.reward, rollout=cfg.rollout,
                 ctx=align_context(cfg, str(Path(project) / cfg.outputs_dir)))

@@ -125,8 +125,9 @@ def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics:
     """Round k's report and manifest, then its MLflow run (complete once the logged copies verify)."""
     round_dir = Path(campaign_dir) / f"round-{k}"
     facts = {"campaign": cfg.name, "round": str(k), **{key.removeprefix("fisao."): str(v) for key, v in lineage.items()}}
-    audit = round_report(rollouts, scores, tokenizer_dir, [*rounds, metrics], facts, f"{cfg.name} round {k}",
-                         str(round_dir / "audit"), cfg.reward.repeats)
+    audit = round_report(rollouts=StageRef.of(rollouts), scores=StageRef.of(scores), tokenizer_dir=tokenizer_dir,
+                         rounds=[*rounds, metrics], facts=facts, title=f"{cfg.name} round {k}",
+                         out=str(round_dir / "audit"), repeats=cfg.reward.repeats)
     lineage_file = io.write_json(round_dir / "lineage.json", {"tags": lineage, "config": cfg.model_dump(mode="json")})
     artifacts = {"adapter": model["adapter"], "rollouts": rollouts["path"], "scores": scores["path"],
                  "calibration": calibration["path"], "evaluation": evaluation["path"], "audit": audit,
@@ -134,7 +135,8 @@ def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics:
     groups = {**artifacts, "model": [model["path"], str(Path(model["path"]).parent)],
               "adapter": [model["adapter"], str(Path(model["adapter"]).parent)]}
     manifest = write_manifest(groups, str(round_dir / "manifest.json"))
-    return log_round(cfg.name, cfg.name, k, metrics, round_params(cfg, model, k), lineage, artifacts, manifest,
+    return log_round(experiment=cfg.name, campaign=cfg.name, round_index=k, metrics=metrics,
+                     params=round_params(cfg, model, k), tags=lineage, artifacts=artifacts, manifest=manifest,
                      span=round_span(rollouts, scores, model, evaluation),
                      datasets=round_datasets(cfg, world, metrics, rollouts))
 

@@ -40,12 +40,14 @@ from fisao.locks import RunLock
 from fisao.summary import headline, summary_markdown
 from fisao.versioning import code_version, git_state, package_versions
 from flows.ephemeral import servers_started_by, stop_orphaned
-from flows.rounds import ALIGN_CODE, MODEL_CODE, evaluate_model, round_datasets, round_params, run_round, timed
+from flows.rounds import (MODEL_CODE, align_context, evaluate_model, round_datasets, round_params, run_round,
+                          timed)
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
 from tasks.publish import publish_summary, run_tag, tag_this_flow_run
 from tasks.realdata import memory_check, real_models
+from tasks.refs import DataRef, ModelRef, StageContext
 from tasks.mlflow_store import RUNS_VIEW, init_store, registered_name
 from tasks.registry import register_round
 from tasks.resume import rounds_done, take_round, target_rounds, verify_finished_rounds
@@ -62,10 +64,10 @@ def build_base(cfg: Config, project: str, world: dict, tags: dict, t0: float, re
     stages: dict[str, dict] = {}
     if real is not None:
         return {"world": world, "clip": real["verifier"], "llava": real["policy"], "stages": stages, "tags": tags}
-    outputs = str(Path(project) / cfg.outputs_dir)
-    code = code_version(*MODEL_CODE)
-    clip = timed(stages, t0, "clip", build_clip, world["path"], world["md5"], cfg.clip, code, outputs)
-    llava = timed(stages, t0, "llava", build_llava, world["path"], world["md5"], clip, cfg.llava, code, outputs)
+    ctx = StageContext(code=code_version(*MODEL_CODE), outputs=str(Path(project) / cfg.outputs_dir))
+    data = DataRef.of(world)
+    clip = timed(stages, t0, "clip", build_clip, data=data, cfg=cfg.clip, ctx=ctx)
+    llava = timed(stages, t0, "llava", build_llava, data=data, clip=ModelRef.of(clip), cfg=cfg.llava, ctx=ctx)
     log_build(cfg.name, "clip", clip, cfg.clip.model_dump(), tags, campaign=cfg.name)
     log_build(cfg.name, "llava", llava, {**cfg.llava.model_dump(), "clip_sha256": clip["sha256"]}, tags,
               campaign=cfg.name)
@@ -164,11 +166,12 @@ def _rounds(cfg: Config, project: str, t0: float, stages: dict, world: dict, rea
     evaluation = evaluate_model(cfg, project, 0, llava, world, stages, t0)
     metrics = [evaluation["metrics"]]
     record_base = {**tags, "fisao.model_sha256": llava["sha256"], "fisao.model_path": llava["path"]}
-    log_round(cfg.name, cfg.name, 0, metrics[0], round_params(cfg, llava, 0), record_base,
-              {"evaluation": evaluation["path"]}, span=evaluation_span(evaluation["path"]),
-              datasets=round_datasets(cfg, world, metrics[0]))
-    cal = timed(stages, t0, "calibrate", calibrate, llava, base["clip"], world["path"], world["md5"], cfg.reward,
-                cfg.rollout, code_version(*ALIGN_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
+    log_round(experiment=cfg.name, campaign=cfg.name, round_index=0, metrics=metrics[0],
+              params=round_params(cfg, llava, 0), tags=record_base, artifacts={"evaluation": evaluation["path"]},
+              span=evaluation_span(evaluation["path"]), datasets=round_datasets(cfg, world, metrics[0]))
+    cal = timed(stages, t0, "calibrate", calibrate, policy=ModelRef.of(llava), verifier=ModelRef.of(base["clip"]),
+                data=DataRef.of(world), reward=cfg.reward, rollout=cfg.rollout,
+                ctx=align_context(cfg, str(Path(project) / cfg.outputs_dir)))
     log.info("verifier calibration: AUROC %.3f, baseline %.4f, width %.4f", cal["figures"]["auroc"],
              cal["figures"]["baseline"], cal["figures"]["width"])
     policy, previous, checkpoints, verified = llava, None, [llava["path"]], []

@@ -17,6 +17,7 @@ from flows.rounds import EVAL_CODE
 from flows.steps import run_step
 from tasks.evaluate import evaluate
 from tasks.realdata import real_data
+from tasks.refs import DataRef, ModelRef, StageContext
 from tasks.mlflow_store import checkpoint_dir
 from tasks.tracking import log_checkpoint_eval
 from tasks.world import prepare_world
@@ -38,8 +39,9 @@ def evaluate_checkpoint(model: str, config_path: str | None = None, project: str
         raise FileNotFoundError(f"checkpoint {path} is not a directory; `fisao runs NAME` and summary.json list them")
     world = prepare_world(project, cfg.data_dir, cfg.world) if cfg.model is None else real_data(cfg)
     ref = {"path": str(path), "sha256": io.tree_digest(path)}
-    result, cached = run_step(evaluate, ref, world["path"], world["md5"], tuple(benchmarks), cfg.eval,
-                              code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
+    ctx = StageContext(code=code_version(*EVAL_CODE), outputs=str(Path(project) / cfg.outputs_dir), runtime=cfg.model)
+    result, cached = run_step(evaluate, model=ModelRef.of(ref), data=DataRef.of(world), benchmarks=tuple(benchmarks),
+                              cfg=cfg.eval, ctx=ctx)
     run_id = log_checkpoint_eval(cfg.name, ref, world["md5"], result, cfg.eval.model_dump())
     get_run_logger().info("%s: %s (MLflow run %s)", path, result["metrics"], run_id)
     return {"model": ref, "metrics": result["metrics"], "path": result["path"], "cached": cached, "run_id": run_id}

@@ -23,6 +23,7 @@ from tasks import align
 from tasks.audit import round_report
 from tasks.evaluate import evaluate
 from tasks.publish import publish_round
+from tasks.refs import DataRef, ModelRef, StageContext, StageRef
 from tasks.resume import write_manifest
 from tasks.tracking import log_round, round_span
 
@@ -43,18 +44,25 @@ ROUND_FIGURES = {
 }
 
 
-def timed(stages: dict, t0: float, name: str, task, *args) -> dict:
-    """Run a task through `run_step`, recording when it started (since t0), how long and whether cached."""
+def timed(stages: dict, t0: float, name: str, task, /, **inputs) -> dict:
+    """Run `task(**inputs)` through `run_step`, recording as stage `name` when it started (since t0),
+    how long and whether cached."""
     t = time.time()
-    result, cached = run_step(task, *args)
+    result, cached = run_step(task, **inputs)
     stages[name] = {"seconds": round(time.time() - t, 1), "cached": cached, "start": round(t - t0, 1)}
     return result
 
 
 def evaluate_model(cfg: Config, project: str, k: int, model: dict, world: dict, stages: dict, t0: float) -> dict:
     """Benchmarks of one round's model (cached on the checkpoint's hash)."""
-    return timed(stages, t0, f"eval-{k}", evaluate, model, world["path"], world["md5"], ("chair", "pope"), cfg.eval,
-                 code_version(*EVAL_CODE), str(Path(project) / cfg.outputs_dir), cfg.model)
+    ctx = StageContext(code=code_version(*EVAL_CODE), outputs=str(Path(project) / cfg.outputs_dir), runtime=cfg.model)
+    return timed(stages, t0, f"eval-{k}", evaluate, model=ModelRef.of(model), data=DataRef.of(world),
+                 benchmarks=("chair", "pope"), cfg=cfg.eval, ctx=ctx)
+
+
+def align_context(cfg: Config, campaign_dir: str) -> StageContext:
+    """What every calibration, rollout, score and update call of campaign `cfg` repeats."""
+    return StageContext(code=code_version(*ALIGN_CODE), outputs=campaign_dir, runtime=cfg.model)
 
 
 def checkpoint_ref(update_result: dict) -> dict:
@@ -87,17 +95,20 @@ def round_datasets(cfg: Config, world: dict, metrics: dict, rollouts: dict | Non
 def fisao_round(cfg: Config, campaign_dir: str, k: int, base: dict, policy: dict, previous: dict | None,
                 calibration: dict, t0: float) -> tuple[dict, dict, dict, dict]:
     """Round k's rollouts, scores and update; returns (new policy, figures, rollouts, scores)."""
-    code, world, stages = code_version(*ALIGN_CODE), base["world"], base["stages"]
-    rt, scale = cfg.model, cfg.scale
-    rollouts = timed(stages, t0, f"rollouts-{k}", align.rollouts, policy, world["path"], world["md5"], cfg.rollout, k, code,
-                    campaign_dir, rt, scale.shards, scale.rollout_backend, scale.processes)
-    scores = timed(stages, t0, f"score-{k}", align.score, rollouts, policy, base["clip"], calibration, world["path"],
-                   world["md5"], cfg.reward, code, campaign_dir, rt)
+    stages, data, ctx = base["stages"], DataRef.of(base["world"]), align_context(cfg, campaign_dir)
+    policy = ModelRef.of(policy)
+    rollouts = timed(stages, t0, f"rollouts-{k}", align.rollouts, policy=policy, data=data, cfg=cfg.rollout,
+                     round_index=k, ctx=ctx, scale=cfg.scale)
+    scores = timed(stages, t0, f"score-{k}", align.score, rollouts=StageRef.of(rollouts), policy=policy,
+                   verifier=ModelRef.of(base["clip"]), calibration=StageRef.of(calibration), data=data,
+                   reward=cfg.reward, ctx=ctx)
     # The round count is the campaign's business, not a round's: "one more round" must not change
     # the update's cache key (ppo.rounds is read nowhere in fisao/align).
     ppo = cfg.ppo.model_copy(update={"rounds": 1})
-    new = timed(stages, t0, f"update-{k}", align.update, base["llava"], previous, rollouts, scores, world["path"],
-                world["md5"], cfg.lora, ppo, k, code, campaign_dir, rt, scale.processes)
+    new = timed(stages, t0, f"update-{k}", align.update, base=ModelRef.of(base["llava"]),
+                previous=previous and ModelRef.of(previous), rollouts=StageRef.of(rollouts),
+                scores=StageRef.of(scores), data=data, lora=cfg.lora, ppo=ppo, round_index=k, ctx=ctx,
+                scale=cfg.scale)
     figures = {}
     for stage, ref in (("rollouts", rollouts), ("score", scores), ("update", new)):
         figures.update({f"{stage}/{name}": ref["figures"][name] for name in ROUND_FIGURES[stage] if name in ref["figures"]})
@@ -114,8 +125,9 @@ def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics:
     """Round k's report and manifest, then its MLflow run (complete once the logged copies verify)."""
     round_dir = Path(campaign_dir) / f"round-{k}"
     facts = {"campaign": cfg.name, "round": str(k), **{key.removeprefix("fisao."): str(v) for key, v in lineage.items()}}
-    audit = round_report(rollouts, scores, tokenizer_dir, [*rounds, metrics], facts, f"{cfg.name} round {k}",
-                         str(round_dir / "audit"), cfg.reward.repeats)
+    audit = round_report(rollouts=StageRef.of(rollouts), scores=StageRef.of(scores), tokenizer_dir=tokenizer_dir,
+                         rounds=[*rounds, metrics], facts=facts, title=f"{cfg.name} round {k}",
+                         out=str(round_dir / "audit"), repeats=cfg.reward.repeats)
     lineage_file = io.write_json(round_dir / "lineage.json", {"tags": lineage, "config": cfg.model_dump(mode="json")})
     artifacts = {"adapter": model["adapter"], "rollouts": rollouts["path"], "scores": scores["path"],
                  "calibration": calibration["path"], "evaluation": evaluation["path"], "audit": audit,
@@ -123,7 +135,8 @@ def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics:
     groups = {**artifacts, "model": [model["path"], str(Path(model["path"]).parent)],
               "adapter": [model["adapter"], str(Path(model["adapter"]).parent)]}
     manifest = write_manifest(groups, str(round_dir / "manifest.json"))
-    return log_round(cfg.name, cfg.name, k, metrics, round_params(cfg, model, k), lineage, artifacts, manifest,
+    return log_round(experiment=cfg.name, campaign=cfg.name, round_index=k, metrics=metrics,
+                     params=round_params(cfg, model, k), tags=lineage, artifacts=artifacts, manifest=manifest,
                      span=round_span(rollouts, scores, model, evaluation),
                      datasets=round_datasets(cfg, world, metrics, rollouts))
 

@@ -2,7 +2,9 @@
 
 Each task names its output directory after a content key of everything it depends on, runs the
 library stage only when that directory is not complete, and returns a small JSON ref: path,
-sha256 of the directory, and the stage's figures.
+sha256 of the directory, and the stage's figures. They take refs (tasks/refs.py): the policy and
+verifier as ModelRefs, the data as a DataRef, earlier stages' outputs as StageRefs, and a
+StageContext (code version, outputs directory, runtime).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from fisao.align.files import FIGURES
 from fisao.align.sample import rollout_stage
 from fisao.align.score import calibration_stage, score_stage
 from fisao.align.train import update_stage
-from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig, config_hash
+from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig, ScaleConfig, config_hash
 from tasks.common import build_once, cached_task, key_of
+from tasks.refs import DataRef, ModelRef, StageContext, StageRef
 
 
 def _rt(runtime: ModelConfig | None) -> tuple:
@@ -31,13 +34,13 @@ def _ref(out: Path, **extra) -> dict:
 
 
 @cached_task(name="calibrate")
-def calibrate(policy: dict, clip: dict, world_dir: str, data_md5: str, reward: RewardConfig, rollout: RolloutConfig,
-              code: str, outputs: str, runtime: ModelConfig | None = None) -> dict:
+def calibrate(policy: ModelRef, verifier: ModelRef, data: DataRef, reward: RewardConfig, rollout: RolloutConfig,
+              ctx: StageContext) -> dict:
     """Verifier baseline and width from the base policy's answers on a labelled split."""
-    out = Path(outputs) / "calibration" / key_of(policy["sha256"], clip["sha256"], data_md5, config_hash(reward),
-                                                  config_hash(rollout), code, *_rt(runtime))
-    build_once(out, FIGURES, lambda: calibration_stage(policy["path"], clip["path"], world_dir, reward, rollout, out,
-                                                        runtime=runtime))
+    out = Path(ctx.outputs) / "calibration" / key_of(policy.sha256, verifier.sha256, data.md5, config_hash(reward),
+                                                      config_hash(rollout), ctx.code, *_rt(ctx.runtime))
+    build_once(out, FIGURES, lambda: calibration_stage(policy.path, verifier.path, data.path, reward, rollout, out,
+                                                        runtime=ctx.runtime))
     return _ref(out)
 
 
@@ -51,29 +54,29 @@ def accelerate_launch(stage: str, out: Path, processes: int, **kwargs) -> None:
 
 
 @cached_task(name="rollouts")
-def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, round_index: int, code: str,
-             outputs: str, runtime: ModelConfig | None = None, shards: int = 1, backend: str = "hf",
-             processes: int = 1) -> dict:
-    """Sample the round's answers with the current policy (in `shards` parts, then gathered).
+def rollouts(policy: ModelRef, data: DataRef, cfg: RolloutConfig, round_index: int, ctx: StageContext,
+             scale: ScaleConfig = ScaleConfig()) -> dict:
+    """Sample the round's answers with the current policy (in `scale.shards` parts, then gathered).
 
-    With `processes` > 1 the shards are sampled side by side under `accelerate launch`; the
+    With `scale.processes` > 1 the shards are sampled side by side under `accelerate launch`; the
     rollouts are the same as on one process, so `processes` is not part of the key."""
+    shards, backend, runtime = scale.shards, scale.rollout_backend, ctx.runtime
     extra = () if shards == 1 and backend == "hf" else (shards, backend)
-    out = Path(outputs) / "rollouts" / key_of(policy["sha256"], data_md5, config_hash(cfg), round_index, code,
-                                               *_rt(runtime), *extra)
+    out = Path(ctx.outputs) / "rollouts" / key_of(policy.sha256, data.md5, config_hash(cfg), round_index, ctx.code,
+                                                   *_rt(runtime), *extra)
 
     def build() -> None:
         parts = sharding.shard_dirs(out, shards) if shards > 1 else []
         for part in parts:  # what a killed shard left behind (complete shards are kept)
             io.remove_temp_siblings(part)
-        if processes > 1:
-            accelerate_launch("rollouts", out, processes, policy_dir=policy["path"], world_dir=world_dir, cfg=cfg,
+        if scale.processes > 1:
+            accelerate_launch("rollouts", out, scale.processes, policy_dir=policy.path, world_dir=data.path, cfg=cfg,
                               round_index=round_index, shards=shards, runtime=runtime, backend=backend)
             return
         if shards == 1:
-            rollout_stage(policy["path"], world_dir, cfg, round_index, out, runtime=runtime, backend=backend)
+            rollout_stage(policy.path, data.path, cfg, round_index, out, runtime=runtime, backend=backend)
             return
-        sharding.merge_rollout_shards(sharding.sample_shards(policy["path"], world_dir, cfg, round_index, out, shards,
+        sharding.merge_rollout_shards(sharding.sample_shards(policy.path, data.path, cfg, round_index, out, shards,
                                                             runtime=runtime, backend=backend), out)
 
     build_once(out, FIGURES, build)
@@ -81,33 +84,37 @@ def rollouts(policy: dict, world_dir: str, data_md5: str, cfg: RolloutConfig, ro
 
 
 @cached_task(name="score")
-def score(rollouts: dict, policy: dict, clip: dict, calibration: dict, world_dir: str, data_md5: str,
-          reward: RewardConfig, code: str, outputs: str, runtime: ModelConfig | None = None) -> dict:
+def score(rollouts: StageRef, policy: ModelRef, verifier: ModelRef, calibration: StageRef, data: DataRef,
+          reward: RewardConfig, ctx: StageContext) -> dict:
     """Per-token verifier rewards of the round's rollouts."""
-    out = Path(outputs) / "scores" / key_of(rollouts["sha256"], clip["sha256"], calibration["sha256"], data_md5,
-                                             config_hash(reward), code, *_rt(runtime))
-    build_once(out, FIGURES, lambda: score_stage(rollouts["path"], policy["path"], clip["path"], calibration["path"],
-                                                  world_dir, reward, out, runtime=runtime))
+    out = Path(ctx.outputs) / "scores" / key_of(rollouts.sha256, verifier.sha256, calibration.sha256, data.md5,
+                                                 config_hash(reward), ctx.code, *_rt(ctx.runtime))
+    build_once(out, FIGURES, lambda: score_stage(rollouts.path, policy.path, verifier.path, calibration.path,
+                                                  data.path, reward, out, runtime=ctx.runtime))
     return _ref(out)
 
 
 @cached_task(name="update")
-def update(base: dict, previous: dict | None, rollouts: dict, scores: dict, world_dir: str, data_md5: str,
-           lora: LoraConfig, ppo: PPOConfig, round_index: int, code: str, outputs: str,
-           runtime: ModelConfig | None = None, processes: int = 1) -> dict:
-    """PPO with LoRA on the scored rollouts; returns the merged checkpoint (`path`) and the adapter.
+def update(base: ModelRef, previous: ModelRef | None, rollouts: StageRef, scores: StageRef, data: DataRef,
+           lora: LoraConfig, ppo: PPOConfig, round_index: int, ctx: StageContext,
+           scale: ScaleConfig = ScaleConfig()) -> dict:
+    """PPO with LoRA on the scored rollouts, from `previous`'s adapter (None: a fresh one on `base`);
+    returns the merged checkpoint (`path`) and the adapter.
 
-    With `processes` > 1 the update runs under `accelerate launch` (fisao/align/launch.py)."""
-    out = Path(outputs) / "rounds" / key_of(base["sha256"], previous and previous["sha256"], rollouts["sha256"],
-                                             scores["sha256"], data_md5, config_hash(lora), config_hash(ppo),
-                                             round_index, code, *_rt(runtime))
-    args = dict(base_dir=base["path"], adapter_in=previous and previous["adapter"], rollouts_dir=rollouts["path"],
-                scores_dir=scores["path"], world_dir=world_dir, lora=lora, cfg=ppo, round_index=round_index,
-                runtime=runtime)
-    if processes == 1:
+    With `scale.processes` > 1 the update runs under `accelerate launch` (fisao/align/launch.py)."""
+    if previous is not None and previous.adapter is None:
+        raise ValueError(f"update of round {round_index}: previous checkpoint {previous.path} has no adapter; pass "
+                         "the ModelRef of the previous round's update result (ModelRef.of(result)), or None for round 1")
+    out = Path(ctx.outputs) / "rounds" / key_of(base.sha256, previous and previous.sha256, rollouts.sha256,
+                                                 scores.sha256, data.md5, config_hash(lora), config_hash(ppo),
+                                                 round_index, ctx.code, *_rt(ctx.runtime))
+    args = dict(base_dir=base.path, adapter_in=previous and previous.adapter, rollouts_dir=rollouts.path,
+                scores_dir=scores.path, world_dir=data.path, lora=lora, cfg=ppo, round_index=round_index,
+                runtime=ctx.runtime)
+    if scale.processes == 1:
         build_once(out, FIGURES, lambda: update_stage(**args, out=out))
     else:
-        build_once(out, FIGURES, lambda: accelerate_launch("update", out, processes, **args))
+        build_once(out, FIGURES, lambda: accelerate_launch("update", out, scale.processes, **args))
     model = out / "model"
     return {"path": str(model), "sha256": io.tree_digest(model), "adapter": str(out / "adapter"),
             "figures": io.read_json(out / FIGURES)}

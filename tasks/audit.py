@@ -5,12 +5,13 @@ from prefect import task
 
 from fisao.audit.report import REPORT, write_round_report
 from tasks.common import build_once
+from tasks.refs import StageRef
 
 
 @task(name="round-report")
-def round_report(rollouts: dict, scores: dict, tokenizer_dir: str, rounds: list[dict], facts: dict[str, str],
+def round_report(rollouts: StageRef, scores: StageRef, tokenizer_dir: str, rounds: list[dict], facts: dict[str, str],
                  title: str, out: str, repeats: str = "first") -> str:
     """Write the report of one round into `out` (unless complete); returns `out`."""
-    build_once(out, REPORT, lambda: write_round_report(rollouts["path"], scores["path"], tokenizer_dir, rounds, facts,
+    build_once(out, REPORT, lambda: write_round_report(rollouts.path, scores.path, tokenizer_dir, rounds, facts,
                                                        title, out, repeats=repeats))
     return out

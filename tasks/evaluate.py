@@ -8,18 +8,18 @@ from fisao import io
 from fisao.config import EvalConfig, ModelConfig, config_hash
 from fisao.evaluate import evaluate_model
 from tasks.common import build_once, cached_task, key_of
+from tasks.refs import DataRef, ModelRef, StageContext
 
 METRICS = "metrics.json"
 TIMING = "timing.json"  # {"seconds": the evaluation's wall time}: its MLflow run's span (tasks/tracking.py)
 
 
 @cached_task(name="evaluate")
-def evaluate(model: dict, data_dir: str, data_md5: str, benchmarks: tuple[str, ...], cfg: EvalConfig, code: str,
-             outputs: str, runtime: ModelConfig | None = None) -> dict:
-    """CHAIR/POPE(/MME) figures of `model` (a ref with path and sha256); answers saved beside them."""
-    rt = () if runtime is None else (config_hash(runtime),)
-    out = Path(outputs) / "eval" / key_of(model["sha256"], data_md5, list(benchmarks), config_hash(cfg), code, *rt)
-    build_once(out, METRICS, lambda: _evaluate_into(out, model["path"], data_dir, benchmarks, cfg, runtime))
+def evaluate(model: ModelRef, data: DataRef, benchmarks: tuple[str, ...], cfg: EvalConfig, ctx: StageContext) -> dict:
+    """CHAIR/POPE(/MME) figures of `model`; answers saved beside them."""
+    rt = () if ctx.runtime is None else (config_hash(ctx.runtime),)
+    out = Path(ctx.outputs) / "eval" / key_of(model.sha256, data.md5, list(benchmarks), config_hash(cfg), ctx.code, *rt)
+    build_once(out, METRICS, lambda: _evaluate_into(out, model.path, data.path, benchmarks, cfg, ctx.runtime))
     return {"path": str(out), "metrics": io.read_json(out / METRICS)["metrics"]}
 
 

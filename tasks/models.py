@@ -7,6 +7,7 @@ from fisao import io
 from fisao.config import ClipBuildConfig, LlavaBuildConfig, config_hash
 from fisao.models import build
 from tasks.common import build_once, cached_task, key_of
+from tasks.refs import DataRef, ModelRef, StageContext
 
 
 def _ref(out: Path) -> dict:
@@ -16,16 +17,16 @@ def _ref(out: Path) -> dict:
 
 
 @cached_task(name="build-clip")
-def build_clip(world_dir: str, data_md5: str, cfg: ClipBuildConfig, code: str, outputs: str) -> dict:
+def build_clip(data: DataRef, cfg: ClipBuildConfig, ctx: StageContext) -> dict:
     """Train the tokenizer and the CLIP on the world; returns path, sha256 and figures."""
-    out = Path(outputs) / "models" / f"clip-{key_of(data_md5, config_hash(cfg), code)}"
-    build_once(out, build.TRAIN_LOG, lambda: build.build_clip(world_dir, cfg, out))
+    out = Path(ctx.outputs) / "models" / f"clip-{key_of(data.md5, config_hash(cfg), ctx.code)}"
+    build_once(out, build.TRAIN_LOG, lambda: build.build_clip(data.path, cfg, out))
     return _ref(out)
 
 
 @cached_task(name="build-llava")
-def build_llava(world_dir: str, data_md5: str, clip: dict, cfg: LlavaBuildConfig, code: str, outputs: str) -> dict:
+def build_llava(data: DataRef, clip: ModelRef, cfg: LlavaBuildConfig, ctx: StageContext) -> dict:
     """Fine-tune the LLaVA on the CLIP's vision tower; returns path, sha256 and figures."""
-    out = Path(outputs) / "models" / f"llava-{key_of(data_md5, clip['sha256'], config_hash(cfg), code)}"
-    build_once(out, build.TRAIN_LOG, lambda: build.build_llava(world_dir, clip["path"], cfg, out))
+    out = Path(ctx.outputs) / "models" / f"llava-{key_of(data.md5, clip.sha256, config_hash(cfg), ctx.code)}"
+    build_once(out, build.TRAIN_LOG, lambda: build.build_llava(data.path, clip.path, cfg, out))
     return _ref(out)

@@ -116,14 +116,16 @@ def base_project(tmp_path_factory) -> Path:
     from fisao.world.store import ensure_world
     from flows.rounds import MODEL_CODE
     from tasks.models import build_clip, build_llava
+    from tasks.refs import DataRef, ModelRef, StageContext
 
     project = init_project(tmp_path_factory.mktemp("base") / "project")
     (project / "tiny.yaml").write_text(yaml.safe_dump({"name": "tiny", **nested(TINY)}))
     cfg = load_config(project / "tiny.yaml")
     world = ensure_world(project, cfg.data_dir, cfg.world, progress=False)
-    outputs, code = str(project / cfg.outputs_dir), code_version(*MODEL_CODE)
-    clip = build_clip.fn(world.path, world.md5, cfg.clip, code, outputs)
-    build_llava.fn(world.path, world.md5, clip, cfg.llava, code, outputs)
+    ctx = StageContext(code=code_version(*MODEL_CODE), outputs=str(project / cfg.outputs_dir))
+    data = DataRef(world.path, world.md5)
+    clip = build_clip.fn(data=data, cfg=cfg.clip, ctx=ctx)
+    build_llava.fn(data=data, clip=ModelRef.of(clip), cfg=cfg.llava, ctx=ctx)
     return project
 
 

@@ -27,20 +27,21 @@ def test_changes_name_the_data_version_and_each_config_key():
 
 
 def test_every_cached_task_is_keyed_on_the_data_version():
-    """A new data version must never hit an old cache: every cached task takes the data md5 as an
-    input, and the cache policy hashes all inputs."""
+    """A new data version must never hit an old cache: every cached task takes the data as a DataRef
+    (whose md5 is the data version), and the cache policy hashes all inputs."""
     import inspect
 
     from tasks import align, evaluate, models
     from prefect.cache_policies import Inputs
 
     from tasks.common import CACHE
+    from tasks.refs import DataRef
 
     tasks = [align.calibrate, align.rollouts, align.score, align.update, evaluate.evaluate, models.build_clip,
              models.build_llava]
     for t in tasks:
-        assert "data_md5" in inspect.signature(t.fn).parameters, t.name
+        assert inspect.signature(t.fn).parameters["data"].annotation in (DataRef, "DataRef"), t.name
         assert t.cache_policy == CACHE, t.name
     inputs = next(p for p in CACHE.policies if isinstance(p, Inputs))
-    key = {"world_dir": "data/world", "data_md5": "a" * 32 + ".dir"}
-    assert inputs.compute_key(None, key, {}) != inputs.compute_key(None, {**key, "data_md5": "b" * 32 + ".dir"}, {})
+    old, new = DataRef("data/world", "a" * 32 + ".dir"), DataRef("data/world", "b" * 32 + ".dir")
+    assert inputs.compute_key(None, {"data": old}, {}) != inputs.compute_key(None, {"data": new}, {})

@@ -1,0 +1,68 @@
+"""The refs a flow passes to its tasks (tasks/refs.py): they refuse what is missing, naming the field,
+and the cache key of a task's inputs depends on their content only, the same in every process."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from prefect.cache_policies import Inputs
+
+from fisao.config import ModelConfig
+from tasks.common import CACHE
+from tasks.refs import DataRef, ModelRef, StageContext, StageRef
+
+INPUTS = next(p for p in CACHE.policies if isinstance(p, Inputs))
+
+
+def key(**inputs) -> str:
+    return INPUTS.compute_key(None, inputs, {})
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: DataRef("data/world", ""), "DataRef.md5"),
+    (lambda: DataRef.of({"path": "data/world", "action": "verified"}), "DataRef.md5"),
+    (lambda: ModelRef.of({"sha256": "ab" * 32, "figures": {}}), "ModelRef.path"),
+    (lambda: ModelRef("models/llava", None), "ModelRef.sha256"),
+    (lambda: ModelRef("models/llava", "ab" * 32, adapter=""), "ModelRef.adapter"),
+    (lambda: StageRef.of({"path": "rollouts/x"}), "StageRef.sha256"),
+    (lambda: StageContext(code="", outputs="outputs"), "StageContext.code"),
+])
+def test_a_missing_field_is_refused_by_name(make, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        make()
+
+
+def test_of_keeps_what_a_later_stage_needs_and_drops_the_figures():
+    result = {"path": "out/rounds/k/model", "sha256": "ab" * 32, "adapter": "out/rounds/k/adapter",
+              "figures": {"kl": 0.1}}
+    assert ModelRef.of(result) == ModelRef("out/rounds/k/model", "ab" * 32, "out/rounds/k/adapter")
+    assert StageRef.of(result) == StageRef("out/rounds/k/model", "ab" * 32)
+    assert ModelRef.of({"path": "m", "sha256": "s"}).adapter is None
+
+
+def test_equal_refs_give_equal_cache_keys_and_a_changed_hash_another():
+    ctx = StageContext(code="c0de", outputs="outputs/campaigns/demo", runtime=ModelConfig(policy="p", verifier="v"))
+    a = key(policy=ModelRef("m", "s1"), data=DataRef("data/world", "d1"), ctx=ctx)
+    # Built anew, from a result carrying figures: the same content, the same key.
+    b = key(policy=ModelRef.of({"path": "m", "sha256": "s1", "figures": {"seconds": 3.0}}),
+            data=DataRef.of({"path": "data/world", "md5": "d1", "action": "verified"}),
+            ctx=StageContext(code="c0de", outputs="outputs/campaigns/demo",
+                             runtime=ModelConfig(policy="p", verifier="v")))
+    assert a == b
+    assert key(policy=ModelRef("m", "s2"), data=DataRef("data/world", "d1"), ctx=ctx) != a
+    assert key(policy=ModelRef("m", "s1"), data=DataRef("data/world", "d2"), ctx=ctx) != a
+    assert key(policy=ModelRef("m", "s1"), data=DataRef("data/world", "d1"),
+               ctx=StageContext(code="c0de2", outputs="outputs/campaigns/demo")) != a
+
+
+def test_the_cache_key_of_refs_is_the_same_in_another_process():
+    """Prefect hashes the inputs as JSON of the refs' fields, never by object id: a resumed
+    campaign (a new process) finds the keys of the run it resumes."""
+    here = key(policy=ModelRef("m", "s1", "a"), data=DataRef("data/world", "d1"),
+               ctx=StageContext(code="c0de", outputs="outputs"))
+    script = ("from tests.test_refs import key; from tasks.refs import *; "
+              "print(key(policy=ModelRef('m', 's1', 'a'), data=DataRef('data/world', 'd1'), "
+              "ctx=StageContext(code='c0de', outputs='outputs')))")
+    there = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    assert here is not None and there == here

@@ -17,6 +17,7 @@ Tasks return plain JSON dicts (a ref plus the stage's figures); `ModelRef.of(res
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from fisao.config import ModelConfig
 
@@ -29,59 +30,53 @@ def _require(ref, *names: str) -> None:
                              f"{name} of the directory (the `{name}` of the task result it comes from)")
 
 
-def _pick(cls, result: dict):
-    return cls(**{f.name: result.get(f.name) for f in fields(cls)})
+class _Ref:
+    """What the refs share: their `required` fields are checked, and `of(result)` takes them (and
+    the optional ones) from a task's result dict, leaving its figures out."""
+
+    required: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        _require(self, *self.required)
+
+    @classmethod
+    def of(cls, result: dict):
+        return cls(**{f.name: result.get(f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
-class DataRef:
-    """A data directory (`path`) and its content id (`md5`)."""
+class DataRef(_Ref):
+    """A data directory (`path`) and its content id (`md5`): `DataRef.of` a world or COCO dict."""
 
+    required = ("path", "md5")
     path: str
     md5: str
 
-    def __post_init__(self):
-        _require(self, "path", "md5")
-
-    @classmethod
-    def of(cls, result: dict) -> "DataRef":
-        """The ref of a world or COCO directory dict (path, md5, and anything else)."""
-        return _pick(cls, result)
-
 
 @dataclass(frozen=True)
-class ModelRef:
-    """A checkpoint directory (`path`), the sha256 of its files, and its LoRA adapter (None: a base model)."""
+class ModelRef(_Ref):
+    """A checkpoint directory (`path`), the sha256 of its files, and its LoRA adapter (None: a base
+    model): `ModelRef.of` a build's or an update's result."""
 
+    required = ("path", "sha256")
     path: str
     sha256: str
     adapter: str | None = None
 
     def __post_init__(self):
-        _require(self, "path", "sha256")
+        super().__post_init__()
         if self.adapter is not None:
             _require(self, "adapter")
 
-    @classmethod
-    def of(cls, result: dict) -> "ModelRef":
-        """The ref of a build's or an update's result (its figures left out)."""
-        return _pick(cls, result)
-
 
 @dataclass(frozen=True)
-class StageRef:
-    """A finished stage's output directory (`path`) and the sha256 of its files."""
+class StageRef(_Ref):
+    """A finished stage's output directory (`path`) and the sha256 of its files: `StageRef.of` a
+    stage's result."""
 
+    required = ("path", "sha256")
     path: str
     sha256: str
-
-    def __post_init__(self):
-        _require(self, "path", "sha256")
-
-    @classmethod
-    def of(cls, result: dict) -> "StageRef":
-        """The ref of a stage's result (its figures left out)."""
-        return _pick(cls, result)
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,9 @@ from fisao.align.files import FIGURES
 from fisao.align.sample import rollout_stage
 from fisao.align.score import calibration_stage, score_stage
 from fisao.align.train import update_stage
-from fisao.config import LoraConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig, ScaleConfig, config_hash
+from fisao.config import LoraConfig, PPOConfig, RewardConfig, RolloutConfig, ScaleConfig, config_hash
 from tasks.common import build_once, cached_task, key_of
 from tasks.refs import DataRef, ModelRef, StageContext, StageRef
-
-
-def _rt(runtime: ModelConfig | None) -> tuple:
-    """Cache-key part of the runtime (nothing for the world, whose keys stay as they were)."""
-    return () if runtime is None else (config_hash(runtime),)
 
 
 def _ref(out: Path, **extra) -> dict:
@@ -38,7 +33,7 @@ def calibrate(policy: ModelRef, verifier: ModelRef, data: DataRef, reward: Rewar
               ctx: StageContext) -> dict:
     """Verifier baseline and width from the base policy's answers on a labelled split."""
     out = Path(ctx.outputs) / "calibration" / key_of(policy.sha256, verifier.sha256, data.md5, config_hash(reward),
-                                                      config_hash(rollout), ctx.code, *_rt(ctx.runtime))
+                                                      config_hash(rollout), *ctx.key_parts)
     build_once(out, FIGURES, lambda: calibration_stage(policy.path, verifier.path, data.path, reward, rollout, out,
                                                         runtime=ctx.runtime))
     return _ref(out)
@@ -62,8 +57,8 @@ def rollouts(policy: ModelRef, data: DataRef, cfg: RolloutConfig, round_index: i
     rollouts are the same as on one process, so `processes` is not part of the key."""
     shards, backend, runtime = scale.shards, scale.rollout_backend, ctx.runtime
     extra = () if shards == 1 and backend == "hf" else (shards, backend)
-    out = Path(ctx.outputs) / "rollouts" / key_of(policy.sha256, data.md5, config_hash(cfg), round_index, ctx.code,
-                                                   *_rt(runtime), *extra)
+    out = Path(ctx.outputs) / "rollouts" / key_of(policy.sha256, data.md5, config_hash(cfg), round_index,
+                                                   *ctx.key_parts, *extra)
 
     def build() -> None:
         parts = sharding.shard_dirs(out, shards) if shards > 1 else []
@@ -88,7 +83,7 @@ def score(rollouts: StageRef, policy: ModelRef, verifier: ModelRef, calibration:
           reward: RewardConfig, ctx: StageContext) -> dict:
     """Per-token verifier rewards of the round's rollouts."""
     out = Path(ctx.outputs) / "scores" / key_of(rollouts.sha256, verifier.sha256, calibration.sha256, data.md5,
-                                                 config_hash(reward), ctx.code, *_rt(ctx.runtime))
+                                                 config_hash(reward), *ctx.key_parts)
     build_once(out, FIGURES, lambda: score_stage(rollouts.path, policy.path, verifier.path, calibration.path,
                                                   data.path, reward, out, runtime=ctx.runtime))
     return _ref(out)
@@ -107,7 +102,7 @@ def update(base: ModelRef, previous: ModelRef | None, rollouts: StageRef, scores
                          "the ModelRef of the previous round's update result (ModelRef.of(result)), or None for round 1")
     out = Path(ctx.outputs) / "rounds" / key_of(base.sha256, previous and previous.sha256, rollouts.sha256,
                                                  scores.sha256, data.md5, config_hash(lora), config_hash(ppo),
-                                                 round_index, ctx.code, *_rt(ctx.runtime))
+                                                 round_index, *ctx.key_parts)
     args = dict(base_dir=base.path, adapter_in=previous and previous.adapter, rollouts_dir=rollouts.path,
                 scores_dir=scores.path, world_dir=data.path, lora=lora, cfg=ppo, round_index=round_index,
                 runtime=ctx.runtime)

@@ -17,8 +17,7 @@ TIMING = "timing.json"  # {"seconds": the evaluation's wall time}: its MLflow ru
 @cached_task(name="evaluate")
 def evaluate(model: ModelRef, data: DataRef, benchmarks: tuple[str, ...], cfg: EvalConfig, ctx: StageContext) -> dict:
     """CHAIR/POPE(/MME) figures of `model`; answers saved beside them."""
-    rt = () if ctx.runtime is None else (config_hash(ctx.runtime),)
-    out = Path(ctx.outputs) / "eval" / key_of(model.sha256, data.md5, list(benchmarks), config_hash(cfg), ctx.code, *rt)
+    out = Path(ctx.outputs) / "eval" / key_of(model.sha256, data.md5, list(benchmarks), config_hash(cfg), *ctx.key_parts)
     build_once(out, METRICS, lambda: _evaluate_into(out, model.path, data.path, benchmarks, cfg, ctx.runtime))
     return {"path": str(out), "metrics": io.read_json(out / METRICS)["metrics"]}
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-from fisao.config import ModelConfig
+from fisao.config import ModelConfig, config_hash
 
 
 def _require(ref, *names: str) -> None:
@@ -90,3 +90,9 @@ class StageContext:
 
     def __post_init__(self):
         _require(self, "code", "outputs")
+
+    @property
+    def key_parts(self) -> tuple:
+        """What a stage's cache key takes from the context: the code version, then the runtime's
+        config hash (nothing for the shapes world, whose keys stay as they were)."""
+        return (self.code,) if self.runtime is None else (self.code, config_hash(self.runtime))

@@ -8,7 +8,7 @@ import sys
 import pytest
 from prefect.cache_policies import Inputs
 
-from fisao.config import ModelConfig
+from fisao.config import ModelConfig, config_hash
 from tasks.common import CACHE
 from tasks.refs import DataRef, ModelRef, StageContext, StageRef
 
@@ -66,3 +66,11 @@ def test_the_cache_key_of_refs_is_the_same_in_another_process():
               "ctx=StageContext(code='c0de', outputs='outputs')))")
     there = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
     assert here is not None and there == here
+
+
+def test_context_key_parts_are_the_code_then_the_runtime_hash():
+    # The shapes world's keys take the code version alone, as before the refs (same folder names);
+    # a real-model runtime adds its config hash.
+    assert StageContext(code="c0de", outputs="o").key_parts == ("c0de",)
+    runtime = ModelConfig(policy="p", verifier="v")
+    assert StageContext(code="c0de", outputs="o", runtime=runtime).key_parts == ("c0de", config_hash(runtime))

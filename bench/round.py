@@ -67,16 +67,22 @@ def peak_gpu_gib() -> float | None:
     return round(peak, 2)
 
 
-def rollout_batches(rollouts_dir: Path, world_dir, batch_size: int) -> list[tuple[list, list[str]]]:
-    """The batches the rollout stage sampled, as (images, prompts): its descriptions, then its
-    questions (each part cut into `batch_size` rows, as `sample_rollouts` cuts it)."""
+def round_inputs(rollouts_dir: Path, world_dir):
+    """(rollouts, their extra fields, the round's images, each rollout's image index), read once
+    for both plain loops."""
     from fisao.align.rollout import load_rollouts
     from fisao.align.sample import rollout_images
     from fisao.coco import load_image
 
     rollouts, extra = load_rollouts(rollouts_dir)
     examples, index = rollout_images(rollouts_dir, world_dir, extra["image_id"])
-    images = [load_image(e.image) for e in examples]
+    return rollouts, extra, [load_image(e.image) for e in examples], index
+
+
+def rollout_batches(inputs, batch_size: int) -> list[tuple[list, list[str]]]:
+    """The batches the rollout stage sampled, as (images, prompts): its descriptions, then its
+    questions (each part cut into `batch_size` rows, as `sample_rollouts` cuts it)."""
+    rollouts, extra, images, index = inputs
     batches = []
     for kind in ("caption", "question"):
         rows = [i for i, k in enumerate(extra["kind"]) if k == kind]
@@ -117,38 +123,31 @@ def plain_generate(policy_dir, batches, cfg, runtime) -> dict:
 
 
 def update_micro_batches(n: int, cfg, round_index: int, steps: int):
-    """The update's micro-batches, row indices (minibatch,), in its order: the permutations
-    `ppo_update` draws from its generator (seeded as `update_stage` seeds it), `steps` optimizer
-    steps of `grad_accum` micro-batches each (one process)."""
+    """The update's micro-batches, row indices (minibatch,), in its order: `ppo_update`'s own
+    `step_order` from a generator seeded as `update_stage` seeds it, `steps` optimizer steps of
+    `grad_accum` micro-batches each (one process)."""
+    import itertools
+
     import torch
+
+    from fisao.align.update import step_order
 
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + round_index)
     torch.randint(2**62, (1,), generator=generator)  # ppo_update's dropout seed comes first
-    step_rows, out = cfg.minibatch_size * cfg.grad_accum, []
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - step_rows + 1, step_rows):
-            if len(out) == steps * cfg.grad_accum:
-                return out
-            out += list(order[start : start + step_rows].split(cfg.minibatch_size))
-    return out
+    return [rows for step in itertools.islice(step_order(n, cfg, generator), steps)
+            for rows in step.split(cfg.minibatch_size)]
 
 
-def plain_update(policy_dir, rollouts_dir: Path, world_dir, cfg, round_index: int, steps: int, runtime) -> dict:
-    """A plain LoRA forward + backward loop with AdamW over the update's micro-batches:
-    {answers, optimizer_steps, seconds, answers_per_s}."""
+def plain_update(policy_dir, inputs, cfg, round_index: int, steps: int, runtime) -> dict:
+    """A plain LoRA forward + backward loop with AdamW over the update's micro-batches (`inputs`:
+    `round_inputs`'s): {answers, optimizer_steps, seconds, answers_per_s}."""
     import torch
 
-    from fisao.align.rollout import load_rollouts
-    from fisao.align.sample import rollout_images
     from fisao.align.train import policy_to_train
-    from fisao.coco import load_image
     from fisao.models.families import chat_prompt
     from fisao.runtime import load_runtime_policy, prepare_for_training, runtime_device
 
-    rollouts, extra = load_rollouts(rollouts_dir)
-    examples, index = rollout_images(rollouts_dir, world_dir, extra["image_id"])
-    images = [load_image(e.image) for e in examples]
+    rollouts, _, images, index = inputs
     base, processor = load_runtime_policy(policy_dir, runtime, runtime_device(runtime))
     model, _ = policy_to_train(base, None, cfg.lora, cfg.ppo, round_index)
     prepare_for_training(model, runtime)
@@ -260,11 +259,11 @@ def main() -> int:
           progress=False, runtime=runtime)
     peak = round(peak_rss_mb())  # the round's, before the plain loops load their copies
 
-    plain_gen = plain_generate(llava, rollout_batches(work / "rollouts", world, cfg.rollout.batch_size), cfg.rollout,
-                               runtime)
+    inputs = round_inputs(work / "rollouts", world)
+    plain_gen = plain_generate(llava, rollout_batches(inputs, cfg.rollout.batch_size), cfg.rollout, runtime)
     steps = int(update["optimizer_steps"])
     trained = steps * cfg.ppo.minibatch_size * cfg.ppo.grad_accum
-    plain_upd = plain_update(llava, work / "rollouts", world, cfg, 1, steps, runtime)
+    plain_upd = plain_update(llava, inputs, cfg, 1, steps, runtime)
     ours_tps = rollouts["tokens_per_second"]
     ours_aps = round(trained / max(update["seconds"], 1e-9), 2)
     generate_ratio = round(ours_tps / plain_gen["tokens_per_s"], 3)

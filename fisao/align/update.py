@@ -22,7 +22,7 @@ The value head (GAE only) is owned by the caller, so it survives across rounds.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import peft
 import torch
@@ -161,36 +161,32 @@ def ppo_update(
     params = [p for p in actor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     actor, optimizer = accelerator.prepare(actor, optimizer)
-    step_rows = cfg.minibatch_size * cfg.grad_accum
     ranks, rank = accelerator.num_processes, accelerator.process_index
     history: dict[str, list[float]] = {}
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         steps, stopped = 0, False
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(rollouts), generator=generator)
-            for start in range(0, len(rollouts) - step_rows + 1, step_rows):
-                if stopped:
-                    break
-                step = order[start : start + step_rows]
-                step_kl = []
-                # Every process takes its share of the step; the token count is the whole step's, so
-                # the gradient (averaged over processes by DDP) is the one-process gradient.
-                tokens_per_micro = float(mask[step].sum()) / (cfg.grad_accum * ranks)
-                for rows in step.chunk(ranks)[rank].split(cfg.minibatch_size // ranks):
-                    with accelerator.accumulate(actor):
-                        micro = _train_micro_batch(actor, processor, images, rollouts, rows, targets, cfg,
-                                                   tokens_per_micro, device, accelerator)
-                        if accelerator.sync_gradients:
-                            micro["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    for k, v in micro.items():
-                        history.setdefault(k, []).append(v)
-                    step_kl.append(micro["approx_kl"])
-                steps += 1
-                stopped = cfg.target_kl is not None and _passed_target(step_kl, cfg.target_kl, accelerator)
+        for step in step_order(len(rollouts), cfg, generator):
+            step_kl = []
+            # Every process takes its share of the step; the token count is the whole step's, so
+            # the gradient (averaged over processes by DDP) is the one-process gradient.
+            tokens_per_micro = float(mask[step].sum()) / (cfg.grad_accum * ranks)
+            for rows in step.chunk(ranks)[rank].split(cfg.minibatch_size // ranks):
+                with accelerator.accumulate(actor):
+                    micro = _train_micro_batch(actor, processor, images, rollouts, rows, targets, cfg,
+                                               tokens_per_micro, device, accelerator)
+                    if accelerator.sync_gradients:
+                        micro["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in micro.items():
+                    history.setdefault(k, []).append(v)
+                step_kl.append(micro["approx_kl"])
+            steps += 1
+            stopped = cfg.target_kl is not None and _passed_target(step_kl, cfg.target_kl, accelerator)
+            if stopped:
+                break
     model.eval()
     means = {k: sum(v) / len(v) for k, v in history.items()}
     if ranks > 1:  # the mean over processes (each saw its share of every step)
@@ -201,6 +197,17 @@ def ppo_update(
     stats["optimizer_steps"] = float(steps)
     stats["stopped_early"] = float(stopped)
     return stats
+
+
+def step_order(n: int, cfg: PPOConfig, generator: torch.Generator) -> Iterator[Tensor]:
+    """The rows (minibatch_size × grad_accum,) of each optimizer step of an update over `n`
+    rollouts, in order: every epoch a new permutation drawn from `generator`, cut into full steps
+    (the rows left over sit that epoch out)."""
+    step_rows = cfg.minibatch_size * cfg.grad_accum
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - step_rows + 1, step_rows):
+            yield order[start : start + step_rows]
 
 
 def _passed_target(step_kl: list[float], target_kl: float, accelerator: Accelerator) -> bool:

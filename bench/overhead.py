@@ -108,19 +108,6 @@ class Timers:
             self.seconds[category] += seconds
 
 
-def init_project(path: Path) -> Path:
-    """A fresh git + DVC project (DVC analytics and update checks off), as a clone of the project is."""
-    from fisao.dvcdata import dvc
-
-    path.mkdir(parents=True)
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    for args in (("init", "-q"), ("config", "core.analytics", "false"), ("config", "core.check_update", "false")):
-        done = dvc(path, *args)
-        if done.returncode:
-            raise RuntimeError(f"dvc {' '.join(args)} failed in {path}: {done.stderr}")
-    return path
-
-
 def plain_campaign(cfg, project: Path, rounds: int, lib) -> list[dict]:
     """The campaign as the tasks call the library, without them; `lib(fn)` times a call. Returns
     each evaluated model's metrics (round 0 = the base model)."""
@@ -285,6 +272,7 @@ def run_child(kind: str, project: Path, config: str, rounds: int, settings: list
 
 def compare(args: argparse.Namespace) -> int:
     """Both runs, one after the other, then the comparison (the JSON on the last line)."""
+    from fisao import dvcdata
     from fisao.config import load_config, parse_settings
 
     config = str(TINY if args.tiny else Path(args.config).resolve())
@@ -302,7 +290,7 @@ def compare(args: argparse.Namespace) -> int:
     print(f"config {config}, {rounds} round(s), work in {work}", flush=True)
     runs = {}
     for kind in ("plain", "flow"):
-        runs[kind] = run_child(kind, init_project(work / kind), config, rounds, args.set, work)
+        runs[kind] = run_child(kind, dvcdata.init_project(work / kind), config, rounds, args.set, work)
         print(f"{kind} run: {runs[kind][0]:.2f} s", flush=True)
     out = summarise(runs)
     print(f"{'span':<18} {'plain s':>9} {'flow s':>9} {'flow - plain':>13}")

@@ -109,6 +109,21 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *args], cwd=project, env=env, capture_output=True, text=True)
 
 
+def init_project(path: str | Path) -> Path:
+    """Make `path` a fresh git + DVC project, as a clone of fisao is, with DVC's analytics and
+    update checks off in its config; returns it. RuntimeError naming the command if one fails."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["git", "init", "-q"], cwd=path, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"git init failed in {path}: {done.stderr.strip()}")
+    for args in (("init", "-q"), ("config", "core.analytics", "false"), ("config", "core.check_update", "false")):
+        done = dvc(path, *args)
+        if done.returncode:
+            raise RuntimeError(f"dvc {' '.join(args)} failed in {path}: {done.stderr.strip()}")
+    return path
+
+
 def has_remote(project: Path) -> bool:
     res = dvc(project, "remote", "list")
     return res.returncode == 0 and bool(res.stdout.strip())

@@ -6,12 +6,12 @@ save_pretrained/from_pretrained path as the real checkpoints.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from fisao import dvcdata
 from fisao.localstate import OFFLINE
 from fisao.world.config import CRISP
 
@@ -57,18 +57,7 @@ TINY = {
 }
 
 
-def init_project(path: Path) -> Path:
-    """A fresh git + DVC project directory (DVC analytics and update checks off)."""
-    path.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True, env=env)
-    from fisao.dvcdata import dvc
-
-    for args in (("init", "-q"), ("config", "core.analytics", "false"), ("config", "core.check_update", "false")):
-        res = dvc(path, *args)
-        assert res.returncode == 0, res.stderr
-    return path
+init_project = dvcdata.init_project  # a fresh git + DVC project; the tests import it from here
 
 
 @pytest.fixture(scope="session")

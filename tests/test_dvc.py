@@ -263,3 +263,13 @@ def test_the_manifest_round_trips_and_matches_md5sum(tmp_path):
 def test_dvc_is_the_one_installed_beside_python():
     res = dvcdata.dvc(Path.cwd(), "--version")
     assert res.returncode == 0 and res.stdout.strip().startswith("3.")
+
+
+def test_init_project_makes_a_git_and_dvc_project_with_analytics_off(tmp_path):
+    project = dvcdata.init_project(tmp_path / "fresh")
+    assert (project / ".git").is_dir() and (project / ".dvc").is_dir()
+    config = (project / ".dvc" / "config").read_text()
+    assert "analytics = false" in config and "check_update = false" in config
+    # A second call on the same directory fails on `dvc init` (already a DVC project) and says so.
+    with pytest.raises(RuntimeError, match="dvc init -q failed in"):
+        dvcdata.init_project(project)

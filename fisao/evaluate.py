@@ -135,6 +135,7 @@ def run_chair(model, processor, data: EvalData, cfg: EvalConfig, out: Path, prog
     io.write_jsonl(out / "chair_details.jsonl", (d.to_json() for d in result.details))
     m = result.metrics
     return {"chair_s": m["chair_s"], "chair_i": m["chair_i"], "recall": m["recall"], "len": m["len"], "glued": m["glued"],
+            "looped": m["looped"],
             "chair_n_captions": m["n_captions"], "chair_n_mentions": m["n_mentions"]}
 
 

@@ -106,7 +106,7 @@ def print_summary(summary: dict) -> None:
 
 
 # The columns of the summary table printed after a campaign, one row per model (base, round 1, …).
-SUMMARY_COLUMNS = ("chair_s", "chair_i", "recall", "len", "glued", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
+SUMMARY_COLUMNS = ("chair_s", "chair_i", "recall", "len", "glued", "looped", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
                    "score/reward_mean", "update/kl", "seconds/round")
 HEADERS = {"score/reward_mean": "reward", "update/kl": "kl", "seconds/round": "train_s"}
 

@@ -29,7 +29,7 @@ from fisao.config import Config, config_hash
 from fisao.locks import CampaignLocked, RunLock, lock_holder
 
 DATA_PREFIX = "data-sweep"
-METRICS = ("chair_s", "chair_i", "recall", "glued", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1")
+METRICS = ("chair_s", "chair_i", "recall", "glued", "looped", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1")
 POPE_SPLITS = ("random", "popular", "adversarial")
 # The numeric fields of a run's record, in table order (mean and std are taken of each).
 FIELDS = (

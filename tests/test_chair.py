@@ -7,6 +7,7 @@ import pytest
 
 from fisao import io
 from fisao.benchmarks.chair import chair, chair_from_files, ground_truth_objects
+from fisao.benchmarks.mentions import word_loops
 from fisao.benchmarks.vocab import Vocabulary
 
 COCO = Vocabulary.coco()
@@ -38,7 +39,7 @@ def test_chair_metrics_by_hand():
     # Words: 12 + 5 + 2 + 3 = 22 over 4 captions.
     assert m["len"] == pytest.approx(22 / 4)
     assert m["n_unknown_image"] == 1 and m["n_empty"] == 1
-    assert m["glued"] == 0.0
+    assert m["glued"] == 0.0 and m["looped"] == 0.0
 
 
 def test_glued_share_counts_captions_with_a_glued_word_and_chair_ignores_the_glued_name():
@@ -48,6 +49,15 @@ def test_glued_share_counts_captions_with_a_glued_word_and_chair_ignores_the_glu
     # caption 1 does not hallucinate; two of three captions hold a glued word.
     assert m["n_mentions"] == 2 and m["n_hallucinated"] == 0
     assert m["glued"] == pytest.approx(2 / 3)
+
+
+def test_looped_share_counts_captions_writing_one_word_four_times_in_a_row():
+    truth = {1: {"dog"}, 2: {"dog"}, 3: {"dog"}}
+    captions = [(1, "A yellow yellow Yellow yellow dog."), (2, "A dog, a dog, a dog, a dog."), (3, "A dog dog dog.")]
+    m = chair(captions, truth, COCO).metrics
+    # only caption 1 writes a word four times in a row (case aside); 2 repeats a phrase, 3 a word three times
+    assert m["looped"] == pytest.approx(1 / 3)
+    assert word_loops("a b b b b c c c c c d d d") == ["b", "c"] and word_loops("b b b b", times=5) == []
 
 
 def test_chair_details_per_caption():

@@ -11,6 +11,9 @@ that later papers report (Maxlinn/CHAIR-metric-standalone, OPERA):
 - glued = captions holding a word with a token glued onto it ("a green starNo",
   `fisao.benchmarks.mentions.glued_words`) / captions: not the authors', a guard. CHAIR reads such a
   word as unknown, so a policy that glues a token onto an object hides that mention from CHAIR_i.
+- looped = captions writing one word four or more times in a row ("a yellow yellow yellow yellow",
+  `fisao.benchmarks.mentions.word_loops`) / captions: not the authors', a guard for a policy that
+  loops where a name belongs (it shortens no caption and names nothing, so CHAIR alone hides it).
 A mention is hallucinated when its category is not in the image's ground truth: the categories
 of its instances, plus, when reference captions are given, every object those captions mention
 (parsed by the same parser), as the authors do.
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
 from fisao import io
-from fisao.benchmarks.mentions import Mention, count_words, glued_words, mentioned_categories, parse_mentions
+from fisao.benchmarks.mentions import Mention, count_words, glued_words, mentioned_categories, parse_mentions, word_loops
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.coco import load_captions, load_instances
 
@@ -105,7 +108,7 @@ def chair(
     truth = {k: {vocab.canonical(n) for n in names} for k, names in ground_truth.items()}
     details: list[CaptionScore] = []
     n_unknown = n_empty = n_scored = n_mentions = n_halluc = n_halluc_caps = 0
-    n_gt = n_recalled = n_words = n_glued = 0
+    n_gt = n_recalled = n_words = n_glued = n_looped = 0
     for image_id, caption in captions:
         if image_id not in truth:
             n_unknown += 1
@@ -122,6 +125,7 @@ def chair(
         n_scored += 1
         n_words += count_words(caption)
         n_glued += bool(glued_words(caption))
+        n_looped += bool(word_loops(caption))
         n_mentions += len(mentions)
         n_halluc += len(hallucinated)
         n_halluc_caps += bool(hallucinated)
@@ -142,6 +146,7 @@ def chair(
         "recall": _ratio(n_recalled, n_gt),
         "len": n_words / n_scored,
         "glued": n_glued / n_scored,
+        "looped": n_looped / n_scored,
         "n_captions": n_scored,
         "n_mentions": n_mentions,
         "n_hallucinated": n_halluc,

@@ -145,6 +145,21 @@ def _word_spans(text: str, split_glued: bool) -> list[tuple[int, int]]:
     return spans
 
 
+def word_loops(text: str, times: int = 4) -> list[str]:
+    """The words that `text` writes `times` times or more in a row ("a yellow yellow yellow yellow"),
+    case-insensitive, once per run, in order: the policy looping on one word where a name belongs."""
+    words = [m.group().lower() for m in WORD_RE.finditer(text)]
+    out, run = [], 1
+    for i in range(1, len(words) + 1):
+        if i < len(words) and words[i] == words[i - 1]:
+            run += 1
+            continue
+        if run >= times:
+            out.append(words[i - 1])
+        run = 1
+    return out
+
+
 def glued_words(text: str) -> list[str]:
     """The words of `text` (as CHAIR reads them) that hold a glue point (`GLUE_RE`), in order."""
     return [m.group() for m in WORD_RE.finditer(text) if any(g.start() for g in GLUE_RE.finditer(m.group()))]

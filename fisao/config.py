@@ -177,6 +177,16 @@ class PPOConfig(_Strict):
     # "full", the exact KL over the whole vocabulary (one more forward, adapters off, per micro-batch),
     # which also sees probability moving onto tokens that were never sampled.
     kl_loss_estimator: Literal["k3", "full"] = "k3"
+    # Weight of the name-slot loss (fisao/align/ppo.py `name_slot_loss`): at the first token of each
+    # object a description names first, the policy's probabilities of the vocabulary's names,
+    # renormalised over the names, weighted by each name's verifier reward on that image. The sampled
+    # name's reward says only whether that one name was right; this says which names would have been.
+    # 0: off (the paper's update).
+    name_slot_coef: float = Field(0.0, ge=0)
+    # What the name-slot loss fits (fisao/align/ppo.py `name_slot_loss`): "expected", the names' expected
+    # reward; "distill", the distribution softmax(reward / name_slot_temperature) over the names.
+    name_slot_target: Literal["expected", "distill"] = "expected"
+    name_slot_temperature: float = Field(0.25, gt=0)
     clip: float = Field(0.2, gt=0, lt=1)
     value_clip: float = Field(0.2, gt=0)
     # Weight of the value loss (shares the LoRA backbone with the policy); "gae" only.

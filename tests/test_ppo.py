@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fisao.align.ppo import (
-    ADVANTAGES, critic_free_advantages, full_kl_per_token, gae_advantages, kl_loss, kl_loss_full, kl_per_token, masked_mean, masked_whiten, ppo_loss,
-    selective_log_softmax, shaped_rewards, value_loss,
+    ADVANTAGES, critic_free_advantages, full_kl_per_token, gae_advantages, kl_loss, kl_loss_full, kl_per_token, masked_mean, masked_whiten, name_slot_loss,
+    ppo_loss, selective_log_softmax, shaped_rewards, value_loss,
 )
 from fisao.config import PPOConfig
 
@@ -182,3 +182,41 @@ def test_token_normalisation_makes_micro_batches_add_up():
     per_micro = mask.sum() / 2  # two micro-batches, averaged as accelerate does
     halves = [ppo_loss(logp[s], old[s], adv[s], mask[s], 0.2, num_tokens=per_micro)[0] for s in (slice(0, 2), slice(2, 4))]
     assert (sum(halves) / 2).item() == pytest.approx(full.item(), abs=1e-7)
+
+
+def test_name_slot_loss_by_hand_and_its_gradient_moves_mass_between_names():
+    # one slot, vocabulary of 4; candidates tokens 0 and 2 (−1: none); logits 0 and ln 3 give q = (1/4, 3/4)
+    logits = torch.tensor([[0.0, 5.0, math.log(3.0), -2.0]], requires_grad=True)
+    tokens, rewards = torch.tensor([[0, 2, -1]]), torch.tensor([[1.0, -1.0, 5.0]])
+    loss, expected = name_slot_loss(logits, tokens, rewards)
+    assert float(expected) == pytest.approx(0.25 - 0.75) and float(loss.detach()) == pytest.approx(0.5)
+    loss.backward()
+    # d loss / d logit_k = −q_k (r_k − E): −0.25 · 1.5 and −0.75 · (−0.5); tokens 1 and 3 are no names
+    assert logits.grad.tolist()[0] == pytest.approx([-0.375, 0.0, 0.375, 0.0])
+    # token-normalised like the PPO terms, and against a naive loop over slots
+    s_logits, s_tokens = torch.randn(5, 7), torch.randint(0, 7, (5, 3))
+    s_tokens[1, 2] = -1
+    s_rewards = torch.rand(5, 3) * 2 - 1
+    naive = 0.0
+    for row, toks, rws in zip(s_logits, s_tokens.tolist(), s_rewards.tolist()):
+        keep = [k for k, t in enumerate(toks) if t >= 0]
+        q = torch.softmax(torch.stack([row[toks[k]] for k in keep]), -1)
+        naive -= sum(float(q[i]) * rws[k] for i, k in enumerate(keep))
+    assert float(name_slot_loss(s_logits, s_tokens, s_rewards, num_tokens=20)[0]) == pytest.approx(naive / 20, rel=1e-5)
+    assert float(name_slot_loss(torch.zeros(0, 7), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3))[0]) == 0.0
+
+
+def test_name_slot_distill_by_hand():
+    """"distill": KL(softmax(r / T) ‖ π) over the candidates, π over the whole vocabulary; its gradient on
+    the logits is π − p (p 0 outside the candidates), so it also takes back what went to other tokens."""
+    logits = torch.tensor([[0.0, 5.0, math.log(3.0)]], requires_grad=True)
+    tokens, rewards = torch.tensor([[0, 2, -1]]), torch.tensor([[1.0, -1.0, 7.0]])
+    loss, expected = name_slot_loss(logits, tokens, rewards, target="distill", temperature=1.0)
+    p = torch.softmax(torch.tensor([1.0, -1.0]), -1)
+    pi = torch.softmax(logits.detach()[0], -1)
+    assert float(loss.detach()) == pytest.approx(float((p * (p.log() - pi[[0, 2]].log())).sum()), rel=1e-6)
+    assert float(expected) == pytest.approx(0.25 - 0.75)  # the names' expected reward, renormalised over them
+    loss.backward()
+    assert logits.grad.tolist()[0] == pytest.approx([float(pi[0] - p[0]), float(pi[1]), float(pi[2] - p[1])], rel=1e-5)
+    with pytest.raises(ValueError, match="distill"):
+        name_slot_loss(logits, tokens, rewards, target="argmax")

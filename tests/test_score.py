@@ -15,6 +15,7 @@ from fisao.align.score import (
     caption_rewards, caption_token_rewards, claim_figures, mention_audit, mention_records, oracle_scores, question_rewards,
     reward_figures, sentence_rewards,
 )
+from fisao.align.rewards import NameSlots, name_slots, name_token_ids
 from fisao.benchmarks.mentions import parse_mentions
 from fisao.benchmarks.vocab import Vocabulary
 from fisao.config import RewardConfig
@@ -152,3 +153,56 @@ def test_rollout_images_come_from_the_split_and_ids_the_rollouts_record(tmp_path
     io.write_json(rollouts / FIGURES, {"split": "val", "rollouts": 5})  # the split is read, not assumed
     with pytest.raises(FileNotFoundError, match="val2014 does not exist"):
         rollout_images(rollouts, coco, [9])
+
+
+def test_name_slots_by_hand():
+    """A slot at the first token of each category's first mention, with every name's reward."""
+    text = "a red circle, a disk and a moon. the circle"
+    # tokens: "a"(0,1) " red"(1,5) " circle"(5,12) ","(12,13) " a"(13,15) " disk"(15,20) " and"(20,24)
+    #         " a"(24,26) " moon"(26,31) "."(31,32) " the"(32,36) " circle"(36,43)
+    offsets = [(0, 1), (1, 5), (5, 12), (12, 13), (13, 15), (15, 20), (20, 24), (24, 26), (26, 31), (31, 32),
+               (32, 36), (36, 43)]
+    ids = [1, 2, 10, 3, 4, 14, 5, 4, 13, 6, 7, 10]
+    categories = ["circle", "square", "cross", "moon"]
+    tokens = {" ": [10, 11, 12, 13], "": [20, 21, -1, 23]}
+    mentions = parse_mentions(text, VOCAB)
+    assert [m.category for m in mentions] == ["circle", "circle", "moon", "circle"]
+    rewards = [0.5, -1.0, -0.25, 0.8]
+    slots = name_slots(text, offsets, ids, [(m.start, m.end) for m in mentions], [m.category for m in mentions],
+                       categories, rewards, tokens.__getitem__)
+    # "circle" at token 2: every name's reward; "disk" is a repeat (no slot); "moon" at token 8: the circle was
+    # named before it, so it is no candidate there; the final "circle" is a repeat too.
+    assert slots == [(2, [10, 11, 12, 13], [0.5, -1.0, -0.25, 0.8]), (8, [-1, 11, 12, 13], [0.0, -1.0, -0.25, 0.8])]
+    # A first mention written as a synonym with its own token ("disk" as the circle's first) gives no slot,
+    # nor does one whose token is not its category's candidate; a candidate -1 earns 0.
+    assert name_slots("a disk", [(0, 1), (1, 6)], [1, 14], [(2, 6)], ["circle"], categories, rewards,
+                      tokens.__getitem__) == []
+    glued = name_slots("a redcircle", [(0, 1), (1, 5), (5, 11)], [1, 2, 20], [(5, 11)], ["circle"], categories,
+                       rewards, tokens.__getitem__)
+    assert glued == [(2, [20, 21, -1, 23], [0.5, -1.0, 0.0, 0.8])]
+
+
+def test_name_token_ids_on_a_real_tokenizer(tiny_models):
+    from transformers import AutoProcessor
+
+    from fisao.examples import data_vocabulary
+
+    tok = AutoProcessor.from_pretrained(str(tiny_models["llava"])).tokenizer
+    categories = list(data_vocabulary(tiny_models["world"]).categories)
+    ids = name_token_ids(tok, categories, " ")
+    firsts = [tok.encode(" " + c, add_special_tokens=False)[0] for c in categories]
+    # each candidate is the name's own first token, or -1 where that token is the space alone
+    assert all(i == f if i >= 0 else tok.decode([f]).strip() == "" for i, f in zip(ids, firsts)), (ids, firsts)
+    assert sum(i >= 0 for i in ids) >= len(categories) // 2 and len({i for i in ids if i >= 0}) == sum(i >= 0 for i in ids)
+    # two names that share their first token cannot be told apart there: both are left out
+    named = categories[ids.index(next(i for i in ids if i >= 0))]
+    assert name_token_ids(tok, [named, named], " ") == [-1, -1]
+
+
+def test_name_slots_pack_and_pick_by_rows():
+    slots = NameSlots.build([(0, 2, [10, 11], [0.5, -1.0]), (3, 1, [10, -1], [1.0, 0.0]), (3, 4, [10, 11], [0.0, 0.25])], 2)
+    assert slots.index.tolist() == [[0, 2], [3, 1], [3, 4]] and slots.tokens.dtype == torch.long
+    picked = slots.of_rows(torch.tensor([5, 3]))  # row 3 is position 1 of the micro-batch
+    assert picked.index.tolist() == [[1, 1], [1, 4]] and picked.rewards.tolist() == [[1.0, 0.0], [0.0, 0.25]]
+    empty = NameSlots.build([], 4)
+    assert empty.index.shape == (0, 2) and empty.tokens.shape == (0, 4) and empty.of_rows(torch.tensor([0])).index.shape == (0, 2)

@@ -11,6 +11,7 @@ from fisao.align.lora import (
 )
 from fisao.align.train import policy_to_train
 from fisao.align.ppo import kl_loss_full
+from fisao.align.rewards import NameSlots
 from fisao.align.update import ActorCritic, make_accelerator, ppo_update
 from fisao.coco import load_image
 from fisao.config import LoraConfig, PPOConfig
@@ -270,3 +271,27 @@ def test_config_sections_validate():
         LoraConfig(target_modules=("q_proj", "a.b"))
     with pytest.raises(ValueError):
         PPOConfig(advantage="reinforce")
+
+
+def test_name_slot_loss_moves_probability_between_the_candidates(setup):
+    """ppo.name_slot_coef: with no token reward at all, the slots' rewards alone move the policy towards
+    the better-rewarded candidate at each slot; the coefficient needs the slots."""
+    r = setup["rollouts"]
+    first, other = r.response_ids[:, 0], (r.response_ids[:, 0] + 1) % 100 + 3
+    slots = NameSlots.build([(i, 0, [int(first[i]), int(other[i])], [-1.0, 1.0]) for i in range(len(r))], 2)
+    cfg = PPOConfig(lr=3e-2, minibatch_size=4, epochs=4, name_slot_coef=1.0)
+    inputs = encode_prompts(setup["processor"], [setup["images"][i] for i in r.image_index.tolist()], PROMPT)
+
+    def margin(model):  # mean log π(other) − log π(first) at the slots
+        with torch.no_grad():
+            logits = ActorCritic(model, None)(inputs, r.response_ids, r.mask, with_logits=True)[2][:, 0]
+        return float((logits.gather(1, other[:, None]) - logits.gather(1, first[:, None])).mean())
+
+    model = fresh_policy(setup["base"])
+    before = margin(model)
+    stats = ppo_update(model, setup["processor"], setup["images"], r, torch.zeros_like(setup["rewards"]), cfg,
+                       make_accelerator(cfg, cpu=True), torch.Generator().manual_seed(0), slots=slots)
+    assert margin(model) > before + 1.0, (before, margin(model))
+    assert stats["slot_expected_reward"] > -1.0 and "slot_loss" in stats
+    with pytest.raises(ValueError, match="name slots"):
+        update(fresh_policy(setup["base"]), setup, cfg)

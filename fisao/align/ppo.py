@@ -186,3 +186,38 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((clipped_sq > unclipped_sq).float(), mask)}
     return loss, stats
+
+
+def name_slot_loss(slot_logits: Tensor, tokens: Tensor, rewards: Tensor, num_tokens: float | Tensor | None = None,
+                   target: str = "expected", temperature: float = 0.25) -> tuple[Tensor, Tensor]:
+    """The name-slot loss -> (loss, mean expected reward of the names under the policy).
+
+    slot_logits (S, V): the policy's logits at S name slots; tokens (S, K) long: the candidate names'
+    first tokens (−1: not a candidate); rewards (S, K): each candidate's reward. q is the policy's
+    probabilities renormalised over a slot's candidates; the loss is summed over slots and divided by
+    `num_tokens` (default S), as the PPO terms are. `target`:
+    - "expected": −Σ_k q_k r_k, the verifier's expected reward of the names. Its gradient on a
+      candidate's logit is q_k (r_k − Σ_j q_j r_j): probability moves between names, towards those the
+      verifier finds in the image, but slowly where the policy is sure of a wrong name (q_k near 1);
+    - "distill": KL(p ‖ π) with p = softmax(r / temperature) over the candidates and π the policy's
+      probabilities over the whole vocabulary (not renormalised): its gradient π − p does not fade
+      where the policy is sure of a wrong name, and it also draws back the probability that left the
+      names for other tokens (on val, "expected" let "No"/"Yes" creep into the name slot: "The purpleNo.").
+    With "expected" the probability of naming anything at all is left to the sampled-token terms.
+    """
+    valid = tokens >= 0
+    picked = slot_logits.gather(-1, tokens.clamp(min=0)).float().masked_fill(~valid, float("-inf"))
+    log_q = picked.log_softmax(-1)
+    q = log_q.exp()
+    rewards = rewards.float().masked_fill(~valid, 0.0)
+    expected = (q * rewards).sum(-1)
+    if target == "expected":
+        per_slot = -expected
+    elif target == "distill":
+        log_p = (rewards / temperature).masked_fill(~valid, float("-inf")).log_softmax(-1)
+        log_pi = slot_logits.float().log_softmax(-1).gather(-1, tokens.clamp(min=0))
+        per_slot = (log_p.exp() * (log_p - log_pi)).masked_fill(~valid, 0.0).sum(-1)
+    else:
+        raise ValueError(f"name-slot target {target!r}: use 'expected' or 'distill'")
+    denominator = len(expected) if num_tokens is None else num_tokens
+    return per_slot.sum() / max(denominator, 1), expected.detach().mean() if len(expected) else expected.sum()

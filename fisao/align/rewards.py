@@ -18,7 +18,7 @@ Which characters a mention's reward covers is the `reward.span` option (`SPANS`)
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -184,3 +184,83 @@ def last_token_reward(mask: Tensor, reward: Tensor) -> Tensor:
     rows = torch.arange(len(mask))[has]
     out[rows, last[has]] = reward[has].float()
     return out
+
+
+def name_token_ids(tokenizer, categories: Sequence[str], prefix: str) -> list[int]:
+    """(K,) the first token id of `prefix + name` for each of the K category names, as the tokenizer
+    encodes it after a word boundary (`prefix` is the white space the slot's token carries, "" or " ").
+
+    −1 where that first token is not the name's own (it encodes `prefix` alone) or where two
+    categories share it: such a name cannot be told apart at its first token.
+    """
+    firsts = []
+    for name in categories:
+        ids = tokenizer.encode(prefix + name, add_special_tokens=False)
+        own = bool(ids) and tokenizer.decode(ids[:1]).strip() != ""
+        firsts.append(ids[0] if own else -1)
+    shared = {t for t in firsts if t >= 0 and firsts.count(t) > 1}
+    return [-1 if t in shared else t for t in firsts]
+
+
+def name_slots(text: str, offsets: Sequence[tuple[int, int]], ids: Sequence[int], spans: Sequence[tuple[int, int]],
+               mention_categories: Sequence[str], categories: Sequence[str], category_rewards: Sequence[float],
+               tokens_for: Callable[[str], list[int]]) -> list[tuple[int, list[int], list[float]]]:
+    """One description's name slots: [(token position, (K,) candidate token ids, (K,) their rewards)].
+
+    A slot is the first token of a category's first mention (a repeat is no choice of object). Its
+    candidates are the first tokens of the K category names (`tokens_for(prefix)`, prefix the white
+    space between the token's start and the name: `name_token_ids`); each earns its category's
+    reward on this image (`category_rewards` (K,), vocabulary order `categories`). A category the
+    description has named before the slot is no candidate (token −1, reward 0): with it at
+    min(r, 0), as `first_mention` pays repeats, a present object named again beat every absent one,
+    and on val the policy learnt to list one object three times ("a yellow moon, a yellow moon and a
+    yellow moon", recall −11 points). A mention
+    whose first token is not its category's candidate (a synonym, a plural with its own token, a
+    name glued onto the word before it) gives no slot.
+
+    offsets (T,): the tokens' character spans in `text`; ids (T,): the tokens; spans, mention_categories
+    (M,): the mentions in text order.
+    """
+    index = {c: k for k, c in enumerate(categories)}
+    out, seen = [], set()
+    for (start, end), category in zip(spans, mention_categories):
+        first = category not in seen
+        earlier = set(seen)
+        seen.add(category)
+        if not first:
+            continue
+        t = next((t for t, (a, b) in enumerate(offsets) if a < end and b > start), None)
+        if t is None or not text[offsets[t][0]:start].isspace() and offsets[t][0] != start:
+            continue
+        tokens = tokens_for(text[offsets[t][0]:start])
+        if tokens[index[category]] != ids[t]:
+            continue
+        tokens = [-1 if c in earlier else tok for c, tok in zip(categories, tokens)]
+        rewards = [0.0 if tok < 0 else float(r) for tok, r in zip(tokens, category_rewards)]
+        out.append((t, tokens, rewards))
+    return out
+
+
+class NameSlots(NamedTuple):
+    """A round's name slots (`name_slots`), S of them over the rollouts, K candidate names each:
+    index (S, 2) long, (rollout row, token position); tokens (S, K) long, the candidates' first
+    tokens (−1: none); rewards (S, K) float32."""
+
+    index: Tensor
+    tokens: Tensor
+    rewards: Tensor
+
+    @classmethod
+    def build(cls, rows: Sequence[tuple[int, int, Sequence[int], Sequence[float]]], k: int) -> "NameSlots":
+        """From (row, position, tokens (K,), rewards (K,)) tuples; none gives S = 0."""
+        return cls(torch.tensor([[r, t] for r, t, _, _ in rows], dtype=torch.long).reshape(-1, 2),
+                   torch.tensor([list(tok) for _, _, tok, _ in rows], dtype=torch.long).reshape(-1, k),
+                   torch.tensor([list(rw) for _, _, _, rw in rows], dtype=torch.float32).reshape(-1, k))
+
+    def of_rows(self, rows: Tensor) -> "NameSlots":
+        """The slots of `rows` (R,), their index re-counted as positions in `rows`: index[:, 0] in 0..R−1."""
+        local = {int(r): i for i, r in enumerate(rows.tolist())}
+        keep = [s for s, r in enumerate(self.index[:, 0].tolist()) if r in local]
+        index = self.index[keep].clone()
+        index[:, 0] = torch.tensor([local[int(r)] for r in index[:, 0].tolist()], dtype=torch.long)
+        return NameSlots(index, self.tokens[keep], self.rewards[keep])

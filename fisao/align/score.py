@@ -26,7 +26,8 @@ from fisao import io
 from fisao.align.calibration import Calibration, calibrate, histogram_png, label_mentions
 from fisao.align.files import CALIBRATION, FIGURES, HISTOGRAM, REWARDS, TOKEN_REWARDS
 from fisao.align.rewards import (
-    QUESTION_BASELINES, REPEATS, REWARD_SHAPES, SPANS, claim_reward, decision_spans, last_token_reward, place_rewards, token_offsets,
+    QUESTION_BASELINES, REPEATS, REWARD_SHAPES, SPANS, NameSlots, claim_reward, decision_spans, last_token_reward, name_slots,
+    name_token_ids, place_rewards, token_offsets,
 )
 from fisao.align.rollout import load_rollouts, sample_rollouts
 from fisao.align.sample import rollout_images
@@ -103,6 +104,9 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
                 world_dir: str | Path, reward: RewardConfig, out: str | Path, runtime: ModelConfig | None = None) -> dict:
     """Per-token rewards of one round's rollouts: `token_rewards.safetensors` (N, T) and `rewards.jsonl`.
 
+    The same safetensors file holds the round's name slots (`round_name_slots`: `slot_index`,
+    `slot_tokens`, `slot_rewards`; none at `reward.level` "sentence"), which `ppo.name_slot_coef` trains on.
+
     Each JSONL row holds the answer, its mentions (text, category, span, score, reward) and, for
     the audit, whether ground truth says each mention is hallucinated (never used in the reward).
     """
@@ -142,7 +146,11 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     for r in captions:
         rows[r] = {"row": r, "image_id": image_ids[r], "kind": "caption", "text": texts[r],
                    "mentions": mention_records(mentions[r], scores[r], rewards[r], truth[index[r]])}
+    slots = NameSlots.build([], len(verifier.vocab.categories))
     if reward.level == "token":
+        slots = round_name_slots(texts, offsets, rollouts, captions, mentions, verifier.vocab.categories, verify,
+                                 functools.lru_cache(maxsize=None)(functools.partial(name_token_ids, tok, verifier.vocab.categories)),
+                                 mention_cal, reward)
         token_rewards = torch.zeros(n, width)
         for r, value in zip(questions, q_rewards):
             spans = decision_spans(texts[r])
@@ -163,10 +171,12 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
     audited = [(rw, m["hallucinated"]) for r in captions for rw, m in zip(rewards[r], rows[r]["mentions"])]
     figures = {**reward_figures([rw for r in captions for rw in rewards[r]], token_rewards, rollouts.mask),
                **mention_audit(audited),
-               **claim_figures([(value, yes, rows[r]["present"]) for r, yes, value in zip(questions, says_yes, q_rewards)])}
+               **claim_figures([(value, yes, rows[r]["present"]) for r, yes, value in zip(questions, says_yes, q_rewards)]),
+               "name_slots": len(slots.index)}
     out = Path(out)
     with io.atomic_dir(out) as tmp:
-        save_file({"token_rewards": token_rewards.contiguous()}, str(tmp / TOKEN_REWARDS))
+        save_file({"token_rewards": token_rewards.contiguous(), "slot_index": slots.index, "slot_tokens": slots.tokens,
+                   "slot_rewards": slots.rewards}, str(tmp / TOKEN_REWARDS))
         io.write_jsonl(tmp / REWARDS, rows)
         figures["seconds"] = round(time.time() - t0, 2)
         io.write_json(tmp / FIGURES, figures)
@@ -214,6 +224,31 @@ def mention_records(mentions: Sequence[Mention], scores: Tensor, rewards: Sequen
     return [{"text": m.text, "category": m.category, "start": m.start, "end": m.end, "score": round(s, 5),
              "reward": round(rw, 5), "hallucinated": None if truth is None else m.category not in truth}
             for m, s, rw in zip(mentions, scores.tolist(), rewards)]
+
+
+def category_rewards(scores: Tensor, categories: Sequence[str], calibration: Calibration,
+                     reward: RewardConfig) -> list[float]:
+    """(K,) the reward each of the K `categories` would earn on one image from its score (K,): `reward.shape`
+    against the calibration's (b, w) for the category, as a first mention's."""
+    shape = REWARD_SHAPES[reward.shape]
+    return [float(shape(s, *calibration.thresholds(c))) for c, s in zip(categories, scores)]
+
+
+def round_name_slots(texts: Sequence[str], offsets: Sequence[Sequence[tuple[int, int]]], rollouts, captions: Sequence[int],
+                     mentions: dict[int, list[Mention]], categories: Sequence[str], verify: Callable[[int, list[str]], Tensor],
+                     tokens_for: Callable[[str], list[int]], calibration: Calibration, reward: RewardConfig) -> NameSlots:
+    """The name slots (fisao/align/rewards.py `name_slots`) of the round's descriptions (rows `captions`):
+    every category's reward on each description's image from `verify(row, categories)` (K,)."""
+    found = []
+    for r in captions:
+        if not mentions[r]:
+            continue
+        rewards = category_rewards(verify(r, list(categories)), categories, calibration, reward)
+        ids = rollouts.response_ids[r][rollouts.mask[r]].tolist()
+        for t, tokens, slot_rewards in name_slots(texts[r], offsets[r], ids, [(m.start, m.end) for m in mentions[r]],
+                                                  [m.category for m in mentions[r]], categories, rewards, tokens_for):
+            found.append((r, t, tokens, slot_rewards))
+    return NameSlots.build(found, len(categories))
 
 
 def caption_token_rewards(text: str, offsets: Sequence[tuple[int, int]], mentions: Sequence[Mention],

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from fisao import io
 from fisao.align.files import FIGURES, TOKEN_REWARDS
 from fisao.align.lora import ValueHead, add_lora, load_adapter, load_value_head, merge_and_save, save_adapter
+from fisao.align.rewards import NameSlots
 from fisao.align.rollout import load_rollouts
 from fisao.align.sample import rollout_images
 from fisao.align.update import make_accelerator, ppo_update
@@ -38,6 +39,7 @@ def update_stage(base_dir: str | Path, adapter_in: str | Path | None, rollouts_d
     images = [load_image(e.image) for e in examples]
     rollouts.image_index = torch.tensor(index)
     token_rewards = load_token_rewards(Path(scores_dir) / TOKEN_REWARDS, rollouts.response_ids.shape)
+    slots = load_name_slots(Path(scores_dir) / TOKEN_REWARDS) if cfg.name_slot_coef else None
     accelerator = accelerator or make_accelerator(cfg, cpu=runtime_device(runtime) == "cpu")
     device = None if runtime is None else str(accelerator.device)
     base, processor = load_runtime_policy(base_dir, runtime, device)
@@ -45,7 +47,7 @@ def update_stage(base_dir: str | Path, adapter_in: str | Path | None, rollouts_d
     prepare_for_training(model, runtime)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + round_index)
     stats = ppo_update(model, processor, images, rollouts, token_rewards, cfg, accelerator, generator,
-                       value_head=value_head)
+                       value_head=value_head, slots=slots)
     crash_point("update:mid", round_index)
     out = Path(out)
     if accelerator.is_main_process:
@@ -88,3 +90,12 @@ def load_token_rewards(path: str | Path, shape: torch.Size) -> torch.Tensor:
     if rewards.shape != shape:
         raise ValueError(f"{path} holds rewards of shape {tuple(rewards.shape)} for rollouts of shape {tuple(shape)}")
     return rewards
+
+
+def load_name_slots(path: str | Path) -> NameSlots:
+    """The round's name slots saved by the scoring stage (fisao/align/score.py `round_name_slots`)."""
+    saved = load_file(str(path))
+    if "slot_index" not in saved:
+        raise ValueError(f"{path} holds no name slots (scored by an older fisao): ppo.name_slot_coef needs them; "
+                         "score the round again")
+    return NameSlots(saved["slot_index"], saved["slot_tokens"], saved["slot_rewards"])

@@ -15,7 +15,9 @@
    step whose forward measured an approx_kl (KL of the sampling policy to the current one, over
    that step's tokens) past 1.5 × target_kl: a round moves the policy about that far at most,
    however many rollouts (one step past it: a step measures the policy before its own update).
-With `ppo.kl_loss_coef`, a KL term joins the loss: the k3 estimate at the sampled tokens, or with
+With `ppo.name_slot_coef`, the name-slot loss joins it (fisao/align/ppo.py `name_slot_loss`: at
+each slot where a description first names an object, every name's verifier reward weighted by the
+policy's probability of it among the names). With `ppo.kl_loss_coef`, a KL term joins the loss: the k3 estimate at the sampled tokens, or with
 `ppo.kl_loss_estimator: full` the exact KL over the vocabulary at every response position, the
 reference's logits from one more forward with the adapters disabled.
 The value head (GAE only) is owned by the caller, so it survives across rounds.
@@ -31,8 +33,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from fisao.align.lora import ValueHead
-from fisao.align.ppo import (ADVANTAGES, kl_loss, kl_loss_full, kl_per_token, masked_mean, masked_whiten, ppo_loss,
-                             selective_log_softmax, shaped_rewards, value_loss)
+from fisao.align.ppo import (ADVANTAGES, kl_loss, kl_loss_full, kl_per_token, masked_mean, masked_whiten, name_slot_loss,
+                             ppo_loss, selective_log_softmax, shaped_rewards, value_loss)
+from fisao.align.rewards import NameSlots
 from fisao.align.rollout import Rollouts, encode_prompts, pad_right, response_hidden, response_logits, token_logprobs
 from fisao.config import PPOConfig
 
@@ -130,6 +133,7 @@ def ppo_update(
     accelerator: Accelerator,
     generator: torch.Generator,
     value_head: ValueHead | None = None,
+    slots: NameSlots | None = None,
 ) -> dict[str, float]:
     """Train `model`'s adapters (and `value_head`) in place on one round's rollouts; return stats.
 
@@ -137,9 +141,10 @@ def ppo_update(
     `rollouts.response_ids` (0 on tokens without a reward). `generator` drives the shuffling and
     seeds dropout (inside a forked RNG). Stats are plain floats: reward_mean (per answer, summed
     over its tokens), kl (per answer, k1, against the reference), policy_loss, value_loss, loss,
-    clipfrac, approx_kl, ratio, grad_norm, … averaged over the update.
+    clipfrac, approx_kl, ratio, grad_norm, … averaged over the update. `slots`: the round's name
+    slots, for the name-slot loss (`cfg.name_slot_coef`; needed when it is not 0).
     """
-    _check_inputs(model, rollouts, token_rewards, cfg, accelerator, value_head)
+    _check_inputs(model, rollouts, token_rewards, cfg, accelerator, value_head, slots)
     device = accelerator.device
     actor = ActorCritic(model, value_head)
     mask = rollouts.mask
@@ -157,7 +162,7 @@ def ppo_update(
         # would push down every neutral token (measured: the policy collapsed into "a The The The").
         advantages = masked_whiten(advantages, mask, shift_mean=cfg.advantage == "gae")
 
-    targets = Targets(advantages, returns, old_values, ref_logp)
+    targets = Targets(advantages, returns, old_values, ref_logp, slots)
     params = [p for p in actor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     actor, optimizer = accelerator.prepare(actor, optimizer)
@@ -221,12 +226,14 @@ def _passed_target(step_kl: list[float], target_kl: float, accelerator: Accelera
 
 class Targets(NamedTuple):
     """What the update fits, per rollout token (N, T): advantages, value targets (returns) and the
-    values at sampling time (GAE only, else None), and the reference's log-probs."""
+    values at sampling time (GAE only, else None), and the reference's log-probs; and the name slots
+    (None without the name-slot loss)."""
 
     advantages: Tensor
     returns: Tensor
     old_values: Tensor | None
     ref_logp: Tensor
+    slots: NameSlots | None = None
 
 
 def _train_micro_batch(actor, processor, images, rollouts, rows, targets: Targets, cfg: PPOConfig, num_tokens,
@@ -239,7 +246,7 @@ def _train_micro_batch(actor, processor, images, rollouts, rows, targets: Target
         return x[rows, :width].to(device)
 
     full_kl = bool(cfg.kl_loss_coef) and cfg.kl_loss_estimator == "full"
-    if full_kl:
+    if full_kl or cfg.name_slot_coef:
         logp, values, logits = actor(inputs, ids, mask, with_logits=True)
     else:
         logp, values = actor(inputs, ids, mask)
@@ -256,6 +263,13 @@ def _train_micro_batch(actor, processor, images, rollouts, rows, targets: Target
         k_loss = kl_loss(logp, cut(targets.ref_logp), mask, num_tokens)
         loss = loss + cfg.kl_loss_coef * k_loss
         out["kl_loss"] = float(k_loss.detach())
+    if cfg.name_slot_coef:
+        slots = targets.slots.of_rows(rows)
+        s_loss, expected = name_slot_loss(logits[slots.index[:, 0], slots.index[:, 1]], slots.tokens.to(device),
+                                          slots.rewards.to(device), num_tokens, cfg.name_slot_target,
+                                          cfg.name_slot_temperature)
+        loss = loss + cfg.name_slot_coef * s_loss
+        out.update(slot_loss=float(s_loss.detach()), slot_expected_reward=float(expected))
     if values is not None:
         v_loss, v_stats = value_loss(values, cut(targets.old_values), cut(targets.returns), mask, cfg.value_clip, num_tokens)
         loss = loss + cfg.value_coef * v_loss
@@ -279,7 +293,7 @@ def _rollout_stats(token_rewards, logp, ref_logp, shaped, advantages, mask) -> d
     }
 
 
-def _check_inputs(model, rollouts, token_rewards, cfg: PPOConfig, accelerator, value_head) -> None:
+def _check_inputs(model, rollouts, token_rewards, cfg: PPOConfig, accelerator, value_head, slots) -> None:
     if not isinstance(model, peft.PeftModel):
         raise ValueError("ppo_update trains LoRA adapters: wrap the model with add_lora(model, cfg.lora) first")
     if token_rewards.shape != rollouts.mask.shape:
@@ -294,6 +308,8 @@ def _check_inputs(model, rollouts, token_rewards, cfg: PPOConfig, accelerator, v
     if cfg.minibatch_size % accelerator.num_processes:
         raise ValueError(f"ppo.minibatch_size {cfg.minibatch_size} is the global micro-batch: it must divide by the "
                          f"{accelerator.num_processes} processes")
+    if cfg.name_slot_coef and slots is None:
+        raise ValueError("ppo.name_slot_coef needs the round's name slots: pass slots=load_name_slots(scores file)")
     if len(rollouts) < cfg.minibatch_size * cfg.grad_accum:
         raise ValueError(f"{len(rollouts)} rollouts are fewer than one optimizer step "
                          f"(ppo.minibatch_size × ppo.grad_accum = {cfg.minibatch_size * cfg.grad_accum})")

@@ -9,11 +9,12 @@ resume asks them:
    (tasks.mlflow_store.round_runs) and whose files are still, byte for byte, those its manifest
    lists (`write_manifest` wrote it when the round completed). A file that is missing, truncated
    or modified is reported by name and the directory its stage wrote is removed
-   (`remove_stage_dirs`), so the round is recomputed (its cached stages see their output gone)
-   instead of loading a damaged checkpoint.
+   (`remove_stage_dirs`), so the round is recomputed (a stage whose directory is gone builds it
+   again) instead of loading a damaged checkpoint.
 3. How many rounds are done, and to which round to go (`rounds_done`, `target_rounds`).
 4. What to redo (`take_round`): a finished round is taken as it is only when it was trained from
-   the checkpoint the campaign has now; any other round runs, its finished stages as cache hits.
+   the checkpoint the campaign has now; any other round runs, its stages whose directories are
+   complete as cache hits.
 5. What is stale in MLflow, deleted before a round is logged or registered again: runs of the
    round a crash left incomplete and complete runs of another checkpoint (`drop_stale_round_runs`,
    called by tasks.tracking.log_round), and logged models a crash left unfinished

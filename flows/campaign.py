@@ -8,11 +8,11 @@ process); every stage is a task that writes into a directory keyed on the hashes
 run finds those directories complete and skips the work.
 
 Running a campaign name again resumes it. Under the campaign's lock (one process per name), the
-inputs are checked against those it started with (InputsChanged says what differs); what is
-finished, what is stale and what to redo is decided in tasks/resume.py: rounds that MLflow holds
-as complete are verified against their manifests and taken as they are, a damaged one is
-recomputed, and an unfinished round continues from its last finished stage (whose directory is
-complete).
+inputs are checked against those it started with (InputsChanged, a ResumeMismatch, says what
+differs); what is finished, what is stale and what to redo is decided in tasks/resume.py: rounds
+that MLflow holds as complete are verified against their manifests and taken as they are, a
+damaged one is recomputed, and an unfinished round continues from its last finished stage (whose
+directory is complete).
 How many rounds: `rounds`, else `add_rounds` more than are done (a schedule's "one more round"),
 else the config's `ppo.rounds`.
 

@@ -19,7 +19,8 @@ TIMING = "timing.json"  # {"seconds": the evaluation's wall time}: its MLflow ru
 def evaluate(model: ModelRef, data: DataRef, benchmarks: tuple[str, ...], cfg: EvalConfig, ctx: StageContext) -> dict:
     """CHAIR/POPE(/MME) figures of `model`; answers saved beside them. Returns path, metrics and `cached`."""
     out = Path(ctx.outputs) / "eval" / key_of(model.sha256, data.md5, list(benchmarks), config_hash(cfg), *ctx.key_parts)
-    built = build_once(out, METRICS, lambda: _evaluate_into(out, model.path, data.path, benchmarks, cfg, ctx.runtime))
+    built = build_once(out, METRICS, lambda: _evaluate_into(out, model.path, data.path, benchmarks, cfg,
+                                                             ctx.runtime))
     return {"path": str(out), "metrics": io.read_json(out / METRICS)["metrics"], "cached": not built}
 
 

@@ -21,12 +21,15 @@ resume asks them:
    (`drop_unfinished_models`, called by tasks.registry).
 
 When what MLflow or the disk holds disagrees with what a resume needs, the error is a
-ResumeMismatch (a ValueError) that names the campaign, the round, what disagrees and what to do.
+ResumeMismatch (a ValueError) that names the campaign, the round, what disagrees and what to do;
+"this name was started with other inputs" is one too (tasks.campaigns.InputsChanged,
+tasks.sweeps.SweepChanged), so a caller catches one error for all of them.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import mlflow
 from mlflow.entities import LoggedModel, LoggedModelStatus, Run
@@ -41,13 +44,18 @@ from tasks.mlflow_store import (COMPLETE, MANIFEST, SHA256, campaign_parent, fin
 
 
 class ResumeMismatch(ValueError):
-    """What MLflow or the disk holds about a campaign disagrees with what resuming it needs.
+    """What MLflow or the disk holds about a campaign (or a sweep: `kind`) disagrees with what
+    resuming it needs.
 
-    Carries the campaign, the round (None: the campaign as a whole), what disagrees and the fix."""
+    Carries the name (`campaign`), the round (None: the campaign as a whole), what disagrees and the
+    fix; the message's first line says all four."""
+
+    kind: ClassVar[str] = "campaign"
 
     def __init__(self, campaign: str, round_index: int | None, what: str, fix: str):
         self.campaign, self.round, self.what, self.fix = campaign, round_index, what, fix
-        where = f"campaign {campaign!r}" if round_index is None else f"round {round_index} of campaign {campaign!r}"
+        where = f"{self.kind} {campaign!r}"
+        where = where if round_index is None else f"round {round_index} of {where}"
         super().__init__(f"{where}: {what}. {fix}")
 
 

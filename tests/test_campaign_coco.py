@@ -128,6 +128,7 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     evaluations = sorted((project / "outputs" / "eval").iterdir())
     checked = evaluate_checkpoint(model=summary["checkpoints"][1], config_path=str(config), project=str(project))
     assert sorted((project / "outputs" / "eval").iterdir()) == evaluations and Path(checked["path"]) in evaluations
+    assert checked["cached"]  # its directory was complete: nothing evaluated again
     assert checked["metrics"] == {k: summary["rounds"][1][k] for k in checked["metrics"]}
     logged = client.get_run(checked["run_id"])
     assert logged.data.tags["fisao.kind"] == "evaluation" and logged.data.tags["fisao.data_md5"] == coco_md5

@@ -11,7 +11,7 @@ clone is), one after the other:
   `evaluate_model`, `calibration_stage`, `rollout_stage`, `score_stage`, `update_stage`) with the
   tasks' arguments, in the flow's order; no Prefect, no MLflow, no content hashes or manifests;
 - flow: `fisao --project P run --config C --rounds N` (`cli.main.main`, what the `fisao` command
-  runs): the ephemeral Prefect API, the campaign flow and its cached tasks, MLflow logging and
+  runs): the ephemeral Prefect API, the campaign flow and its stage tasks, MLflow logging and
   the model registry, the round reports and manifests, the summary.
 `plain_s` and `flow_s` are each child's wall time, from spawning it to its exit; `ratio` is
 flow_s / plain_s (the issue's target: at most 1.05 for the demo from scratch).
@@ -26,12 +26,12 @@ wall time, so `where`, the flow's spans less the plain run's, adds up to flow_s 
 - `flow_run_start`: from calling the flow to its body running (Prefect creates the flow run);
 - inside the flow's body, the time of these calls, each without the calls timed inside it:
   `library` (the functions the plain run calls: the same work, so its difference is noise),
-  `sha256` (`fisao.io.tree_digest`: checkpoint and stage identities for cache keys),
+  `sha256` (`fisao.io.tree_digest`: checkpoint and stage identities for the stages' keys),
   `manifests` (`write_manifest`), `mlflow` (the bodies of the tracking tasks, `init_store` and
   the registry), `report` (the round report, `round_report`), `prefect_artifacts` (tables and
   summary published to Prefect's UI, flow-run tags);
 - `task_bookkeeping`: the rest of the flow's body. Inferred, not timed one by one: Prefect's task
-  and subflow runs (state changes through the API, cache-key hashing, results persisted),
+  and subflow runs (state changes through the API, results persisted),
   locks, lineage tags (git state, package versions), logging;
 - `flow_run_end`: from the body's return to `fisao run` returning (the flow run's final state,
   the printed summary);
@@ -40,7 +40,7 @@ The plain run has `process_start`, `imports`, `library` (its whole campaign), `t
 (its body less the library calls: config, paths) and `exit`.
 
 The flow child times these calls by wrapping the functions (and the tracking tasks' `fn`)
-before `main` runs; the task sources, and so their cache keys, are unchanged. `same_metrics`:
+before `main` runs; the stages' keys are unchanged. `same_metrics`:
 whether the flow's rounds hold every figure of the plain run's evaluations (CHAIR, POPE), equal,
 round by round (the same work, seeded the same). The last line printed is one JSON object; nothing is
 asserted: speed is reported, never tested.

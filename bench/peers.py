@@ -29,7 +29,7 @@ Writes `OUT/peers.json` (`seeds`, `methods` → each method's `chair_s`, `chair_
 `_std`, `answers`, `seconds_per_answer`, `peak_rss_mb`, `lr`, `campaigns`, `round_dirs`; `how` says
 how each figure was measured) and `OUT/peers.png` (CHAIR_i, recall and POPE adversarial F1 per
 round), prints the table, and the JSON as the last line of stdout. Running it again continues:
-finished FiSAO rounds are taken from MLflow and Prefect's cache, evaluations from their cache, and a
+finished FiSAO rounds are taken from MLflow and their stages' directories, evaluations from theirs, and a
 peer's round whose inputs (previous checkpoint, base models, calibration, config sections, code) are
 unchanged from its content-addressed directory (`outputs/campaigns/<peer campaign>/rounds/<key>/`);
 `stages_cached` then says the seconds are those of the process that ran it.

@@ -1,7 +1,6 @@
-"""Code versions for cache keys.
+"""Code versions for the stages' output keys (tasks/common.py says how a key is made).
 
-Prefect's TASK_SOURCE policy sees a task's own source, not the library code it calls, so each
-cached task also takes the version of the library parts it depends on: a hash of those source
+Each stage's key takes the version of the library parts it depends on: a hash of those source
 files plus the versions of the numerical packages that change results.
 
 Which files a stage depends on is derived, not listed by hand: `stage_files(entry modules)` is

@@ -3,14 +3,16 @@
 Round 0 is the base model: built from the shapes world, or, with a `model` section, the real
 checkpoints it names (on COCO-layout data, after a memory check that refuses what cannot fit).
 One flow run per campaign (Prefect's ephemeral API costs seconds per
-process); every stage is a task whose cache key holds the hashes of its inputs (the data md5
-among them), its config section and the code version, so a second run skips finished work.
+process); every stage is a task that writes into a directory keyed on the hashes of its inputs
+(the data md5 among them), its config section and the code version (tasks/common.py), so a second
+run finds those directories complete and skips the work.
 
 Running a campaign name again resumes it. Under the campaign's lock (one process per name), the
-inputs are checked against those it started with (InputsChanged says what differs); what is
-finished, what is stale and what to redo is decided in tasks/resume.py: rounds that MLflow holds
-as complete are verified against their manifests and taken as they are, a damaged one is
-recomputed, and an unfinished round continues from its last finished stage via the cache.
+inputs are checked against those it started with (InputsChanged, a ResumeMismatch, says what
+differs); what is finished, what is stale and what to redo is decided in tasks/resume.py: rounds
+that MLflow holds as complete are verified against their manifests and taken as they are, a
+damaged one is recomputed, and an unfinished round continues from its last finished stage (whose
+directory is complete).
 How many rounds: `rounds`, else `add_rounds` more than are done (a schedule's "one more round"),
 else the config's `ppo.rounds`.
 

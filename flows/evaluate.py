@@ -1,7 +1,8 @@
 """Flow: evaluate one checkpoint (any round's, or any save_pretrained directory) on the benchmarks.
 
-For a deployment that re-checks a model on demand or on a schedule; the result is cached on the
-checkpoint's sha256, the data md5 and the eval config, and logged as an MLflow run.
+For a deployment that re-checks a model on demand or on a schedule; the evaluation's directory is
+keyed on the checkpoint's sha256, the data md5 and the eval config (tasks/common.py), so a second
+call reads it back; each call is logged as an MLflow run.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from fisao.config import load_config
 from fisao.localstate import use_project
 from fisao.versioning import code_version
 from flows.rounds import EVAL_CODE
-from flows.steps import run_step
 from tasks.evaluate import evaluate
 from tasks.realdata import real_data
 from tasks.refs import DataRef, ModelRef, StageContext
@@ -40,8 +40,10 @@ def evaluate_checkpoint(model: str, config_path: str | None = None, project: str
     world = prepare_world(project, cfg.data_dir, cfg.world) if cfg.model is None else real_data(cfg)
     ref = {"path": str(path), "sha256": io.tree_digest(path)}
     ctx = StageContext(code=code_version(*EVAL_CODE), outputs=str(Path(project) / cfg.outputs_dir), runtime=cfg.model)
-    result, cached = run_step(evaluate, model=ModelRef.of(ref), data=DataRef.of(world), benchmarks=tuple(benchmarks),
-                              cfg=cfg.eval, ctx=ctx)
+    result = evaluate(model=ModelRef.of(ref), data=DataRef.of(world), benchmarks=tuple(benchmarks), cfg=cfg.eval,
+                      ctx=ctx)
+    cached = result.pop("cached")
     run_id = log_checkpoint_eval(cfg.name, ref, world["md5"], result, cfg.eval.model_dump())
-    get_run_logger().info("%s: %s (MLflow run %s)", path, result["metrics"], run_id)
+    get_run_logger().info("%s: %s%s (MLflow run %s)", path, result["metrics"], " (cache hit)" if cached else "",
+                          run_id)
     return {"model": ref, "metrics": result["metrics"], "path": result["path"], "cached": cached, "run_id": run_id}

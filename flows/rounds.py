@@ -11,14 +11,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from fisao import io, localstate
 from fisao.config import Config
 from fisao.versioning import code_version, stage_files
 from fisao.summary import round_rows
-from flows.steps import run_step
 from tasks import align
 from tasks.audit import round_report
 from tasks.evaluate import evaluate
@@ -45,16 +44,19 @@ ROUND_FIGURES = {
 
 
 def timed(stages: dict, t0: float, name: str, task, /, **inputs) -> dict:
-    """Run `task(**inputs)` through `run_step`, recording as stage `name` when it started (since t0),
-    how long and whether cached."""
+    """Run the stage task `task(**inputs)`, recording as stage `name` when it started (since t0), how
+    long and whether cached (its directory was already complete: the task's `cached`, taken out of
+    the result it returns)."""
     t = time.time()
-    result, cached = run_step(task, **inputs)
+    result = task(**inputs)
+    cached = result.pop("cached")
     stages[name] = {"seconds": round(time.time() - t, 1), "cached": cached, "start": round(t - t0, 1)}
+    get_run_logger().info("%s: %s", name, "cache hit, skipped" if cached else "done")
     return result
 
 
 def evaluate_model(cfg: Config, project: str, k: int, model: dict, world: dict, stages: dict, t0: float) -> dict:
-    """Benchmarks of one round's model (cached on the checkpoint's hash)."""
+    """Benchmarks of one round's model (its directory keyed on the checkpoint's hash)."""
     ctx = StageContext(code=code_version(*EVAL_CODE), outputs=str(Path(project) / cfg.outputs_dir), runtime=cfg.model)
     return timed(stages, t0, f"eval-{k}", evaluate, model=ModelRef.of(model), data=DataRef.of(world),
                  benchmarks=("chair", "pope"), cfg=cfg.eval, ctx=ctx)
@@ -67,7 +69,7 @@ def align_context(cfg: Config, campaign_dir: str) -> StageContext:
 
 def checkpoint_ref(update_result: dict) -> dict:
     """What later rounds need of a round's checkpoint (the same whether it was just trained or verified
-    from an earlier run, so the next round's cache keys are too)."""
+    from an earlier run, so the next round's stage keys are too)."""
     return {k: update_result[k] for k in ("path", "sha256", "adapter")}
 
 
@@ -103,7 +105,7 @@ def fisao_round(cfg: Config, campaign_dir: str, k: int, base: dict, policy: dict
                    verifier=ModelRef.of(base["clip"]), calibration=StageRef.of(calibration), data=data,
                    reward=cfg.reward, ctx=ctx)
     # The round count is the campaign's business, not a round's: "one more round" must not change
-    # the update's cache key (ppo.rounds is read nowhere in fisao/align).
+    # the update's key (ppo.rounds is read nowhere in fisao/align).
     ppo = cfg.ppo.model_copy(update={"rounds": 1})
     new = timed(stages, t0, f"update-{k}", align.update, base=ModelRef.of(base["llava"]),
                 previous=previous and ModelRef.of(previous), rollouts=StageRef.of(rollouts),

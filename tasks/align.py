@@ -1,8 +1,9 @@
-"""Tasks: the stages of a FiSAO round (cached on their inputs' hashes, config sections and code).
+"""Tasks: the stages of a FiSAO round, each in a content-addressed directory (tasks/common.py).
 
 Each task names its output directory after a content key of everything it depends on, runs the
 library stage only when that directory is not complete, and returns a small JSON ref: path,
-sha256 of the directory, and the stage's figures. They take refs (tasks/refs.py): the policy and
+sha256 of the directory, the stage's figures and whether the directory was already complete
+(`cached`). They take refs (tasks/refs.py): the policy and
 verifier as ModelRefs, the data as a DataRef, earlier stages' outputs as StageRefs, and a
 StageContext (code version, outputs directory, runtime).
 """
@@ -20,23 +21,24 @@ from fisao.align.sample import rollout_stage
 from fisao.align.score import calibration_stage, score_stage
 from fisao.align.train import update_stage
 from fisao.config import LoraConfig, PPOConfig, RewardConfig, RolloutConfig, ScaleConfig, config_hash
-from tasks.common import build_once, cached_task, key_of
+from tasks.common import build_once, key_of, stage_task
 from tasks.refs import DataRef, ModelRef, StageContext, StageRef
 
 
-def _ref(out: Path, **extra) -> dict:
-    return {"path": str(out), "sha256": io.tree_digest(out), "figures": io.read_json(out / FIGURES), **extra}
+def _ref(out: Path, built: bool) -> dict:
+    return {"path": str(out), "sha256": io.tree_digest(out), "figures": io.read_json(out / FIGURES),
+            "cached": not built}
 
 
-@cached_task(name="calibrate")
+@stage_task(name="calibrate")
 def calibrate(policy: ModelRef, verifier: ModelRef, data: DataRef, reward: RewardConfig, rollout: RolloutConfig,
               ctx: StageContext) -> dict:
     """Verifier baseline and width from the base policy's answers on a labelled split."""
     out = Path(ctx.outputs) / "calibration" / key_of(policy.sha256, verifier.sha256, data.md5, config_hash(reward),
                                                       config_hash(rollout), *ctx.key_parts)
-    build_once(out, FIGURES, lambda: calibration_stage(policy.path, verifier.path, data.path, reward, rollout, out,
-                                                        runtime=ctx.runtime))
-    return _ref(out)
+    built = build_once(out, FIGURES, lambda: calibration_stage(policy.path, verifier.path, data.path, reward, rollout,
+                                                                out, runtime=ctx.runtime))
+    return _ref(out, built)
 
 
 def accelerate_launch(stage: str, out: Path, processes: int, **kwargs) -> None:
@@ -48,7 +50,7 @@ def accelerate_launch(stage: str, out: Path, processes: int, **kwargs) -> None:
     subprocess.run(cmd, check=True)
 
 
-@cached_task(name="rollouts")
+@stage_task(name="rollouts")
 def rollouts(policy: ModelRef, data: DataRef, cfg: RolloutConfig, round_index: int, ctx: StageContext,
              scale: ScaleConfig = ScaleConfig()) -> dict:
     """Sample the round's answers with the current policy (in `scale.shards` parts, then gathered).
@@ -74,22 +76,21 @@ def rollouts(policy: ModelRef, data: DataRef, cfg: RolloutConfig, round_index: i
         sharding.merge_rollout_shards(sharding.sample_shards(policy.path, data.path, cfg, round_index, out, shards,
                                                             runtime=runtime, backend=backend), out)
 
-    build_once(out, FIGURES, build)
-    return _ref(out)
+    return _ref(out, build_once(out, FIGURES, build))
 
 
-@cached_task(name="score")
+@stage_task(name="score")
 def score(rollouts: StageRef, policy: ModelRef, verifier: ModelRef, calibration: StageRef, data: DataRef,
           reward: RewardConfig, ctx: StageContext) -> dict:
     """Per-token verifier rewards of the round's rollouts."""
     out = Path(ctx.outputs) / "scores" / key_of(rollouts.sha256, verifier.sha256, calibration.sha256, data.md5,
                                                  config_hash(reward), *ctx.key_parts)
-    build_once(out, FIGURES, lambda: score_stage(rollouts.path, policy.path, verifier.path, calibration.path,
-                                                  data.path, reward, out, runtime=ctx.runtime))
-    return _ref(out)
+    built = build_once(out, FIGURES, lambda: score_stage(rollouts.path, policy.path, verifier.path, calibration.path,
+                                                          data.path, reward, out, runtime=ctx.runtime))
+    return _ref(out, built)
 
 
-@cached_task(name="update")
+@stage_task(name="update")
 def update(base: ModelRef, previous: ModelRef | None, rollouts: StageRef, scores: StageRef, data: DataRef,
            lora: LoraConfig, ppo: PPOConfig, round_index: int, ctx: StageContext,
            scale: ScaleConfig = ScaleConfig()) -> dict:
@@ -107,9 +108,9 @@ def update(base: ModelRef, previous: ModelRef | None, rollouts: StageRef, scores
                 scores_dir=scores.path, world_dir=data.path, lora=lora, cfg=ppo, round_index=round_index,
                 runtime=ctx.runtime)
     if scale.processes == 1:
-        build_once(out, FIGURES, lambda: update_stage(**args, out=out))
+        built = build_once(out, FIGURES, lambda: update_stage(**args, out=out))
     else:
-        build_once(out, FIGURES, lambda: accelerate_launch("update", out, scale.processes, **args))
+        built = build_once(out, FIGURES, lambda: accelerate_launch("update", out, scale.processes, **args))
     model = out / "model"
     return {"path": str(model), "sha256": io.tree_digest(model), "adapter": str(out / "adapter"),
-            "figures": io.read_json(out / FIGURES)}
+            "figures": io.read_json(out / FIGURES), "cached": not built}

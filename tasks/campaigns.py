@@ -17,10 +17,11 @@ from prefect import get_run_logger, task
 from fisao import io
 from fisao.inputs import changes
 from tasks.mlflow_store import INPUTS, campaign_parent, experiment_id, recorded_inputs, runs_view_tag
+from tasks.resume import ResumeMismatch
 from tasks.tracking import log_batch, new_run
 
 
-class InputsChanged(ValueError):
+class InputsChanged(ResumeMismatch):
     """The data or the config differ from those the campaign was started with."""
 
 
@@ -62,9 +63,9 @@ def open_campaign(campaign: str, inputs: dict, tags: dict, lock_file: str, allow
     diff = changes(recorded, inputs)
     if diff and not allow_changed:
         raise InputsChanged(
-            f"campaign {campaign!r} (MLflow run {run_id}) was started with other inputs:\n  " + "\n  ".join(diff)
-            + f"\nResuming would mix versions. Start a new campaign with another --run-name, or pass "
-              f"--allow-changed-data to continue {campaign!r} on the new inputs (each round records its own).")
+            campaign, None, f"it was started with other inputs (MLflow run {run_id}), and resuming would mix versions",
+            f"Start a new campaign with another --run-name, or pass --allow-changed-data to continue {campaign!r} "
+            f"on the new inputs (each round records its own). What changed:\n  " + "\n  ".join(diff))
     if diff:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         log.warning("campaign %s continues on changed inputs (--allow-changed-data):\n  %s", campaign, "\n  ".join(diff))

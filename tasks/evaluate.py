@@ -1,4 +1,5 @@
-"""Task: evaluate a model checkpoint on the benchmarks (cached on checkpoint hash, data and config)."""
+"""Task: evaluate a model checkpoint on the benchmarks, in a directory keyed on the checkpoint's hash,
+the data, the benchmarks, the eval config and the code (tasks/common.py)."""
 from __future__ import annotations
 
 import time
@@ -7,19 +8,20 @@ from pathlib import Path
 from fisao import io
 from fisao.config import EvalConfig, ModelConfig, config_hash
 from fisao.evaluate import evaluate_model
-from tasks.common import build_once, cached_task, key_of
+from tasks.common import build_once, key_of, stage_task
 from tasks.refs import DataRef, ModelRef, StageContext
 
 METRICS = "metrics.json"
 TIMING = "timing.json"  # {"seconds": the evaluation's wall time}: its MLflow run's span (tasks/tracking.py)
 
 
-@cached_task(name="evaluate")
+@stage_task(name="evaluate")
 def evaluate(model: ModelRef, data: DataRef, benchmarks: tuple[str, ...], cfg: EvalConfig, ctx: StageContext) -> dict:
-    """CHAIR/POPE(/MME) figures of `model`; answers saved beside them."""
+    """CHAIR/POPE(/MME) figures of `model`; answers saved beside them. Returns path, metrics and `cached`."""
     out = Path(ctx.outputs) / "eval" / key_of(model.sha256, data.md5, list(benchmarks), config_hash(cfg), *ctx.key_parts)
-    build_once(out, METRICS, lambda: _evaluate_into(out, model.path, data.path, benchmarks, cfg, ctx.runtime))
-    return {"path": str(out), "metrics": io.read_json(out / METRICS)["metrics"]}
+    built = build_once(out, METRICS, lambda: _evaluate_into(out, model.path, data.path, benchmarks, cfg,
+                                                             ctx.runtime))
+    return {"path": str(out), "metrics": io.read_json(out / METRICS)["metrics"], "cached": not built}
 
 
 def _evaluate_into(out: Path, model_dir: str, data_dir: str, benchmarks: tuple[str, ...], cfg: EvalConfig,

@@ -8,10 +8,9 @@
   version of the library it runs, where its outputs go, and the real-model runtime (None: the
   shapes world).
 
-Cache keys stay content-based: Prefect's INPUTS policy hashes these as JSON of their fields (a
-frozen dataclass of strings and a pydantic section), and the output directories are named by
-`key_of` over the same hashes and md5s as before (tasks/common.py), never by a path or an id.
-Tasks return plain JSON dicts (a ref plus the stage's figures); `ModelRef.of(result)` and
+A stage's output directory is named by a key over the refs' content (their md5 and sha256) and
+the context's `key_parts`, never by a path or an id (how, in tasks/common.py). Tasks return plain
+JSON dicts (a ref plus the stage's figures and `cached`); `ModelRef.of(result)` and
 `StageRef.of(result)` take the fields a later stage needs.
 """
 from __future__ import annotations
@@ -93,6 +92,6 @@ class StageContext:
 
     @property
     def key_parts(self) -> tuple:
-        """What a stage's cache key takes from the context: the code version, then the runtime's
-        config hash (nothing for the shapes world, whose keys stay as they were)."""
+        """What a stage's key (tasks/common.py) takes from the context: the code version, then the
+        runtime's config hash (nothing for the shapes world, whose keys stay as they were)."""
         return (self.code,) if self.runtime is None else (self.code, config_hash(self.runtime))

@@ -9,23 +9,27 @@ resume asks them:
    (tasks.mlflow_store.round_runs) and whose files are still, byte for byte, those its manifest
    lists (`write_manifest` wrote it when the round completed). A file that is missing, truncated
    or modified is reported by name and the directory its stage wrote is removed
-   (`remove_stage_dirs`), so the round is recomputed (its cached stages see their output gone)
-   instead of loading a damaged checkpoint.
+   (`remove_stage_dirs`), so the round is recomputed (a stage whose directory is gone builds it
+   again) instead of loading a damaged checkpoint.
 3. How many rounds are done, and to which round to go (`rounds_done`, `target_rounds`).
 4. What to redo (`take_round`): a finished round is taken as it is only when it was trained from
-   the checkpoint the campaign has now; any other round runs, its finished stages as cache hits.
+   the checkpoint the campaign has now; any other round runs, its stages whose directories are
+   complete as cache hits.
 5. What is stale in MLflow, deleted before a round is logged or registered again: runs of the
    round a crash left incomplete and complete runs of another checkpoint (`drop_stale_round_runs`,
    called by tasks.tracking.log_round), and logged models a crash left unfinished
    (`drop_unfinished_models`, called by tasks.registry).
 
 When what MLflow or the disk holds disagrees with what a resume needs, the error is a
-ResumeMismatch (a ValueError) that names the campaign, the round, what disagrees and what to do.
+ResumeMismatch (a ValueError) that names the campaign, the round, what disagrees and what to do;
+"this name was started with other inputs" is one too (tasks.campaigns.InputsChanged,
+tasks.sweeps.SweepChanged), so a caller catches one error for all of them.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import mlflow
 from mlflow.entities import LoggedModel, LoggedModelStatus, Run
@@ -40,13 +44,18 @@ from tasks.mlflow_store import (COMPLETE, MANIFEST, SHA256, campaign_parent, fin
 
 
 class ResumeMismatch(ValueError):
-    """What MLflow or the disk holds about a campaign disagrees with what resuming it needs.
+    """What MLflow or the disk holds about a campaign (or a sweep: `kind`) disagrees with what
+    resuming it needs.
 
-    Carries the campaign, the round (None: the campaign as a whole), what disagrees and the fix."""
+    Carries the name (`campaign`), the round (None: the campaign as a whole), what disagrees and the
+    fix; the message's first line says all four."""
+
+    kind: ClassVar[str] = "campaign"
 
     def __init__(self, campaign: str, round_index: int | None, what: str, fix: str):
         self.campaign, self.round, self.what, self.fix = campaign, round_index, what, fix
-        where = f"campaign {campaign!r}" if round_index is None else f"round {round_index} of campaign {campaign!r}"
+        where = f"{self.kind} {campaign!r}"
+        where = where if round_index is None else f"round {round_index} of {where}"
         super().__init__(f"{where}: {what}. {fix}")
 
 

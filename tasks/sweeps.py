@@ -12,12 +12,14 @@ from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
 from tasks.mlflow_store import experiment_id, find_runs
-from tasks.resume import logged_campaign
+from tasks.resume import ResumeMismatch, logged_campaign
 from tasks.tracking import log_batch, log_curve_points, new_run
 
 
-class SweepChanged(ValueError):
+class SweepChanged(ResumeMismatch):
     """The sweep's name was used before with another config."""
+
+    kind = "sweep"
 
 
 def sweep_parent(sweep: str):
@@ -42,8 +44,8 @@ def open_sweep(sweep: str, config_hash: str, params: dict, tags: dict) -> dict:
         return {"run_id": run_id, "resumed": False, "experiment_id": experiment_id(sweep)}
     recorded = parent.data.tags.get("fisao.config_hash")
     if recorded != config_hash:
-        raise SweepChanged(f"sweep {sweep!r} (MLflow run {parent.info.run_id}) was started with another config "
-                           f"(config hash {recorded}, now {config_hash}); give this one a new --name")
+        raise SweepChanged(sweep, None, f"it was started with another config (MLflow run {parent.info.run_id}: config "
+                                        f"hash {recorded}, now {config_hash})", "Give this one a new --name")
     client.update_run(parent.info.run_id, status="RUNNING")
     log_batch(client, parent.info.run_id, tags=state)
     get_run_logger().info("resuming sweep %s (MLflow run %s)", sweep, parent.info.run_id)

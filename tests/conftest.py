@@ -118,6 +118,28 @@ def base_project(tmp_path_factory) -> Path:
     return project
 
 
+class _Built(Exception):
+    """Raised in place of a stage's build, carrying the directory it would build."""
+
+
+def stage_dir(stage_task, **inputs) -> str:
+    """The directory the stage task `stage_task` (tasks/align.py, models.py, evaluate.py) names for
+    `inputs`: its key, as tasks/common.py makes it, read where the task hands it to `build_once`
+    (stopped there, so nothing is built or read)."""
+    import sys
+    from unittest import mock
+
+    def stop(out, marker, build):
+        raise _Built(str(out))
+
+    with mock.patch.object(sys.modules[stage_task.fn.__module__], "build_once", stop):
+        try:
+            stage_task.fn(**inputs)
+        except _Built as e:
+            return e.args[0]
+    raise AssertionError(f"{stage_task.name} never called build_once")
+
+
 def copy_project(base: Path, dest: Path) -> Path:
     import shutil
 

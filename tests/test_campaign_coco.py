@@ -6,7 +6,8 @@ layout (train2014/, val2014/, annotations/, pope/) versioned with `dvc add`. One
 memory check -> base evaluation -> calibration on val2014 -> rollouts on train2014 -> scores ->
 update -> evaluation (CHAIR + POPE), with the real Prefect (test harness), MLflow (sqlite) and DVC;
 rollouts and update run on 2 processes under `accelerate launch` (gloo on CPU), as on a GPU node.
-A second run resumes the campaign: the finished round comes from MLflow, the rest from the cache.
+A second run resumes the campaign: the finished round comes from MLflow, the rest from the stages'
+complete directories.
 The images are the shapes world under COCO names (tests/cocoworld.py), so the verifier really
 separates correct from hallucinated mentions and calibration runs as it would on COCO.
 """
@@ -112,7 +113,7 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     assert io.read_json(summary["summary_path"])["rounds"] == summary["rounds"]
 
     # A second run (say, after a crash) resumes the campaign: round 1 is verified against its
-    # manifest and taken from MLflow, the rest is served from Prefect's cache, nothing is logged twice.
+    # manifest and taken from MLflow, the other stages find their directories complete, nothing is logged twice.
     again = campaign(config_path=str(config), project=str(project))
     assert again["resume"]["verified_rounds"] == [1]
     assert all(stage["cached"] for stage in again["stages"].values())
@@ -127,6 +128,7 @@ def test_real_model_campaign_on_coco_runs_one_round_and_logs_it(coco_world, harn
     evaluations = sorted((project / "outputs" / "eval").iterdir())
     checked = evaluate_checkpoint(model=summary["checkpoints"][1], config_path=str(config), project=str(project))
     assert sorted((project / "outputs" / "eval").iterdir()) == evaluations and Path(checked["path"]) in evaluations
+    assert checked["cached"]  # its directory was complete: nothing evaluated again
     assert checked["metrics"] == {k: summary["rounds"][1][k] for k in checked["metrics"]}
     logged = client.get_run(checked["run_id"])
     assert logged.data.tags["fisao.kind"] == "evaluation" and logged.data.tags["fisao.data_md5"] == coco_md5

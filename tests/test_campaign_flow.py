@@ -1,8 +1,8 @@
 """End to end: the campaign flow with the real Prefect (test harness), MLflow (sqlite) and DVC.
 
 A tiny world and tiny models in a temp git + DVC project: the first run builds, evaluates and
-logs everything; the second run is served from Prefect's cache, verifies the data against
-data.dvc, and logs nothing twice.
+logs everything; the second run finds every stage's directory complete (each stage `cached`),
+verifies the data against data.dvc, and logs nothing twice.
 """
 from __future__ import annotations
 

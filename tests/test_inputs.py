@@ -26,22 +26,34 @@ def test_changes_name_the_data_version_and_each_config_key():
                      "config: ppo.lr 0.001 -> 0.002", "config: rollout.n_per_image 4 -> 8"]
 
 
-def test_every_cached_task_is_keyed_on_the_data_version():
-    """A new data version must never hit an old cache: every cached task takes the data as a DataRef
-    (whose md5 is the data version), and the cache policy hashes all inputs."""
+def test_every_stage_task_is_keyed_on_the_data_version():
+    """A new data version must never reuse old outputs: every stage task takes the data as a DataRef
+    (whose md5 is the data version) and names its directory after it; Prefect's own result cache
+    is off, so that directory is the only thing that says a stage is done."""
     import inspect
 
+    from prefect.cache_policies import NO_CACHE
+
+    from fisao.config import (ClipBuildConfig, EvalConfig, LlavaBuildConfig, LoraConfig, PPOConfig, RewardConfig,
+                              RolloutConfig)
     from tasks import align, evaluate, models
-    from prefect.cache_policies import Inputs
+    from tasks.refs import DataRef, ModelRef, StageContext, StageRef
+    from tests.conftest import stage_dir
 
-    from tasks.common import CACHE
-    from tasks.refs import DataRef
-
-    tasks = [align.calibrate, align.rollouts, align.score, align.update, evaluate.evaluate, models.build_clip,
-             models.build_llava]
-    for t in tasks:
-        assert inspect.signature(t.fn).parameters["data"].annotation in (DataRef, "DataRef"), t.name
-        assert t.cache_policy == CACHE, t.name
-    inputs = next(p for p in CACHE.policies if isinstance(p, Inputs))
+    model, stage, ctx = ModelRef("m", "s" * 64, "a"), StageRef("r", "r" * 64), StageContext(code="c0de", outputs="o")
+    inputs = {
+        align.calibrate: dict(policy=model, verifier=model, reward=RewardConfig(), rollout=RolloutConfig(), ctx=ctx),
+        align.rollouts: dict(policy=model, cfg=RolloutConfig(), round_index=1, ctx=ctx),
+        align.score: dict(rollouts=stage, policy=model, verifier=model, calibration=stage, reward=RewardConfig(),
+                          ctx=ctx),
+        align.update: dict(base=model, previous=None, rollouts=stage, scores=stage, lora=LoraConfig(), ppo=PPOConfig(),
+                           round_index=1, ctx=ctx),
+        evaluate.evaluate: dict(model=model, benchmarks=("chair", "pope"), cfg=EvalConfig(), ctx=ctx),
+        models.build_clip: dict(cfg=ClipBuildConfig(), ctx=ctx),
+        models.build_llava: dict(clip=model, cfg=LlavaBuildConfig(), ctx=ctx),
+    }
     old, new = DataRef("data/world", "a" * 32 + ".dir"), DataRef("data/world", "b" * 32 + ".dir")
-    assert inputs.compute_key(None, {"data": old}, {}) != inputs.compute_key(None, {"data": new}, {})
+    for t, rest in inputs.items():
+        assert inspect.signature(t.fn).parameters["data"].annotation in (DataRef, "DataRef"), t.name
+        assert t.cache_policy == NO_CACHE and t.persist_result is False, t.name
+        assert stage_dir(t, data=old, **rest) != stage_dir(t, data=new, **rest), t.name

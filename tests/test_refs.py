@@ -1,22 +1,23 @@
 """The refs a flow passes to its tasks (tasks/refs.py): they refuse what is missing, naming the field,
-and the cache key of a task's inputs depends on their content only, the same in every process."""
+and the directory a stage names after them (its key, tasks/common.py) depends on their content only,
+the same in every process."""
 from __future__ import annotations
 
 import subprocess
 import sys
 
 import pytest
-from prefect.cache_policies import Inputs
 
-from fisao.config import ModelConfig, config_hash
-from tasks.common import CACHE
+from fisao.config import EvalConfig, ModelConfig, config_hash
+from tasks.evaluate import evaluate
 from tasks.refs import DataRef, ModelRef, StageContext, StageRef
+from tests.conftest import stage_dir
 
-INPUTS = next(p for p in CACHE.policies if isinstance(p, Inputs))
 
-
-def key(**inputs) -> str:
-    return INPUTS.compute_key(None, inputs, {})
+def key(policy: ModelRef, data: DataRef, ctx: StageContext) -> str:
+    """The directory of `policy`'s evaluation on `data`: a stage's key over a ModelRef, a DataRef and
+    the context."""
+    return stage_dir(evaluate, model=policy, data=data, benchmarks=("chair", "pope"), cfg=EvalConfig(), ctx=ctx)
 
 
 @pytest.mark.parametrize("make, field", [
@@ -41,7 +42,7 @@ def test_of_keeps_what_a_later_stage_needs_and_drops_the_figures():
     assert ModelRef.of({"path": "m", "sha256": "s"}).adapter is None
 
 
-def test_equal_refs_give_equal_cache_keys_and_a_changed_hash_another():
+def test_equal_refs_give_equal_keys_and_a_changed_hash_another():
     ctx = StageContext(code="c0de", outputs="outputs/campaigns/demo", runtime=ModelConfig(policy="p", verifier="v"))
     a = key(policy=ModelRef("m", "s1"), data=DataRef("data/world", "d1"), ctx=ctx)
     # Built anew, from a result carrying figures: the same content, the same key.
@@ -54,11 +55,16 @@ def test_equal_refs_give_equal_cache_keys_and_a_changed_hash_another():
     assert key(policy=ModelRef("m", "s1"), data=DataRef("data/world", "d2"), ctx=ctx) != a
     assert key(policy=ModelRef("m", "s1"), data=DataRef("data/world", "d1"),
                ctx=StageContext(code="c0de2", outputs="outputs/campaigns/demo")) != a
+    assert key(policy=ModelRef("m", "s1"), data=DataRef("data/world", "d1"),
+               ctx=StageContext(code="c0de", outputs="outputs/campaigns/demo",
+                                runtime=ModelConfig(policy="p2", verifier="v"))) != a
+    # Content, not paths: the same checkpoint and data read from elsewhere name the same directory.
+    assert key(policy=ModelRef("elsewhere/m", "s1"), data=DataRef("copy/of/world", "d1"), ctx=ctx) == a
 
 
-def test_the_cache_key_of_refs_is_the_same_in_another_process():
-    """Prefect hashes the inputs as JSON of the refs' fields, never by object id: a resumed
-    campaign (a new process) finds the keys of the run it resumes."""
+def test_the_key_of_refs_is_the_same_in_another_process():
+    """The key hashes the refs' fields as JSON, never an object id: a resumed campaign (a new
+    process) finds the directories of the run it resumes."""
     here = key(policy=ModelRef("m", "s1", "a"), data=DataRef("data/world", "d1"),
                ctx=StageContext(code="c0de", outputs="outputs"))
     script = ("from tests.test_refs import key; from tasks.refs import *; "

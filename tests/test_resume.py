@@ -140,6 +140,48 @@ def test_registering_a_round_without_its_complete_run_is_a_resume_mismatch(tmp_p
     assert f"its checkpoint sha256 {'f' * 64} cannot be registered" in str(e.value)
 
 
+def test_a_name_started_with_other_inputs_is_one_resume_mismatch_and_one_line_of_the_cli(tmp_path, store, capsys,  # noqa: F811
+                                                                                      monkeypatch):
+    """A campaign resumed on other data (InputsChanged) and a sweep name reused with another config
+    (SweepChanged) are both caught as ResumeMismatch; the CLI prints the first line of either as its
+    `fisao: error:` line, saying what differs and what to do."""
+    import cli.campaigns
+    from cli.main import main
+    from fisao.localstate import local_state_env
+    from tasks.campaigns import InputsChanged, open_campaign
+    from tasks.resume import ResumeMismatch
+    from tasks.sweeps import SweepChanged, open_sweep
+
+    open_demo()
+    changed = {"data_md5": "m2", "config_hash": "h", "config": {}, "resolved": {"ppo": {"rounds": 3}}}
+    with pytest.raises(ResumeMismatch) as campaign:
+        open_campaign.fn("demo", changed, {}, "lock")
+    open_sweep.fn("q1", "h1", {}, {})
+    with pytest.raises(ResumeMismatch) as sweep:
+        open_sweep.fn("q1", "h2", {}, {})
+
+    assert isinstance(campaign.value, InputsChanged) and isinstance(sweep.value, SweepChanged)
+    assert (campaign.value.campaign, campaign.value.round, sweep.value.campaign) == ("demo", None, "q1")
+    first, *changes = str(campaign.value).splitlines()
+    assert first.startswith("campaign 'demo': it was started with other inputs (MLflow run ")
+    assert "--run-name" in first and "--allow-changed-data" in first and first.endswith("What changed:")
+    assert changes == ["  data: md5 m -> m2 (data.dvc)"]
+    message = str(sweep.value)
+    assert "\n" not in message and message.startswith("sweep 'q1': it was started with another config (MLflow run ")
+    assert "config hash h1, now h2" in message and message.endswith("Give this one a new --name")
+
+    for key, value in local_state_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    for error in (campaign.value, sweep.value):
+        def fails(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli.campaigns, "_resume", fails)
+        assert main(["--project", str(tmp_path), "resume", "demo"]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0] == f"fisao: error: {str(error).splitlines()[0]}"
+
+
 def test_tagging_a_campaign_mlflow_lost_is_a_resume_mismatch(store):  # noqa: F811
     from tasks.resume import CampaignNotLogged
     from tasks.sweeps import tag_campaign

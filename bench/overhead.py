@@ -22,7 +22,7 @@ wall time, so `where`, the flow's spans less the plain run's, adds up to flow_s 
 - `imports`: the modules each run needs (torch and transformers in both; Prefect, MLflow and the
   flows' modules in the flow);
 - `cli_setup`: `fisao run`'s parsing, campaign lock and signal handling before the server starts;
-- `server_start`: `flows.ephemeral.start_api` (the temporary Prefect API, its database migrated);
+- `server_start`: `runner.ephemeral.start_api` (the temporary Prefect API, its database migrated);
 - `flow_run_start`: from calling the flow to its body running (Prefect creates the flow run);
 - inside the flow's body, the time of these calls, each without the calls timed inside it:
   `library` (the functions the plain run calls: the same work, so its difference is noise),
@@ -143,7 +143,7 @@ def instrument_flow(timers: Timers, marks: dict) -> None:
     import fisao.io
     import fisao.models.build
     import flows.campaign
-    import flows.ephemeral
+    import runner.ephemeral
     import tasks.align
     import tasks.audit
     import tasks.evaluate
@@ -178,7 +178,7 @@ def instrument_flow(timers: Timers, marks: dict) -> None:
                 marks[f"{key}_end"] = time.time()
         return run
 
-    flows.ephemeral.start_api = spanned("server", flows.ephemeral.start_api)
+    runner.ephemeral.start_api = spanned("server", runner.ephemeral.start_api)
     flows.campaign.campaign.fn = spanned("body", flows.campaign.campaign.fn)
 
 

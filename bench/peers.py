@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         config = str(Path(args.config).resolve())
         if not Path(config).is_file():
             raise FileNotFoundError(f"--config {args.config}: no such file (e.g. configs/demo.yaml)")
-        from flows.ephemeral import start_api
+        from runner.ephemeral import start_api
 
         start_api(project)
         result = _flow()(config=config, world=args.world, seeds=list(seeds), rounds=args.rounds,

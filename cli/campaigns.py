@@ -1,8 +1,8 @@
 """`fisao run`, `fisao resume` and `fisao sweep`: start the campaign or sweep flow under its lock.
 
 The lock is taken here first, to refuse before Prefect starts; Ctrl-C/SIGTERM stop the command as
-flows/shutdown.py says, and the temporary Prefect API is started in a session of its own
-(flows/ephemeral.py).
+runner/shutdown.py says, and the temporary Prefect API is started in a session of its own
+(runner/ephemeral.py).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _campaign(args: argparse.Namespace, config: str | None, overrides: dict, nam
 
     project = str(Path(args.project).resolve())
     cfg = load_config(config, {**overrides, "name": name})
-    from flows.shutdown import CampaignStop
+    from runner.shutdown import CampaignStop
 
     with RunLock(campaign_dir(project, cfg.outputs_dir, name) / ".lock", name) as lock, \
             CampaignStop(name, lock.path) as stop:  # Ctrl-C/SIGTERM: recorded, released, ends in seconds
@@ -29,7 +29,7 @@ def _campaign(args: argparse.Namespace, config: str | None, overrides: dict, nam
                   "longer running", file=sys.stderr)
         from fisao.summary import print_summary
         from flows.campaign import campaign
-        from flows.ephemeral import start_api
+        from runner.ephemeral import start_api
 
         stop.watch(start_api(project))
 
@@ -60,7 +60,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     """One campaign per world seed × training seed, one table (flows/sweep.py); the lock is taken before Prefect
-    starts, and Ctrl-C/SIGTERM stop it as they stop a campaign (flows/shutdown.py)."""
+    starts, and Ctrl-C/SIGTERM stop it as they stop a campaign (runner/shutdown.py)."""
     from fisao.config import load_config
     from fisao.localstate import campaign_dir
     from fisao.sweep import default_name, parse_seeds, plan, sweep_lock
@@ -70,12 +70,12 @@ def _sweep(args: argparse.Namespace) -> int:
     name = args.name or default_name(cfg)
     runs = plan(cfg, name, worlds, seeds)
     locks = {run.name: campaign_dir(project, cfg.outputs_dir, run.name) / ".lock" for run in runs}
-    from flows.shutdown import SweepStop
+    from runner.shutdown import SweepStop
 
     with sweep_lock(project, cfg.outputs_dir, name) as lock, \
             SweepStop(name, lock.path, locks, sweep_command(args, name)) as stop:
         from fisao.summary import print_sweep
-        from flows.ephemeral import start_api
+        from runner.ephemeral import start_api
         from flows.sweep import sweep
 
         stop.watch(start_api(project))

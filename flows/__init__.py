@@ -1,1 +1,1 @@
-"""Prefect flows (wiring of tasks only) and the `fisao` command line that starts them."""
+"""Prefect flows: wiring of tasks only (campaign, its rounds, sweep, evaluate, world)."""

@@ -41,9 +41,9 @@ from fisao.localstate import use_project
 from fisao.locks import RunLock
 from fisao.summary import headline, summary_markdown
 from fisao.versioning import code_version, git_state, package_versions
-from flows.ephemeral import servers_started_by, stop_orphaned
 from flows.rounds import (MODEL_CODE, align_context, evaluate_model, round_datasets, round_params, run_round,
                           timed)
+from runner.ephemeral import servers_started_by, stop_orphaned
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava

@@ -74,7 +74,7 @@ def kill_group(pgid: int) -> None:
 
 def servers_of(tag: str) -> list[int]:
     """Pids of the Prefect API servers started by the child of `start_fisao` that logs to `tag`."""
-    from flows.ephemeral import MARK
+    from runner.ephemeral import MARK
 
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):

@@ -1,4 +1,4 @@
-"""flows/ephemeral.py: the campaign's own Prefect API server runs in a session of its own, and what
+"""runner/ephemeral.py: the campaign's own Prefect API server runs in a session of its own, and what
 it prints goes to PREFECT_HOME/ephemeral-server.log, not to the campaign's terminal."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 CHILD = """
 import os, sys
-from flows.ephemeral import start_api
+from runner.ephemeral import start_api
 server = start_api(sys.argv[1])
 print(server.pid, os.getsid(server.pid), os.readlink(f"/proc/{server.pid}/fd/1"), os.readlink(f"/proc/{server.pid}/fd/2"),
       flush=True)

@@ -5,7 +5,7 @@ One project, one campaign (`sig`), four processes in turn: a run stopped by SIGI
 process group (what Ctrl-C in a terminal does, the API server included before it had a session of
 its own), a resume stopped by SIGTERM sent to its pid (`kill PID`), a resume whose API server is
 killed, and a resume that finishes. Each signal lands just after the campaign's MLflow run is
-opened (in the base model's evaluation). flows/shutdown.py says how each case stops.
+opened (in the base model's evaluation). runner/shutdown.py says how each case stops.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The library's imports point one way: no circle inside fisao/, and no Prefect or MLflow in it."""
+"""The imports point one way: no circle inside fisao/, no Prefect or MLflow in it, and each package
+(fisao, tasks, runner, flows, cli) imports only those below it; flows/ holds flows only."""
 from __future__ import annotations
 
 import ast
@@ -72,11 +73,43 @@ def _modules(package: str) -> dict[str, set[str]]:
     return {path.relative_to(ROOT).as_posix(): _imports(path) for path in sorted((ROOT / package).rglob("*.py"))}
 
 
-def test_only_the_command_line_imports_the_command_line():
-    """cli/ sits on top (it starts flows, reads MLflow, prints): fisao/, tasks/ and flows/ never import it."""
-    bad = {path: sorted(n for n in names if n.split(".")[0] == "cli")
-           for package in ("fisao", "tasks", "flows") for path, names in _modules(package).items()}
+# The project's packages, lowest first: each imports only those before it. fisao/ is the library;
+# tasks/ wrap it; runner/ is how a campaign's process lives (its Prefect API server, how it stops);
+# flows/ wire tasks; cli/ sits on top (it starts flows, reads MLflow, prints).
+LAYERS = ("fisao", "tasks", "runner", "flows", "cli")
+
+
+def test_the_installed_packages_are_the_layers():
+    """A new top-level package gets a place in LAYERS (and its import rule) before it is installed."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(p.removesuffix("*") for p in include) == sorted(LAYERS)
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    bad = {path: sorted(n for n in names if n.split(".")[0] in LAYERS[i + 1:])
+           for i, package in enumerate(LAYERS) for path, names in _modules(package).items()}
     assert not {path: n for path, n in bad.items() if n}
+
+
+def _defines_a_flow(path: Path) -> bool:
+    """Whether a function in `path` is decorated with Prefect's `flow` (bare or called)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for d in node.decorator_list:
+                target = d.func if isinstance(d, ast.Call) else d
+                if isinstance(target, ast.Name) and target.id == "flow":
+                    return True
+    return False
+
+
+def test_flows_holds_flows_only():
+    """Every module of flows/ defines a flow: what a flow's process needs around it (its API server,
+    its signal handling) lives in runner/, the rest in tasks/ or fisao/."""
+    not_flows = [path.name for path in sorted((ROOT / "flows").glob("*.py"))
+                 if path.name != "__init__.py" and not _defines_a_flow(path)]
+    assert not not_flows
 
 
 def test_the_fisao_command_is_cli_main_and_loads_without_prefect_or_mlflow():

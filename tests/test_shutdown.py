@@ -1,4 +1,4 @@
-"""CampaignStop (flows/shutdown.py) in a child process, without Prefect: a second Ctrl-C stops at
+"""CampaignStop (runner/shutdown.py) in a child process, without Prefect: a second Ctrl-C stops at
 once, an unwinding that hangs is cut at the grace deadline, an ignored SIGINT stays ignored, and a
 dead API server stops the campaign. Each forced exit releases the lock and ends with one line
 saying how to go on. (tests/test_interrupt.py does the same with a real campaign.)
@@ -21,7 +21,7 @@ from tests.campaign_process import alive
 CHILD = """
 import sys, time, subprocess
 from fisao.locks import RunLock
-from flows.shutdown import CampaignStop
+from runner.shutdown import CampaignStop
 import tasks.campaigns  # imported, with Prefect, before any campaign starts (cli/campaigns.py)
 from tasks.mlflow_store import campaign_parent, experiment_id
 lock_path, grace, server, opened = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "server", sys.argv[4] == "opened"
@@ -132,7 +132,7 @@ def test_prefects_termination_signal_reaching_the_command_counts_as_sigterm(tmp_
     as it is (not re-raised as our Interrupted), the command still ends as interrupted by SIGTERM."""
     from prefect.exceptions import TerminationSignal
 
-    from flows.shutdown import CampaignStop
+    from runner.shutdown import CampaignStop
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -161,7 +161,7 @@ def _nested_frame(*modules: str):
 
 
 def test_in_prefect_tells_prefects_bookkeeping_from_the_campaigns_code():
-    from flows.shutdown import in_prefect
+    from runner.shutdown import in_prefect
 
     # The flow called a task; Prefect's engine is setting it up, inside a library it calls.
     assert in_prefect(_nested_frame("flows.rounds", "prefect.task_engine", "pydantic.main"))
@@ -179,7 +179,7 @@ def test_in_prefect_tells_prefects_bookkeeping_from_the_campaigns_code():
 DEFERRED = """
 import os, signal, sys, time
 from fisao.locks import RunLock
-from flows.shutdown import CampaignStop
+from runner.shutdown import CampaignStop
 g = {"__name__": "prefect.task_engine", "os": os, "signal": signal, "time": time}
 exec("def bookkeeping():\\n    os.kill(os.getpid(), signal.SIGINT)\\n    t = time.time()\\n    while time.time() - t < 1.0:\\n        pass\\n", g)
 h = {"__name__": "fisao.work", "time": time}
@@ -217,7 +217,7 @@ import sys, time, subprocess
 from pathlib import Path
 from mlflow.tracking import MlflowClient
 from fisao.locks import RunLock
-from flows.shutdown import SweepStop
+from runner.shutdown import SweepStop
 import tasks.campaigns
 from tasks.mlflow_store import experiment_id
 root = Path(sys.argv[1])

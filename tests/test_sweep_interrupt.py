@@ -1,7 +1,7 @@
 """SIGTERM to a real tiny `fisao sweep` in a child process (`kill PID`), then the same command finishes it.
 
 The signal lands once the sweep's campaign has opened its MLflow run. The sweep must stop as a
-campaign does (flows/shutdown.py, tests/test_interrupt.py): within seconds, its API server gone,
+campaign does (runner/shutdown.py, tests/test_interrupt.py): within seconds, its API server gone,
 the campaign it ran and the sweep's own run marked interrupted, both locks released, and a last
 line giving the command that continues it; running that command finishes the sweep.
 """

@@ -1,6 +1,6 @@
 """How a campaign or sweep process stops: within seconds of Ctrl-C or SIGTERM, and never hanging on a dead API.
 
-The ephemeral Prefect API runs in a session of its own (flows/ephemeral.py), so the terminal's
+The ephemeral Prefect API runs in a session of its own (runner/ephemeral.py), so the terminal's
 Ctrl-C reaches only the campaign. Before that, the server died with the campaign's process
 group and Prefect's client retried the dead API (five retries with back-off, about a minute per
 request): Ctrl-C took over two minutes and printed 150 lines of connection tracebacks.

@@ -2,7 +2,7 @@
 
 Prefect starts it as a child process and stops it at exit. We start it first (`start_api`), in a
 session of its own: in Prefect's own start it shares the terminal's process group, so Ctrl-C
-killed it at once and the campaign then retried the dead API for minutes (see flows/shutdown.py).
+killed it at once and the campaign then retried the dead API for minutes (see runner/shutdown.py).
 The server's own output goes to PREFECT_HOME/ephemeral-server.log, not the campaign's terminal.
 A process killed with SIGKILL never exits properly: its server lives on, orphaned. The campaign records its server's pid in
 its lock file, and the next run of that campaign, taking the stale lock over, stops the server

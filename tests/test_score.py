@@ -177,6 +177,10 @@ def test_name_slots_by_hand():
     # nor does one whose token is not its category's candidate; a candidate -1 earns 0.
     assert name_slots("a disk", [(0, 1), (1, 6)], [1, 14], [(2, 6)], ["circle"], categories, rewards,
                       tokens.__getitem__) == []
+    # a slot where no candidate earns a positive reward (every object there already named) is left out
+    assert name_slots("a moon and a cross", [(0, 1), (1, 6), (6, 10), (10, 12), (12, 18)], [1, 13, 5, 4, 12],
+                      [(2, 6), (13, 18)], ["moon", "cross"], categories, [-0.5, -1.0, -0.25, 0.8],
+                      tokens.__getitem__) == [(1, [10, 11, 12, 13], [-0.5, -1.0, -0.25, 0.8])]
     glued = name_slots("a redcircle", [(0, 1), (1, 5), (5, 11)], [1, 2, 20], [(5, 11)], ["circle"], categories,
                        rewards, tokens.__getitem__)
     assert glued == [(2, [20, 21, -1, 23], [0.5, -1.0, 0.0, 0.8])]

@@ -214,7 +214,9 @@ def name_slots(text: str, offsets: Sequence[tuple[int, int]], ids: Sequence[int]
     description has named before the slot is no candidate (token −1, reward 0): with it at
     min(r, 0), as `first_mention` pays repeats, a present object named again beat every absent one,
     and on val the policy learnt to list one object three times ("a yellow moon, a yellow moon and a
-    yellow moon", recall −11 points). A mention
+    yellow moon", recall −11 points). A slot where no candidate earns a positive reward is left out:
+    there the better move was to name nothing more, which a choice between names cannot say (on val,
+    distilling towards the least bad name there raised CHAIR_i to 0.544 in one round). A mention
     whose first token is not its category's candidate (a synonym, a plural with its own token, a
     name glued onto the word before it) gives no slot.
 
@@ -237,7 +239,8 @@ def name_slots(text: str, offsets: Sequence[tuple[int, int]], ids: Sequence[int]
             continue
         tokens = [-1 if c in earlier else tok for c, tok in zip(categories, tokens)]
         rewards = [0.0 if tok < 0 else float(r) for tok, r in zip(tokens, category_rewards)]
-        out.append((t, tokens, rewards))
+        if max(r for tok, r in zip(tokens, rewards) if tok >= 0) > 0:
+            out.append((t, tokens, rewards))
     return out
 
 

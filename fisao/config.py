@@ -177,15 +177,19 @@ class PPOConfig(_Strict):
     # "full", the exact KL over the whole vocabulary (one more forward, adapters off, per micro-batch),
     # which also sees probability moving onto tokens that were never sampled.
     kl_loss_estimator: Literal["k3", "full"] = "k3"
-    # Weight of the name-slot loss (fisao/align/ppo.py `name_slot_loss`): at the first token of each
-    # object a description names first, the policy's probabilities of the vocabulary's names,
-    # renormalised over the names, weighted by each name's verifier reward on that image. The sampled
-    # name's reward says only whether that one name was right; this says which names would have been.
-    # 0: off (the paper's update).
+    # Weight of the name-slot loss (fisao/align/ppo.py `name_slot_loss`, slots from
+    # fisao/align/rewards.py `name_slots`): at the first token of each object a rollout names first,
+    # every name's verifier reward on that image, not only the sampled name's. 0: off, the paper's
+    # update. On val of worlds 0-2 x seeds 0-2 (docs/method.md, "Name slots"), 1 with "distill":
+    # CHAIR_i -17.3 +/- 6.7% (off: -16.2 +/- 7.7%), recall -1.8 +/- 2.1 points (off: -3.1 +/- 2.4),
+    # POPE adversarial -0.5 (the same), but one round's adversarial yes-ratio reached 0.654 and the
+    # smallest cut was 4.5% (off: 10.5%); 3 ran away (KL 19, a cut of 8% and a rise of 7%). Off until
+    # it holds on more seeds.
     name_slot_coef: float = Field(0.0, ge=0)
-    # What the name-slot loss fits (fisao/align/ppo.py `name_slot_loss`): "expected", the names' expected
-    # reward; "distill", the distribution softmax(reward / name_slot_temperature) over the names.
-    name_slot_target: Literal["expected", "distill"] = "expected"
+    # What the name-slot loss fits: "distill", KL(softmax(reward / name_slot_temperature) || policy)
+    # over the names; "expected", minus the names' expected reward under the policy renormalised over
+    # them (on val it let "No"/"Yes" into the name slot and moved the policy slowly where it was sure).
+    name_slot_target: Literal["expected", "distill"] = "distill"
     name_slot_temperature: float = Field(0.25, gt=0)
     clip: float = Field(0.2, gt=0, lt=1)
     value_clip: float = Field(0.2, gt=0)

@@ -183,8 +183,9 @@ class PPOConfig(_Strict):
     # update. On val of worlds 0-2 x seeds 0-2 (docs/method.md, "Name slots"), 1 with "distill":
     # CHAIR_i -17.3 +/- 6.7% (off: -16.2 +/- 7.7%), recall -1.8 +/- 2.1 points (off: -3.1 +/- 2.4),
     # POPE adversarial -0.5 (the same), but one round's adversarial yes-ratio reached 0.654 and the
-    # smallest cut was 4.5% (off: 10.5%); 3 ran away (KL 19, a cut of 8% and a rise of 7%). Off until
-    # it holds on more seeds.
+    # smallest cut was 4.5% (off: 10.5%); 3 ran away (KL 19, a cut of 8% and a rise of 7%). So off;
+    # measured afterwards on the held-out test worlds 4-7: -21 +/- 13% (off: -24 +/- 7%), recall -3.1
+    # (off: -5.7): it keeps recall, but its cut depends on the world (world 5: 0-8%, world 6: 31-41%).
     name_slot_coef: float = Field(0.0, ge=0)
     # What the name-slot loss fits: "distill", KL(softmax(reward / name_slot_temperature) || policy)
     # over the names; "expected", minus the names' expected reward under the policy renormalised over

@@ -95,3 +95,36 @@ def test_bad_label_names_file_and_line(tmp_path):
     io.write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "yes"}, {"question_id": 2, "text": "no"}])
     with pytest.raises(ValueError, match=r"q.jsonl:2: 'label' must be one of \['yes', 'no'\]"):
         pope_from_files(tmp_path / "q.jsonl", tmp_path / "a.jsonl")
+
+
+def test_the_evaluation_asks_each_distinct_pope_question_once_and_answers_every_file(tiny_models, tmp_path, monkeypatch):
+    """The three POPE files share their positive questions: each distinct (image, question) is
+    generated once, and every file's answers are those of its own questions."""
+    import fisao.evaluate as evaluate
+    from fisao import io
+
+    asked: list[tuple[str, str]] = []
+    real = evaluate.answer
+
+    def spy(model, processor, images, questions, **kwargs):
+        asked.extend(questions)
+        return real(model, processor, images, questions, **kwargs)
+
+    monkeypatch.setattr(evaluate, "answer", spy)
+    cfg = tiny_models["config"].eval
+    metrics = evaluate.evaluate_model(tiny_models["llava"], tiny_models["world"], ("pope",), cfg, tmp_path, progress=False)
+    split = tiny_models["world"] / cfg.split
+    files = {s: list(io.read_jsonl(split / f"pope_{s}.jsonl")) for s in ("random", "popular", "adversarial")}
+    selected = {r["image"] for rows in files.values() for r in rows}  # the tiny config evaluates the whole split
+    distinct = {(r["image"], r["text"]) for rows in files.values() for r in rows if r["image"] in selected}
+    assert len(asked) == len(distinct) < sum(len(rows) for rows in files.values())
+    for s, rows in files.items():
+        answers = {a["question_id"]: a["text"] for a in io.read_jsonl(tmp_path / f"pope_{s}_answers.jsonl")}
+        assert set(answers) == {r["question_id"] for r in rows}
+        assert f"pope_{s}_f1" in metrics
+    # one question asked by two files got one answer
+    shared = next((r, q) for r in files["random"] for q in files["adversarial"]
+                  if (r["image"], r["text"]) == (q["image"], q["text"]))
+    by_file = {s: {a["question_id"]: a["text"] for a in io.read_jsonl(tmp_path / f"pope_{s}_answers.jsonl")}
+               for s in ("random", "adversarial")}
+    assert by_file["random"][shared[0]["question_id"]] == by_file["adversarial"][shared[1]["question_id"]]

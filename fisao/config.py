@@ -178,18 +178,13 @@ class PPOConfig(_Strict):
     # which also sees probability moving onto tokens that were never sampled.
     kl_loss_estimator: Literal["k3", "full"] = "k3"
     # Weight of the name-slot loss (fisao/align/ppo.py `name_slot_loss`, slots from
-    # fisao/align/rewards.py `name_slots`): at the first token of each object a rollout names first,
-    # every name's verifier reward on that image, not only the sampled name's. 0: off, the paper's
-    # update. On val of worlds 0-2 x seeds 0-2 (docs/method.md, "Name slots"), 1 with "distill":
-    # CHAIR_i -17.3 +/- 6.7% (off: -16.2 +/- 7.7%), recall -1.8 +/- 2.1 points (off: -3.1 +/- 2.4),
-    # POPE adversarial -0.5 (the same), but one round's adversarial yes-ratio reached 0.654 and the
-    # smallest cut was 4.5% (off: 10.5%); 3 ran away (KL 19, a cut of 8% and a rise of 7%). So off;
-    # measured afterwards on the held-out test worlds 4-7: -21 +/- 13% (off: -24 +/- 7%), recall -3.1
-    # (off: -5.7): it keeps recall, but its cut depends on the world (world 5: 0-8%, world 6: 31-41%).
+    # fisao/align/rewards.py `name_slots`): where a rollout first names an object, every name's verifier
+    # reward on the image, not only the sampled name's. 0: off, the paper's update. Off because on val
+    # (worlds 0-2 x seeds 0-2) it kept recall better but cut no more, with a smaller smallest cut and one
+    # round's yes-ratio past 0.65; the figures, and the held-out ones, are in docs/method.md ("Name slots").
     name_slot_coef: float = Field(0.0, ge=0)
-    # What the name-slot loss fits: "distill", KL(softmax(reward / name_slot_temperature) || policy)
-    # over the names; "expected", minus the names' expected reward under the policy renormalised over
-    # them (on val it let "No"/"Yes" into the name slot and moved the policy slowly where it was sure).
+    # "distill": KL(softmax(reward / name_slot_temperature) || policy) over the names; "expected": minus
+    # the names' expected reward (on val it let "No"/"Yes" into the name slot).
     name_slot_target: Literal["expected", "distill"] = "distill"
     name_slot_temperature: float = Field(0.25, gt=0)
     clip: float = Field(0.2, gt=0, lt=1)

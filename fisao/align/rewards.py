@@ -226,11 +226,10 @@ def name_slots(text: str, offsets: Sequence[tuple[int, int]], ids: Sequence[int]
     index = {c: k for k, c in enumerate(categories)}
     out, seen = [], set()
     for (start, end), category in zip(spans, mention_categories):
-        first = category not in seen
+        if category in seen:
+            continue
         earlier = set(seen)
         seen.add(category)
-        if not first:
-            continue
         t = next((t for t, (a, b) in enumerate(offsets) if a < end and b > start), None)
         if t is None or not text[offsets[t][0]:start].isspace() and offsets[t][0] != start:
             continue

@@ -194,6 +194,15 @@ def oracle_scores(truth: set[str] | None, categories: Sequence[str], image_id: i
     return torch.tensor([float(c in truth) for c in categories])
 
 
+def category_rewards(scores: Tensor, categories: Sequence[str], calibration: Calibration,
+                     reward: RewardConfig) -> list[float]:
+    """(K,) the reward of each of K objects (`categories`, repeats allowed) from its verifier score (K,):
+    `reward.shape` against the calibration's (b, w) for its category. A mention's, a yes/no question's
+    object's and a name slot candidate's reward all start here."""
+    shape = REWARD_SHAPES[reward.shape]
+    return [float(shape(s, *calibration.thresholds(c))) for c, s in zip(categories, scores)]
+
+
 def caption_rewards(mentions: Sequence[Mention], scores: Tensor, calibration: Calibration,
                     reward: RewardConfig) -> list[float]:
     """The M rewards of one description's mentions (the CHAIR parser's) from their verifier scores (M,).
@@ -201,9 +210,8 @@ def caption_rewards(mentions: Sequence[Mention], scores: Tensor, calibration: Ca
     Each is `reward.shape` of its score against the calibration's (b, w) for its category, then
     `reward.repeats` over the description (by default a repeated category keeps only a penalty).
     """
-    shape = REWARD_SHAPES[reward.shape]
-    rewards = [float(shape(s, *calibration.thresholds(m.category))) for m, s in zip(mentions, scores)]
-    return REPEATS[reward.repeats]([m.category for m in mentions], rewards)
+    categories = [m.category for m in mentions]
+    return REPEATS[reward.repeats](categories, category_rewards(scores, categories, calibration, reward))
 
 
 def description_rewards(text: str, vocab, score: Callable[[list[str]], Tensor], calibration: Calibration,
@@ -224,14 +232,6 @@ def mention_records(mentions: Sequence[Mention], scores: Tensor, rewards: Sequen
     return [{"text": m.text, "category": m.category, "start": m.start, "end": m.end, "score": round(s, 5),
              "reward": round(rw, 5), "hallucinated": None if truth is None else m.category not in truth}
             for m, s, rw in zip(mentions, scores.tolist(), rewards)]
-
-
-def category_rewards(scores: Tensor, categories: Sequence[str], calibration: Calibration,
-                     reward: RewardConfig) -> list[float]:
-    """(K,) the reward each of the K `categories` would earn on one image from its score (K,): `reward.shape`
-    against the calibration's (b, w) for the category, as a first mention's."""
-    shape = REWARD_SHAPES[reward.shape]
-    return [float(shape(s, *calibration.thresholds(c))) for c, s in zip(categories, scores)]
 
 
 def round_name_slots(texts: Sequence[str], offsets: Sequence[Sequence[tuple[int, int]]], rollouts, captions: Sequence[int],
@@ -269,8 +269,7 @@ def question_rewards(scores: Sequence[float], categories: Sequence[str], says_ye
     against the calibration's (b, w), less `reward.question_baseline` over the round's Q
     questions; a yes earns it, a no its negative (`claim_reward`).
     """
-    shape = REWARD_SHAPES[reward.shape]
-    objects = torch.tensor([float(shape(torch.tensor(s), *calibration.thresholds(c))) for s, c in zip(scores, categories)])
+    objects = torch.tensor(category_rewards(torch.tensor(scores), categories, calibration, reward))
     centred = QUESTION_BASELINES[reward.question_baseline](objects).tolist()
     return [claim_reward(yes, value) for yes, value in zip(says_yes, centred)]
 

@@ -38,8 +38,7 @@ def update_stage(base_dir: str | Path, adapter_in: str | Path | None, rollouts_d
     examples, index = rollout_images(rollouts_dir, world_dir, extra["image_id"])
     images = [load_image(e.image) for e in examples]
     rollouts.image_index = torch.tensor(index)
-    token_rewards = load_token_rewards(Path(scores_dir) / TOKEN_REWARDS, rollouts.response_ids.shape)
-    slots = load_name_slots(Path(scores_dir) / TOKEN_REWARDS) if cfg.name_slot_coef else None
+    token_rewards, slots = load_scores(Path(scores_dir) / TOKEN_REWARDS, rollouts.response_ids.shape)
     accelerator = accelerator or make_accelerator(cfg, cpu=runtime_device(runtime) == "cpu")
     device = None if runtime is None else str(accelerator.device)
     base, processor = load_runtime_policy(base_dir, runtime, device)
@@ -84,18 +83,13 @@ def policy_to_train(base, adapter_in: str | Path | None, lora: LoraConfig, cfg: 
     return model, value_head
 
 
-def load_token_rewards(path: str | Path, shape: torch.Size) -> torch.Tensor:
-    """(N, T) per-token rewards saved by the scoring stage, checked against the rollouts' shape."""
-    rewards = load_file(str(path))["token_rewards"]
+def load_scores(path: str | Path, shape: torch.Size) -> tuple[torch.Tensor, NameSlots | None]:
+    """The scoring stage's file, read once: (N, T) per-token rewards, checked against the rollouts'
+    shape, and the round's name slots (fisao/align/score.py `round_name_slots`; None in a file
+    without them, which ppo_update refuses when `ppo.name_slot_coef` needs them)."""
+    saved = load_file(str(path))
+    rewards = saved["token_rewards"]
     if rewards.shape != shape:
         raise ValueError(f"{path} holds rewards of shape {tuple(rewards.shape)} for rollouts of shape {tuple(shape)}")
-    return rewards
-
-
-def load_name_slots(path: str | Path) -> NameSlots:
-    """The round's name slots saved by the scoring stage (fisao/align/score.py `round_name_slots`)."""
-    saved = load_file(str(path))
-    if "slot_index" not in saved:
-        raise ValueError(f"{path} holds no name slots (scored by an older fisao): ppo.name_slot_coef needs them; "
-                         "score the round again")
-    return NameSlots(saved["slot_index"], saved["slot_tokens"], saved["slot_rewards"])
+    slots = NameSlots(saved["slot_index"], saved["slot_tokens"], saved["slot_rewards"]) if "slot_index" in saved else None
+    return rewards, slots

@@ -309,7 +309,8 @@ def _check_inputs(model, rollouts, token_rewards, cfg: PPOConfig, accelerator, v
         raise ValueError(f"ppo.minibatch_size {cfg.minibatch_size} is the global micro-batch: it must divide by the "
                          f"{accelerator.num_processes} processes")
     if cfg.name_slot_coef and slots is None:
-        raise ValueError("ppo.name_slot_coef needs the round's name slots: pass slots=load_name_slots(scores file)")
+        raise ValueError("ppo.name_slot_coef needs the round's name slots (the scoring stage writes them at "
+                         "reward.level 'token'): pass slots=load_scores(scores file)[1]")
     if len(rollouts) < cfg.minibatch_size * cfg.grad_accum:
         raise ValueError(f"{len(rollouts)} rollouts are fewer than one optimizer step "
                          f"(ppo.minibatch_size × ppo.grad_accum = {cfg.minibatch_size * cfg.grad_accum})")

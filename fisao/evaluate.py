@@ -33,6 +33,7 @@ from fisao.coco import Instances, load_captions, load_image, load_instances
 from fisao.config import EvalConfig
 from fisao.generate import answer, load_policy
 from fisao.runtime import load_runtime_policy
+from fisao.world.causes import hallucinations_by_cause, scene_facts
 from fisao.world.pope import STRATEGIES
 
 
@@ -46,6 +47,7 @@ class EvalData:
     references: Path | None = None
     mme_dir: Path | None = None
     random_selection: bool = False
+    world: tuple[Path, str] | None = None  # (world directory, split) on the shapes world, which knows hallucinations' causes
 
     def vocabulary(self) -> Vocabulary:
         return Vocabulary.from_file(self.vocab_file) if self.vocab_file else Vocabulary.coco()
@@ -58,7 +60,7 @@ def _world(root: Path, split: str) -> EvalData:
     mme_dir = root / "mme" if (root / "mme").is_dir() else None
     return EvalData(f"world:{split}", d / "images", d / "instances.json", root / "vocab.txt",
                     {s: d / f"pope_{s}.jsonl" for s in STRATEGIES if (d / f"pope_{s}.jsonl").is_file()},
-                    mme_dir=mme_dir)
+                    mme_dir=mme_dir, world=(root, split))
 
 
 def _one(paths: list[Path], what: str, root: Path) -> Path | None:
@@ -134,9 +136,13 @@ def run_chair(model, processor, data: EvalData, cfg: EvalConfig, out: Path, prog
     io.write_jsonl(out / "captions.jsonl", ({"image_id": i, "caption": c} for i, c in zip(ids, captions)))
     io.write_jsonl(out / "chair_details.jsonl", (d.to_json() for d in result.details))
     m = result.metrics
-    return {"chair_s": m["chair_s"], "chair_i": m["chair_i"], "recall": m["recall"], "len": m["len"], "glued": m["glued"],
-            "looped": m["looped"],
-            "chair_n_captions": m["n_captions"], "chair_n_mentions": m["n_mentions"]}
+    figures = {"chair_s": m["chair_s"], "chair_i": m["chair_i"], "recall": m["recall"], "len": m["len"], "glued": m["glued"],
+               "looped": m["looped"], "chair_n_captions": m["n_captions"], "chair_n_mentions": m["n_mentions"]}
+    if data.world:  # the world tells why each hallucinated shape was named (fisao/world/causes.py)
+        facts, partner = scene_facts(*data.world)
+        figures.update(hallucinations_by_cause(((d.image_id, [x.category for x in d.mentions]) for d in result.details
+                                                if d.skipped is None), facts, partner))
+    return figures
 
 
 def run_pope(model, processor, data: EvalData, cfg: EvalConfig, out: Path, progress: bool) -> dict:

@@ -2,6 +2,8 @@
 the markdown Prefect's UI shows, and links into MLflow's UI (pure: no Prefect, no MLflow)."""
 from __future__ import annotations
 
+from fisao.world.causes import CAUSES
+
 
 def table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
@@ -154,18 +156,25 @@ def _cell(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _percent(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
 def sweep_table(runs: list[dict], mean: dict, std: dict) -> str:
     """One row per run and a mean and a std row: base→final figures, the relative CHAIR_i cut, the
+    relative cut of the world's hallucinated categories per description by cause (look-alike, pair
+    partner, other: fisao/world/causes.py; "-" off the world), the
     verifier's AUROC on the base policy's mentions, the POPE yes-ratios (random/popular/adversarial)
     after the last round and the last round's KL."""
     rows = []
     for r in [*runs, mean, std]:
         label = r["run"] if r["run"] in ("mean", "std") else f"w{r['world']} s{r['seed']}"
         pairs = [f"{_cell(r[f'base_{m}'])}→{_cell(r[f'final_{m}'])}" for m, _ in SWEEP_COLUMNS]
-        cut = "-" if r["chair_i_cut"] is None else f"{r['chair_i_cut']:.1%}"
+        cut = _percent(r["chair_i_cut"])
+        causes = "/".join(_percent(r.get(f"halluc_{c}_cut")) for c in CAUSES)
         yes = "/".join(_cell(r[f"final_pope_{s}_yes_ratio"]) for s in ("random", "popular", "adversarial"))
-        rows.append([label, *pairs, cut, _cell(r["verifier_auroc"]), yes, _cell(r["final_kl"])])
-    headers = ["run", *[h for _, h in SWEEP_COLUMNS], "chair_i_cut", "auroc", "yes_ratio r/p/a", "kl"]
+        rows.append([label, *pairs, cut, causes, _cell(r["verifier_auroc"]), yes, _cell(r["final_kl"])])
+    headers = ["run", *[h for _, h in SWEEP_COLUMNS], "chair_i_cut", "cut look/pair/other", "auroc", "yes_ratio r/p/a", "kl"]
     return table(headers, rows)
 
 

@@ -27,14 +27,17 @@ from typing import Iterator
 
 from fisao.config import Config, config_hash
 from fisao.locks import CampaignLocked, RunLock, lock_holder
+from fisao.world.causes import CAUSES
 
 DATA_PREFIX = "data-sweep"
-METRICS = ("chair_s", "chair_i", "recall", "glued", "looped", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1")
+CAUSE_METRICS = tuple(f"halluc_{c}" for c in CAUSES)  # the world's hallucinations by cause (fisao/world/causes.py)
+METRICS = ("chair_s", "chair_i", "recall", "glued", "looped", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
+           *CAUSE_METRICS)
 POPE_SPLITS = ("random", "popular", "adversarial")
 # The numeric fields of a run's record, in table order (mean and std are taken of each).
 FIELDS = (
     *[f"{when}_{m}" for m in METRICS for when in ("base", "final")],
-    "chair_i_cut", "verifier_auroc", "hallucinated_share",
+    "chair_i_cut", *[f"{m}_cut" for m in CAUSE_METRICS], "verifier_auroc", "hallucinated_share",
     *[f"final_pope_{s}_yes_ratio" for s in POPE_SPLITS], "yes_ratio_min", "yes_ratio_max", "final_kl",
 )
 
@@ -127,7 +130,8 @@ def run_record(run: SweepRun, rounds: list[dict], calibration: dict) -> dict:
     record: dict = {"run": run.name, "world": run.world, "seed": run.seed, "rounds": len(rounds) - 1}
     for m in METRICS:
         record[f"base_{m}"], record[f"final_{m}"] = base.get(m), final.get(m)
-    record["chair_i_cut"] = relative_cut(base.get("chair_i"), final.get("chair_i"))
+    for m in ("chair_i", *CAUSE_METRICS):
+        record[f"{m}_cut"] = relative_cut(base.get(m), final.get(m))
     record["verifier_auroc"] = calibration.get("auroc")
     record["hallucinated_share"] = calibration.get("hallucinated_share")
     ratios = [r[f"pope_{s}_yes_ratio"] for r in rounds[1:] or rounds for s in POPE_SPLITS if f"pope_{s}_yes_ratio" in r]

@@ -38,7 +38,10 @@ ROUND_FIGURES = {
     "rollouts": ("tokens", "tokens_per_second"),
     "score": ("reward_mean", "answer_reward_mean", "share_positive", "share_negative", "mentions",
               "rollout_hallucination_share", "verifier_agreement",
-              "questions", "question_reward_mean", "question_yes_share", "question_accuracy"),
+              "questions", "question_reward_mean", "question_yes_share", "question_accuracy",
+              # the world's causes (fisao/world/causes.py): what the verifier gives each kind of mention
+              "reward_correct", "reward_lookalike", "reward_pair", "reward_other", "share_lookalike", "share_pair",
+              "share_other"),
     "update": ("kl", "loss", "policy_loss", "kl_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm"),
 }
 

@@ -106,6 +106,7 @@ def test_one_round_on_coco_through_the_config(real_models, family, tmp_path):
     metrics = evaluate_model(tmp_path / "u" / "model", coco, ("chair", "pope"), cfg.eval, tmp_path / "eval",
                              progress=False, runtime=rt)
     assert metrics["chair_n_captions"] == 4 and 0 <= metrics["chair_i"] <= 1
+    assert not any(k.startswith("halluc_") for k in metrics)  # only the world knows hallucinations' causes
     for strategy in ("random", "popular", "adversarial"):
         answers = (tmp_path / "eval" / f"pope_{strategy}_answers.jsonl").read_text().splitlines()
         assert len(answers) == 8  # every question of the fixture's file, as the POPE protocol

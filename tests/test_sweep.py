@@ -82,6 +82,23 @@ def test_a_base_only_run_record_is_the_base_models_figures():
     assert rec["verifier_auroc"] == 0.85 and rec["final_kl"] is None
 
 
+def test_run_record_cuts_each_cause_of_the_worlds_hallucinations():
+    run = plan(load_config(None), "q", (3,), (1,))[0]
+    causes = lambda look, pair, other: {"halluc_lookalike": look, "halluc_pair": pair, "halluc_other": other}
+    rec = run_record(run, [_round(0.2, **causes(0.1, 0.4, 0.2)), _round(0.1, kl=0.1, **causes(0.05, 0.3, 0.0))],
+                     {"auroc": 0.85, "hallucinated_share": 0.2})
+    assert (rec["base_halluc_pair"], rec["final_halluc_pair"]) == (0.4, 0.3)
+    assert rec["halluc_lookalike_cut"] == pytest.approx(0.5)
+    assert rec["halluc_pair_cut"] == pytest.approx(0.25)
+    assert rec["halluc_other_cut"] == pytest.approx(1.0)
+    row = sweep_table([rec], *aggregate([rec])).splitlines()[2].split()
+    assert "50.0%/25.0%/100.0%" in row
+    # Off the world (COCO) there are no causes: the record says None and the table "-".
+    coco = run_record(run, [_round(0.2), _round(0.1, kl=0.1)], {"auroc": 0.85, "hallucinated_share": 0.2})
+    assert coco["halluc_pair_cut"] is None
+    assert "-/-/-" in sweep_table([coco], *aggregate([coco])).splitlines()[2].split()
+
+
 def test_relative_cut_is_none_without_anything_to_cut():
     assert relative_cut(0.25, 0.1) == pytest.approx(0.6)
     assert relative_cut(0.1, 0.15) == pytest.approx(-0.5)

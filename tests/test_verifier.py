@@ -74,6 +74,14 @@ def test_one_round_of_stages_on_tiny_models(tiny_models, tmp_path):
     assert rewards.shape[0] == 12 and len(rows) == 12
     n_mentions = sum(len(row["mentions"]) for row in rows)
     assert s["mentions"] == n_mentions
+    # The world's causes (fisao/world/causes.py) over the first mention of each category of a description.
+    firsts = [next(m for m in row["mentions"] if m["category"] == c)
+              for row in rows for c in dict.fromkeys(m["category"] for m in row["mentions"])]
+    wrong = [m for m in firsts if m["hallucinated"]]
+    assert sum(s[f"share_{c}"] for c in ("lookalike", "pair", "other")) == pytest.approx(len(wrong) / len(firsts))
+    right = [m["reward"] for m in firsts if not m["hallucinated"]]
+    if right:
+        assert s["reward_correct"] == pytest.approx(sum(right) / len(right), abs=1e-4)
     for row, token_row in zip(rows, rewards):
         for m in row["mentions"]:
             assert row["text"][m["start"]:m["end"]] == m["text"] and -1 <= m["reward"] <= 1

@@ -97,6 +97,11 @@ def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutCon
     return figures
 
 
+def rollout_split(rollouts_dir: str | Path) -> str:
+    """The split the rollouts in `rollouts_dir` were sampled on."""
+    return io.read_json(Path(rollouts_dir) / FIGURES)["split"]
+
+
 def rollout_images(rollouts_dir: str | Path, world_dir: str | Path, image_ids: list[int]) -> tuple[list[Example], list[int]]:
     """The images behind the rows of the rollouts in `rollouts_dir`, from the split they record.
 
@@ -104,7 +109,7 @@ def rollout_images(rollouts_dir: str | Path, world_dir: str | Path, image_ids: l
     Returns the distinct examples (D,), sorted by image id, and each row's index into them (N,).
     A ValueError when the split has no image of that id (the data changed under the rollouts).
     """
-    split = io.read_json(Path(rollouts_dir) / FIGURES)["split"]
+    split = rollout_split(rollouts_dir)
     order = sorted(set(image_ids))
     by_id = {e.image_id: e for e in load_examples(world_dir, split)}
     missing = [i for i in order if i not in by_id]

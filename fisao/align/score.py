@@ -30,14 +30,15 @@ from fisao.align.rewards import (
     name_token_ids, place_rewards, token_offsets,
 )
 from fisao.align.rollout import load_rollouts, sample_rollouts
-from fisao.align.sample import rollout_images
+from fisao.align.sample import rollout_images, rollout_split
 from fisao.align.verifier import Verifier, check_vision_tower
 from fisao.benchmarks.mentions import Mention, parse_mentions
 from fisao.benchmarks.pope import pope_answer
 from fisao.coco import load_image
 from fisao.config import ModelConfig, RewardConfig, RolloutConfig
-from fisao.examples import data_vocabulary, example_truth, load_examples
+from fisao.examples import data_vocabulary, example_truth, is_world, load_examples
 from fisao.runtime import load_runtime_policy, runtime_device
+from fisao.world.causes import rewards_by_cause, scene_facts
 
 # reward.verifier "oracle": ground truth scores 1 (present) or 0 (absent); b = 0.5, w = 0.5 make them ±1.
 ORACLE = Calibration(mean_correct=1.0, mean_hallucinated=0.0, baseline=0.5, width=0.5, auroc=1.0,
@@ -173,6 +174,16 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
                **mention_audit(audited),
                **claim_figures([(value, yes, rows[r]["present"]) for r, yes, value in zip(questions, says_yes, q_rewards)]),
                "name_slots": len(slots.index)}
+    if is_world(world_dir):  # which kinds of hallucination the verifier punishes (fisao/world/causes.py)
+        facts, partner = scene_facts(world_dir, rollout_split(rollouts_dir))
+        firsts = []  # the first mention of each category in a description (a repeat's reward is not the object's)
+        for r in captions:
+            named = set()
+            for m, rw in zip(mentions[r], rewards[r]):
+                if m.category not in named:
+                    named.add(m.category)
+                    firsts.append((image_ids[r], m.category, rw))
+        figures.update(rewards_by_cause(firsts, facts, partner))
     out = Path(out)
     with io.atomic_dir(out) as tmp:
         save_file({"token_rewards": token_rewards.contiguous(), "slot_index": slots.index, "slot_tokens": slots.tokens,

@@ -22,7 +22,9 @@ the campaigns' metric names and `round` param), so `make mlflow-ui` compares all
 `--tune`: each method's learning rate picked from `--lrs` (default 5e-4, 1e-3, 2e-3) on the val
 split (`eval.split: val`) with the first seed (`fisao.peers.compare.pick_lr`: the lowest last-round
 CHAIR_i among the rates that keep recall within 2 points of the base's), then every seed runs on
-the config's split with it; this triples the cost. Without it every method uses `ppo.lr`.
+the config's split with it; this triples the cost. `--lr fisao=1e-3,trl-grpo=5e-4,...` instead
+gives methods their rates (e.g. those an earlier `--tune` picked; peers.json says so); without either
+every method uses `ppo.lr`.
 
 Writes `OUT/peers.json` (`seeds`, `methods` → each method's `chair_s`, `chair_i`, `recall`,
 `pope_adversarial_f1` over rounds, index 0 the base model, means over seeds, the same keys with
@@ -89,6 +91,25 @@ def world_overrides(cfg, project: Path, world: str) -> tuple[dict, str]:
         raise ValueError(f"--world {world} is outside the project {project}: campaigns read their data from the "
                          "project (DVC records it there); give a world seed or a data directory inside it") from e
     return {"data_dir": rel.as_posix()}, rel.name
+
+
+def parse_method_lrs(text: str, methods: tuple[str, ...]) -> dict[str, float]:
+    """"fisao=1e-3,trl-grpo=5e-4" -> {method: learning rate}; methods left out keep the config's ppo.lr."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        method, eq, value = part.partition("=")
+        if not eq or method not in methods:
+            raise ValueError(f"--lr takes METHOD=RATE pairs such as fisao=1e-3,trl-grpo=5e-4 with METHOD one of "
+                             f"{', '.join(methods)}; got {part!r}")
+        if method in out:
+            raise ValueError(f"--lr names {method} twice: give each method once")
+        try:
+            out[method] = float(value)
+        except ValueError as e:
+            raise ValueError(f"--lr {part!r}: {value!r} is not a number") from e
+        if not out[method] > 0:
+            raise ValueError(f"--lr {part!r}: a learning rate must be positive")
+    return out
 
 
 def parse_lrs(text: str) -> tuple[float, ...]:
@@ -247,7 +268,7 @@ def _flow():
 
     @flow(name="fisao-peers", flow_run_name="peers")
     def peers(config: str, world: str, seeds: list[int], rounds: int, out: str, project: str, tune: bool = False,
-              lrs: list[float] | None = None) -> dict:
+              lrs: list[float] | None = None, given: dict[str, float] | None = None) -> dict:
         """Every method for every seed (after tuning the learning rates on val with `--tune`); writes peers.json/png."""
         import torch
 
@@ -267,7 +288,7 @@ def _flow():
         ctx = {"config": config, "project": project, "rounds": rounds, "world": overrides, "prefix": f"peers-{label}",
                "default_lr": cfg.ppo.lr, "bases": {}}
         lrs = tuple(lrs or LRS)
-        chosen, tuning = {m: cfg.ppo.lr for m in METHODS}, {}
+        chosen, tuning = {m: (given or {}).get(m, cfg.ppo.lr) for m in METHODS}, {}
         if tune:
             for method, lr in bar([(m, lr) for m in METHODS for lr in lrs], "peers: tuning on val"):
                 tuning.setdefault(method, {})[lr] = run_method(ctx, method, seeds[0], lr, "val")["rounds"]
@@ -294,7 +315,9 @@ def _flow():
                   "lr": {"tuned": tune, "values": list(lrs) if tune else [cfg.ppo.lr],
                          "how": ("picked per method on the val split with seed %d: the lowest last-round CHAIR_i among "
                                  "the rates keeping recall within 2 points of the base's" % seeds[0]) if tune else
-                                "not tuned: every method uses the config's ppo.lr (run with --tune to pick it on val)",
+                                (f"given with --lr ({', '.join(f'{m}={lr:g}' for m, lr in given.items())}); the others "
+                                 "use the config's ppo.lr" if given else
+                                 "not tuned: every method uses the config's ppo.lr (run with --tune to pick it on val)"),
                          "val": {m: {f"{lr:g}": {k: tuning[m][lr][-1].get(k) for k in ("chair_i", "recall")}
                                      for lr in lrs} for m in tuning}},
                   "how": HOW}
@@ -338,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default=".", help="the project directory (default: .)")
     p.add_argument("--tune", action="store_true", help="pick each method's learning rate on val first (3x the cost)")
     p.add_argument("--lrs", default="5e-4,1e-3,2e-3", help="the learning rates --tune picks from")
+    p.add_argument("--lr", default="", help="fixed rates instead of --tune, e.g. fisao=1e-3,trl-grpo=5e-4 (others: ppo.lr)")
     return p
 
 
@@ -354,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seeds = parse_seeds(args.seeds, "--seeds")
         lrs = parse_lrs(args.lrs)
+        from fisao.peers.compare import METHODS
+
+        given = parse_method_lrs(args.lr, METHODS)
+        if given and args.tune:
+            raise ValueError("--lr gives the learning rates and --tune picks them: use one of the two")
         if args.rounds < 1:
             raise ValueError(f"--rounds is {args.rounds}: the comparison needs at least one round, e.g. --rounds 3")
         config = str(Path(args.config).resolve())
@@ -363,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start_api(project)
         result = _flow()(config=config, world=args.world, seeds=list(seeds), rounds=args.rounds,
-                         out=str(Path(args.out).resolve()), project=str(project), tune=args.tune, lrs=list(lrs))
+                         out=str(Path(args.out).resolve()), project=str(project), tune=args.tune, lrs=list(lrs), given=given)
     except (ValueError, FileNotFoundError) as e:
         print(f"peers: error: {e}", file=sys.stderr)
         return 2

@@ -47,6 +47,16 @@ def test_lrs(bench):
             bench.parse_lrs(bad)
 
 
+def test_method_lrs(bench):
+    methods = ("fisao", "fisao-sentence", "trl-grpo", "csr-dpo")
+    assert bench.parse_method_lrs("fisao=1e-3, trl-grpo=5e-4", methods) == {"fisao": 1e-3, "trl-grpo": 5e-4}
+    assert bench.parse_method_lrs("", methods) == {}
+    for bad, match in (("grpo=1e-3", "METHOD=RATE"), ("fisao", "METHOD=RATE"), ("fisao=fast", "not a number"),
+                       ("fisao=1e-3,fisao=2e-3", "twice"), ("csr-dpo=0", "positive")):
+        with pytest.raises(ValueError, match=match):
+            bench.parse_method_lrs(bad, methods)
+
+
 def test_bad_input_exits_2_with_the_fix(bench, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "apply_local_state", lambda project: None)  # no environment changes in a unit test
     monkeypatch.setattr(bench, "quiet_library_bars", lambda: None)
@@ -57,3 +67,6 @@ def test_bad_input_exits_2_with_the_fix(bench, tmp_path, capsys, monkeypatch):
     assert bench.main(["--world", "0", "--config", str(tmp_path / "no.yaml"), "--out", str(tmp_path),
                        "--project", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert bench.main(["--world", "0", "--tune", "--lr", "fisao=1e-3", "--out", str(tmp_path),
+                       "--project", str(tmp_path)]) == 2
+    assert "use one of the two" in capsys.readouterr().err

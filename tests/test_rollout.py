@@ -140,3 +140,26 @@ def test_concat_rollouts_pads_to_the_widest(policy, rollouts):
     assert (both.response_ids[n:, 3:] == pad).all() and (both.logprobs[n:, 3:] == 0).all()
     with pytest.raises(ValueError, match="image_index has 1 entries for 14 rollouts"):
         concat_rollouts([rollouts, short], torch.tensor([0]), pad)
+
+
+def test_float32_reads_generates_logits_and_half_precision_recomputes_them(tiny_models, monkeypatch):
+    """In float32 no second forward (a plain generate loop's cost), and the log-probs are the
+    teacher-forced ones to 1e-5; in bfloat16 one teacher-forced pass gives them."""
+    import copy
+
+    import fisao.align.rollout as rollout
+
+    model, processor = load_policy(tiny_models["llava"])
+    images = [load_image(tiny_models["world"] / "train" / "images" / f"{i:06d}.png") for i in (1, 2)]
+    calls = []
+    real = rollout.sequence_logprobs
+    monkeypatch.setattr(rollout, "sequence_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r = sample_rollouts(model, processor, images, PROMPT, n_per_image=2, max_new_tokens=12, seed=1, progress=False)
+    assert calls == []
+    inputs = encode_prompts(processor, [images[i] for i in r.image_index.tolist()], PROMPT)
+    with torch.no_grad():
+        forward = real(model, inputs, r.response_ids, r.mask)
+    assert torch.allclose(forward, r.logprobs, atol=1e-5) and (r.logprobs[r.mask] < 0).all()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    sample_rollouts(half, processor, images, PROMPT, n_per_image=2, max_new_tokens=12, seed=1, progress=False)
+    assert calls == [1]

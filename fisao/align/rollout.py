@@ -5,10 +5,13 @@ would break the next forward pass suppressed (`fisao.generate.banned_token_ids`)
 seeded from (seed, batch index) inside `torch.random.fork_rng`, so the same seed and batch size
 give the same rollouts and the caller's global random state is left alone.
 
-The log-probs are recomputed by one teacher-forced forward over prompt + answer and are those of
-the *policy itself*: full softmax over the vocabulary at temperature 1, no top-p, no suppression.
-That is the quantity PPO's ratio π_θ / π_θold and the KL to the reference are defined on, and the
-update computes the same quantity for π_θ, so the ratio is exactly 1 before the first step. With
+The log-probs are those of the *policy itself*: full softmax over the vocabulary at temperature 1,
+no top-p, no suppression. That is the quantity PPO's ratio π_θ / π_θold and the KL to the reference
+are defined on, and the update computes the same quantity for π_θ. In float32 they are read from
+the raw logits `generate` computed at each step (`output_logits`), which a teacher-forced forward
+reproduces to 1e-5 (tests/test_rollout.py), so sampling costs what a plain generate loop costs; in
+half precision, where the cached and the full forward differ more, one teacher-forced forward over
+prompt + answer recomputes them (`sequence_logprobs`), so the ratio is 1 before the first step. With
 `temperature=1` and `top_p=1` (the defaults) the answers are also sampled from exactly this
 distribution (up to the suppressed tokens, whose probability under a trained policy is ~0); with
 other values they come from a warped policy and PPO treats them as on-policy anyway — the usual
@@ -109,6 +112,13 @@ def sequence_logprobs(model, inputs: dict[str, Tensor], response_ids: Tensor, ma
     return token_logprobs(model, response_hidden(model, inputs, response_ids, mask), response_ids, mask)
 
 
+def step_logprobs(logits: Sequence[Tensor], response_ids: Tensor, mask: Tensor) -> Tensor:
+    """log π(response token) from `generate`'s raw per-step logits (T tensors (N, V)) -> (N, T)
+    float32, 0 on padding; one step at a time, so no (N, T, V) tensor is held."""
+    steps = [torch.log_softmax(step.float(), -1).gather(-1, response_ids[:, t : t + 1]) for t, step in enumerate(logits)]
+    return torch.cat(steps, 1) * mask
+
+
 def response_mask(response_ids: Tensor, eos_id: int) -> Tensor:
     """(N, T) bool: True up to and including each row's first EOS (all True when there is none)."""
     is_eos = (response_ids == eos_id).long()
@@ -145,6 +155,7 @@ def sample_rollouts(
     image_index = torch.arange(len(images)).repeat_interleave(n_per_image)
     was_training = model.training
     model.eval()
+    exact = next(model.parameters()).dtype == torch.float32  # generate's own logits are the forward's (module doc)
     ids, masks, logps, texts = [], [], [], []
     starts = range(0, len(image_index), batch_size)
     for b, start in enumerate(progress_bar(starts, "rollouts", progress)):
@@ -152,17 +163,21 @@ def sample_rollouts(
         inputs = encode_prompts(processor, [images[i] for i in rows.tolist()], [prompts[i] for i in rows.tolist()], device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(batch_seed(seed, b))
-            seqs = model.generate(
+            out = model.generate(
                 **inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                 max_new_tokens=max_new_tokens, suppress_tokens=banned_token_ids(processor),
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                output_logits=exact, return_dict_in_generate=True,
             )
-        response = seqs[:, inputs["input_ids"].shape[1]:]
+        response = out.sequences[:, inputs["input_ids"].shape[1]:]
         mask = response_mask(response, tok.eos_token_id)
         response = response.masked_fill(~mask, tok.pad_token_id)
         ids.append(response.cpu())
         masks.append(mask.cpu())
-        logps.append(sequence_logprobs(model, inputs, response, mask).cpu())
+        if exact:
+            logps.append(step_logprobs(out.logits, response, mask).cpu())
+        else:
+            logps.append(sequence_logprobs(model, inputs, response, mask).cpu())
         texts += [t.strip() for t in processor.batch_decode(response, skip_special_tokens=True)]
     model.train(was_training)
     width = max(x.shape[1] for x in ids)

@@ -33,7 +33,7 @@ from fisao.coco import Instances, load_captions, load_image, load_instances
 from fisao.config import EvalConfig
 from fisao.generate import answer, load_policy
 from fisao.runtime import load_runtime_policy
-from fisao.world.causes import hallucinations_by_cause, scene_facts
+from fisao.world.causes import hallucinations_by_cause, world_facts
 from fisao.world.pope import STRATEGIES
 
 
@@ -138,10 +138,10 @@ def run_chair(model, processor, data: EvalData, cfg: EvalConfig, out: Path, prog
     m = result.metrics
     figures = {"chair_s": m["chair_s"], "chair_i": m["chair_i"], "recall": m["recall"], "len": m["len"], "glued": m["glued"],
                "looped": m["looped"], "chair_n_captions": m["n_captions"], "chair_n_mentions": m["n_mentions"]}
-    if data.world:  # the world tells why each hallucinated shape was named (fisao/world/causes.py)
-        facts, partner = scene_facts(*data.world)
+    known = world_facts(*data.world) if data.world else None  # why each hallucinated shape was named
+    if known:
         figures.update(hallucinations_by_cause(((d.image_id, [x.category for x in d.mentions]) for d in result.details
-                                                if d.skipped is None), facts, partner))
+                                                if d.skipped is None), *known))
     return figures
 
 

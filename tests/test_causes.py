@@ -8,7 +8,9 @@ import pytest
 
 from fisao.config import load_config
 from fisao.world.build import build_world, sample_split
-from fisao.world.causes import SceneFacts, cause, hallucinations_by_cause, partners, rewards_by_cause, scene_facts
+from fisao.world.causes import (
+    SceneFacts, cause, hallucinations_by_cause, partners, rewards_by_cause, scene_facts, world_facts,
+)
 from fisao.world.scenes import LOOKALIKES
 
 PARTNER = partners([["circle", "square"], ["star", "moon"]])
@@ -83,6 +85,9 @@ def test_scene_facts_refuse_a_world_its_config_did_not_draw(hard_world, tmp_path
     path.write_text(json.dumps(inst))
     with pytest.raises(ValueError, match="do not match instances.json at image 1"):
         scene_facts(copy, "test")
+    with pytest.warns(UserWarning, match="causes are left out"):  # the stages go on without the diagnostic
+        assert world_facts(copy, "test") is None
+    assert world_facts(world_dir, "test") == scene_facts(world_dir, "test")
 
 
 def test_the_worlds_chair_evaluation_splits_its_hallucinations_by_cause(tiny_models, tmp_path, monkeypatch):

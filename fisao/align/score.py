@@ -38,7 +38,7 @@ from fisao.coco import load_image
 from fisao.config import ModelConfig, RewardConfig, RolloutConfig
 from fisao.examples import data_vocabulary, example_truth, is_world, load_examples
 from fisao.runtime import load_runtime_policy, runtime_device
-from fisao.world.causes import rewards_by_cause, scene_facts
+from fisao.world.causes import rewards_by_cause, world_facts
 
 # reward.verifier "oracle": ground truth scores 1 (present) or 0 (absent); b = 0.5, w = 0.5 make them ±1.
 ORACLE = Calibration(mean_correct=1.0, mean_hallucinated=0.0, baseline=0.5, width=0.5, auroc=1.0,
@@ -174,8 +174,8 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
                **mention_audit(audited),
                **claim_figures([(value, yes, rows[r]["present"]) for r, yes, value in zip(questions, says_yes, q_rewards)]),
                "name_slots": len(slots.index)}
-    if is_world(world_dir):  # which kinds of hallucination the verifier punishes (fisao/world/causes.py)
-        facts, partner = scene_facts(world_dir, rollout_split(rollouts_dir))
+    known = world_facts(world_dir, rollout_split(rollouts_dir)) if is_world(world_dir) else None
+    if known:  # which kinds of hallucination the verifier punishes (fisao/world/causes.py)
         firsts = []  # the first mention of each category in a description (a repeat's reward is not the object's)
         for r in captions:
             named = set()
@@ -183,7 +183,7 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
                 if m.category not in named:
                     named.add(m.category)
                     firsts.append((image_ids[r], m.category, rw))
-        figures.update(rewards_by_cause(firsts, facts, partner))
+        figures.update(rewards_by_cause(firsts, *known))
     out = Path(out)
     with io.atomic_dir(out) as tmp:
         save_file({"token_rewards": token_rewards.contiguous(), "slot_index": slots.index, "slot_tokens": slots.tokens,

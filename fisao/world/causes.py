@@ -15,6 +15,7 @@ hallucination a method removes and which the verifier cannot see (docs/method.md
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -72,6 +73,16 @@ def scene_facts(world_dir: str | Path, split: str) -> tuple[dict[int, SceneFacts
     if len(inst.objects) != len(scenes):
         raise ValueError(f"{world_dir}: {len(inst.objects)} images in the {split} instances but {len(scenes)} scenes drawn")
     return facts, partners(cfg.pairs)
+
+
+def world_facts(world_dir: str | Path, split: str) -> tuple[dict[int, SceneFacts], dict[str, frozenset[str]]] | None:
+    """`scene_facts`, or None with a warning when the scenes do not match (a world built by another
+    version of the generator): the causes are a diagnostic, so the stage goes on without them."""
+    try:
+        return scene_facts(world_dir, split)
+    except ValueError as e:
+        warnings.warn(f"{e}; the hallucinations' causes are left out", stacklevel=2)
+        return None
 
 
 def hallucinations_by_cause(described: Iterable[tuple[int, Sequence[str]]], facts: Mapping[int, SceneFacts],

@@ -44,8 +44,9 @@ def test_hallucinations_by_cause_count_each_category_once_per_description():
 
 def test_rewards_by_cause_are_means_and_shares_of_the_mentions():
     facts = {1: SceneFacts(frozenset({"circle"}), frozenset({"star"}))}
-    mentions = [(1, "circle", 1.0), (1, "circle", 0.5), (1, "square", 0.25), (1, "square", -0.75), (1, "star", -1.0)]
-    got = rewards_by_cause(mentions, facts, PARTNER)
+    described = [(1, [("circle", 1.0), ("square", 0.25), ("circle", -1.0)]),  # the repeat's -1 is not the circle's
+                 (1, [("circle", 0.5), ("square", -0.75), ("star", -1.0), ("square", 0.0)])]
+    got = rewards_by_cause(described, facts, PARTNER)
     assert got == {"reward_correct": pytest.approx(0.75), "reward_lookalike": pytest.approx(-1.0),
                    "reward_pair": pytest.approx(-0.25), "share_lookalike": pytest.approx(0.2),
                    "share_pair": pytest.approx(0.4), "share_other": 0.0}

@@ -176,14 +176,8 @@ def score_stage(rollouts_dir: str | Path, policy_dir: str | Path, clip_dir: str 
                "name_slots": len(slots.index)}
     known = world_facts(world_dir, rollout_split(rollouts_dir)) if is_world(world_dir) else None
     if known:  # which kinds of hallucination the verifier punishes (fisao/world/causes.py)
-        firsts = []  # the first mention of each category in a description (a repeat's reward is not the object's)
-        for r in captions:
-            named = set()
-            for m, rw in zip(mentions[r], rewards[r]):
-                if m.category not in named:
-                    named.add(m.category)
-                    firsts.append((image_ids[r], m.category, rw))
-        figures.update(rewards_by_cause(firsts, *known))
+        figures.update(rewards_by_cause(((image_ids[r], [(m.category, rw) for m, rw in zip(mentions[r], rewards[r])])
+                                         for r in captions), *known))
     out = Path(out)
     with io.atomic_dir(out) as tmp:
         save_file({"token_rewards": token_rewards.contiguous(), "slot_index": slots.index, "slot_tokens": slots.tokens,

@@ -20,11 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from fisao.coco import load_instances
-from fisao.world.build import read_world_config, sample_split
-from fisao.world.data import split_dir
-from fisao.world.scenes import LOOKALIKES
-
 CAUSES = ("lookalike", "pair", "other")
 
 
@@ -60,6 +55,12 @@ def scene_facts(world_dir: str | Path, split: str) -> tuple[dict[int, SceneFacts
     """({image_id: SceneFacts}, partners) of a built world's split, its scenes drawn again from the
     world's config; a ValueError when they do not match the split's instances (a world built by
     other code), since the causes would then be wrong."""
+    # Here, not at import: the sweep's and the summary's tables only need CAUSES.
+    from fisao.coco import load_instances
+    from fisao.world.build import read_world_config, sample_split
+    from fisao.world.data import split_dir
+    from fisao.world.scenes import LOOKALIKES
+
     cfg = read_world_config(world_dir)
     scenes = sample_split(cfg, split)
     inst = load_instances(split_dir(world_dir, split) / "instances.json")
@@ -100,14 +101,16 @@ def hallucinations_by_cause(described: Iterable[tuple[int, Sequence[str]]], fact
     return {f"halluc_{k}": (v / n if n else 0.0) for k, v in counts.items()}
 
 
-def rewards_by_cause(mentions: Iterable[tuple[int, str, float]], facts: Mapping[int, SceneFacts],
+def rewards_by_cause(described: Iterable[tuple[int, Sequence[tuple[str, float]]]], facts: Mapping[int, SceneFacts],
                      partner: Mapping[str, frozenset[str]]) -> dict[str, float]:
     """{"reward_correct"/"reward_<cause>": mean reward, "share_<cause>": share of the mentions} over
-    (image_id, category, reward) mentions (the first of each category in an answer); a kind without
-    a mention has no reward figure, and no mention at all gives {}."""
+    (image_id, [(category, reward), ...]) descriptions, counting the first mention of each category
+    in a description (a repeat's reward is the repeat rule's, not the object's); a kind without a
+    mention has no reward figure, and no mention at all gives {}."""
     sums: dict[str, list[float]] = {k: [] for k in ("correct", *CAUSES)}
-    for image_id, category, reward in mentions:
-        sums[cause(category, facts[image_id], partner) or "correct"].append(reward)
+    for image_id, mentions in described:
+        for category, reward in dict(reversed(list(mentions))).items():  # the first reward of each category
+            sums[cause(category, facts[image_id], partner) or "correct"].append(reward)
     total = sum(len(v) for v in sums.values())
     if not total:
         return {}

@@ -132,10 +132,6 @@ class RolloutConfig(_Strict):
     # random (no ground truth): the answer's yes/no is a claim the verifier rewards like a mention.
     # Measured on val (3 rounds): 2 kept recall and POPE where captions alone cost POPE 3 points.
     questions_per_image: int = Field(2, ge=0)
-    # Which objects: "random" (the vocabulary, uniformly) or "mentioned": those the image's own
-    # sampled descriptions of this round name, its doubtful claims among them, topped up at random
-    # when they name fewer (docs/method.md, "What three rounds remove, by cause").
-    questions_about: Literal["random", "mentioned"] = "random"
     question_template: str = "Is there a {} in the image?"
     seed: int = 0
 

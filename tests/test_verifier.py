@@ -175,38 +175,3 @@ def test_round_questions_are_seeded_per_image_and_distinct():
     assert round_questions([1, 2, 3], cats, 2, seed=0, round_index=2) != asked
     assert sorted(round_questions([1], cats, 9, seed=0, round_index=1)[0]) == sorted(cats)
 
-
-def test_questions_about_the_mentioned_objects_ask_those_first_then_others():
-    from fisao.align.sample import named_categories
-
-    vocab = Vocabulary.from_lines(["circle, disk", "square", "moon", "star", "heart"], source="test")
-    texts = ["A red circle and a blue square.", "A green disk.", "Nothing here.", "A moon, a moon and a star."]
-    named = named_categories(texts, [0, 0, 1, 2], 3, vocab)
-    assert named == [["circle", "square"], [], ["moon", "star"]]  # synonyms read as their category, repeats once
-    cats = vocab.categories
-    asked = round_questions([1, 2, 3], cats, 2, seed=0, round_index=1, named=named)
-    assert sorted(asked[0]) == ["circle", "square"] and sorted(asked[2]) == ["moon", "star"]
-    assert len(set(asked[1])) == 2  # nothing named: two at random
-    one = round_questions([1], cats, 3, seed=0, round_index=1, named=[["square"]])[0]
-    assert one[0] == "square" and len(set(one)) == 3  # the named one, then others
-    assert round_questions([3], cats, 2, seed=0, round_index=1, named=named[2:]) == asked[2:]  # per image, any shard
-
-
-def test_the_rollout_stage_asks_about_what_each_images_descriptions_named(tiny_models, tmp_path):
-    from fisao.align.sample import named_categories
-
-    cfg = load_config(None, {"rollout.images_per_round": 4, "rollout.n_per_image": 2, "rollout.questions_per_image": 2,
-                             "rollout.max_new_tokens": 16, "rollout.questions_about": "mentioned"}).rollout
-    rollout_stage(tiny_models["llava"], tiny_models["world"], cfg, 1, tmp_path / "r", progress=False)
-    rollouts, extra = load_rollouts(tmp_path / "r")
-    vocab = Vocabulary.from_file(tiny_models["world"] / "vocab.txt")
-    captions = [r for r, kind in enumerate(extra["kind"]) if kind == "caption"]
-    images = sorted({extra["image_id"][r] for r in captions})
-    named = named_categories([rollouts.texts[r] for r in captions], [images.index(extra["image_id"][r]) for r in captions],
-                             len(images), vocab)
-    assert any(named)  # the tiny policy names shapes, so the rule is exercised
-    for image_id, names in zip(images, named):
-        asked = [extra["category"][r] for r, kind in enumerate(extra["kind"])
-                 if kind == "question" and extra["image_id"][r] == image_id]
-        assert len(asked) == 2 and len(set(asked)) == 2
-        assert set(asked) & set(names) == set(names) or set(asked) <= set(names)  # named ones first

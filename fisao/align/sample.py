@@ -20,7 +20,6 @@ from fisao import io
 from fisao.align.backends import BACKENDS
 from fisao.align.files import FIGURES
 from fisao.align.rollout import batch_seed, concat_rollouts, save_rollouts
-from fisao.benchmarks.mentions import parse_mentions
 from fisao.coco import load_image
 from fisao.config import ModelConfig, RolloutConfig
 from fisao.crashpoints import crash_point
@@ -38,36 +37,14 @@ def round_examples(world_dir: str | Path, cfg: RolloutConfig, round_index: int) 
     return sorted(rng.sample(train, cfg.images_per_round), key=lambda e: e.image_id)
 
 
-def round_questions(image_ids: list[int], categories: list[str], k: int, seed: int, round_index: int,
-                    named: list[list[str]] | None = None) -> list[list[str]]:
-    """For each image, `k` distinct categories to ask about: drawn uniformly from `categories`, or
-    with `named` (each image's categories named by its descriptions) first from those, then from
-    the others.
+def round_questions(image_ids: list[int], categories: list[str], k: int, seed: int, round_index: int) -> list[list[str]]:
+    """For each image, `k` distinct categories to ask about, drawn uniformly from `categories`.
 
-    No ground truth is used; the draw depends on (seed, round, image id) and the image's own
-    descriptions only, so it is the same whichever shard or process samples the image.
+    No ground truth is used; the draw depends on (seed, round, image id) only, so it is the same
+    whichever shard or process samples the image.
     """
-    out = []
-    for n, image_id in enumerate(image_ids):
-        rng = random.Random(f"fisao-questions/{seed}/{round_index}/{image_id}")
-        if named is None:
-            out.append(rng.sample(list(categories), min(k, len(categories))))
-            continue
-        first = [c for c in categories if c in set(named[n])]
-        rest = [c for c in categories if c not in set(named[n])]
-        picked = rng.sample(first, min(k, len(first)))
-        out.append(picked + rng.sample(rest, min(k - len(picked), len(rest))))
-    return out
-
-
-def named_categories(texts: list[str], rows_image: list[int], n_images: int, vocab, split_glued: bool = True) -> list[list[str]]:
-    """For each of `n_images` images, the distinct categories its descriptions name (texts (N,),
-    each row's image index rows_image (N,)), in order of first mention."""
-    named: list[dict[str, None]] = [{} for _ in range(n_images)]
-    for text, i in zip(texts, rows_image):
-        for m in parse_mentions(text, vocab, split_glued):
-            named[i].setdefault(m.category)
-    return [list(d) for d in named]
+    return [random.Random(f"fisao-questions/{seed}/{round_index}/{image_id}").sample(list(categories), min(k, len(categories)))
+            for image_id in image_ids]
 
 
 def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutConfig, round_index: int,
@@ -96,12 +73,8 @@ def rollout_stage(policy_dir: str | Path, world_dir: str | Path, cfg: RolloutCon
     row_image = parts[0].image_index.tolist()  # each row's index into `examples`
     categories: list[str | None] = [None] * len(row_image)
     if cfg.questions_per_image:
-        vocab = data_vocabulary(world_dir)
-        named = None
-        if cfg.questions_about == "mentioned":
-            named = named_categories(parts[0].texts, row_image, len(examples), vocab)
-        asked = round_questions([e.image_id for e in examples], vocab.categories, cfg.questions_per_image, cfg.seed,
-                                round_index, named)
+        asked = round_questions([e.image_id for e in examples], data_vocabulary(world_dir).categories,
+                                cfg.questions_per_image, cfg.seed, round_index)
         about = [(i, c) for i, cs in enumerate(asked) for c in cs]
         parts.append(sample([images[i] for i, _ in about], [cfg.question_template.format(c) for _, c in about], 1,
                             seed=batch_seed(seed, 2_000_000)))

@@ -88,8 +88,10 @@ def test_update_follows_the_rewards_and_leaves_the_vision_tower_bit_for_bit(setu
     change = (logprobs(model, setup) - trained["before"]) * mask
     gain = [float(change[image == i].sum() / mask[image == i].sum()) for i in (0, 1)]  # mean per token
     assert gain[0] > 0.02 and gain[1] < -0.02, gain  # rewarded answers became likelier, penalised ones less
-    # Sampled by the base model, which is the reference: the rollouts' log-probs are generate's own
-    # logits (float32), which the update's teacher-forced forward reproduces to float rounding.
+    # Sampled by the base model, which is the reference: the KL is exactly the rollouts' log-probs (generate's
+    # own logits, float32) less the teacher-forced reference's, which is float rounding.
+    r = setup["rollouts"]
+    assert stats["kl"] == pytest.approx(float(((r.logprobs - trained["before"]) * r.mask).sum(1).mean()), abs=1e-7)
     assert abs(stats["kl"]) < 1e-5
     assert stats["reward_mean"] == pytest.approx(float(setup["rewards"].sum(1).mean()))
     assert 0 <= stats["clipfrac"] <= 1 and stats["approx_kl"] > 0 and stats["ratio"] != 1.0

@@ -76,6 +76,38 @@ def test_vision_tower_is_the_verifiers_and_lora_stays_on_the_language_model(real
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_the_update_encodes_prompts_once_where_the_image_features_stay_fixed(real_models, family):
+    """LLaVA: the cached prompts (ids padded as the processor pads them, image features in place of
+    pixel_values) give the processor's log-probs; LLaVA-NeXT (any-res tiles), InstructBLIP (its
+    Q-Former reads the question) and a projector under LoRA keep the processor's path."""
+    from fisao.align.rollout import Rollouts
+    from fisao.align.update import _micro_batch, cache_prompts
+
+    model, processor = load_policy(real_models["models"][family]["policy"])
+    images = [load_image(real_models["coco"] / "val2014" / file_name("val", i)) for i in list(VAL)[:2]]
+    prompts = ["Describe this image in detail.", "Is there a dog in the image?", "Is there a cat?", "Describe it."]
+    response = torch.tensor([[5, 6, 7], [8, 9, 0], [10, 0, 0], [11, 12, 13]])
+    rollouts = Rollouts(prompts=prompts, image_index=torch.tensor([0, 1, 1, 0]), response_ids=response,
+                        mask=response > 0, logprobs=torch.zeros(4, 3), texts=[""] * 4)
+    policy = add_lora(model, LoraConfig(r=2))
+    cache = cache_prompts(policy, processor, images, rollouts, 3, "cpu")
+    assert cache_prompts(add_lora(load_policy(real_models["models"][family]["policy"])[0],
+                                  LoraConfig(r=2, train_projector=True)), processor, images, rollouts, 3, "cpu") is None
+    if family != "llava":
+        assert cache is None
+        return
+    rows = torch.tensor([2, 0, 3, 1])
+    direct, ids, mask = _micro_batch(processor, images, rollouts, rows, "cpu")
+    cached, _, _ = _micro_batch(processor, images, rollouts, rows, "cpu", cache)
+    assert (direct["attention_mask"] == 0).any(), "the prompts should need padding"
+    assert torch.equal(cached["input_ids"], direct["input_ids"])
+    assert torch.equal(cached["attention_mask"], direct["attention_mask"])
+    with torch.no_grad():
+        assert torch.allclose(sequence_logprobs(policy, cached, ids, mask), sequence_logprobs(policy, direct, ids, mask),
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_one_round_on_coco_through_the_config(real_models, family, tmp_path):
     cfg = campaign_config(real_models, family)
     rt, coco = cfg.model, real_models["coco"]

@@ -214,6 +214,38 @@ def test_minibatch_4_equals_minibatch_2_with_2_accumulation_steps(setup):
     assert not all(torch.allclose(one[k], smaller[k], atol=1e-4) for k in one)  # a different step size does differ
 
 
+def test_prompts_encoded_once_give_the_processors_inputs_and_the_same_update(setup, trained, monkeypatch):
+    """The update encodes each rollout's prompt and image once (`cache_prompts`): the same padded ids
+    and log-probs as the processor's inputs each pass, and the same trained adapters."""
+    from fisao.align import update as update_module
+
+    r, processor, images = setup["rollouts"], setup["processor"], setup["images"]
+    model = fresh_policy(setup["base"])
+    cache = update_module.cache_prompts(model, processor, images, r, 3, "cpu")  # batches that split an image's rows
+    assert cache is not None and sorted(cache.features) == [0, 1]
+    rows = torch.tensor([5, 0, 6, 2])
+    direct, ids, mask = update_module._micro_batch(processor, images, r, rows, "cpu")
+    cached, _, _ = update_module._micro_batch(processor, images, r, rows, "cpu", cache)
+    assert torch.equal(cached["input_ids"], direct["input_ids"])
+    assert torch.equal(cached["attention_mask"], direct["attention_mask"])
+    assert "pixel_values" not in cached and cached["image_features"].shape[:2] == (4, 16)
+    with torch.no_grad():
+        lp_direct = sequence_logprobs(model, direct, ids, mask)
+        lp_cached = sequence_logprobs(model, cached, ids, mask)
+    assert torch.allclose(lp_cached, lp_direct, atol=1e-6) and lp_direct.abs().sum() > 0
+    # The whole update without the cache: the trained fixture's weights and figures.
+    monkeypatch.setattr(update_module, "cache_prompts", lambda *a, **k: None)
+    model = fresh_policy(setup["base"])
+    stats = update(model, setup, PPOConfig(lr=1e-2, minibatch_size=4, epochs=2, target_kl=None))
+    assert stats["policy_loss"] == pytest.approx(trained["stats"]["policy_loss"], abs=1e-6)
+    assert stats["kl"] == pytest.approx(trained["stats"]["kl"], abs=1e-7)
+    assert torch.allclose(logprobs(model, setup), logprobs(trained["model"], setup), atol=1e-5)
+    # A projector under LoRA changes the image features at every step: no cache.
+    with_projector = fresh_policy(setup["base"], LoraConfig(r=4, train_projector=True))
+    monkeypatch.undo()
+    assert update_module.cache_prompts(with_projector, processor, images, r, 4, "cpu") is None
+
+
 def test_saved_adapter_and_merged_checkpoint_reproduce_the_trained_policy(setup, trained, tmp_path):
     model, processor, images = trained["model"], setup["processor"], setup["images"]
     head = ValueHead.for_model(model)

@@ -38,6 +38,7 @@ from fisao.align.ppo import (ADVANTAGES, kl_loss, kl_loss_full, kl_per_token, ma
 from fisao.align.rewards import NameSlots
 from fisao.align.rollout import Rollouts, encode_prompts, pad_right, response_hidden, response_logits, token_logprobs
 from fisao.config import PPOConfig
+from fisao.models.families import family_of, hf_model, image_features
 
 
 class ActorCritic(nn.Module):
@@ -65,17 +66,78 @@ class ActorCritic(nn.Module):
             return response_logits(self.policy, response_hidden(self.policy, inputs, response_ids, mask))
 
 
-def _micro_batch(processor, images, rollouts: Rollouts, rows: Tensor, device) -> tuple[dict, Tensor, Tensor]:
-    """Prompt inputs and the responses of `rows`, cut to their longest answer."""
+class PromptCache(NamedTuple):
+    """Every rollout's prompt encoded once per update, instead of once per pass (the reference's and
+    each epoch's): its token ids, and each image's features (the frozen vision tower and the
+    projector, `fisao.models.families.image_features`), which the language model reads in place of
+    the image tokens. On the demo's tiny LLaVA, under cProfile, the tower was about 40% of the
+    update's forward time and the image processing 8% of its micro-batches'; the same figures, to
+    float rounding (tests/test_update.py).
+    The features wait on the host, a micro-batch's moved to the device when it runs."""
+
+    ids: list[Tensor]  # per rollout, its prompt's token ids without padding (1-D)
+    features: dict[int, Tensor]  # image index -> (I, H) image features
+    pad_id: int
+    left: bool  # the processor pads on the left
+
+    def inputs(self, rows: Tensor, image_index: Tensor, device) -> dict[str, Tensor]:
+        """The processor's padded input_ids and attention_mask of `rows`, with their image features."""
+        ids = [self.ids[r] for r in rows.tolist()]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=ids[0].dtype)
+        attention = torch.zeros(len(ids), width, dtype=torch.long)
+        for j, x in enumerate(ids):
+            cols = slice(width - len(x), width) if self.left else slice(0, len(x))
+            input_ids[j, cols], attention[j, cols] = x, 1
+        features = torch.stack([self.features[i] for i in image_index[rows].tolist()])
+        return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
+                "image_features": features.to(device)}
+
+
+@torch.no_grad()
+def cache_prompts(model: peft.PeftModel, processor, images, rollouts: Rollouts, batch_size: int,
+                  device) -> PromptCache | None:
+    """The update's `PromptCache`, or None where the image features would not stay fixed over the
+    update or the family reads images another way: a projector under LoRA (`lora.train_projector`),
+    a vision tower with dropout, LLaVA-NeXT's tiles and InstructBLIP's question-dependent Q-Former."""
+    hf = hf_model(model)
+    vision = getattr(hf.config, "vision_config", None)
+    dropout = max(float(getattr(vision, key, 0.0) or 0.0) for key in ("attention_dropout", "dropout", "hidden_dropout"))
+    if (family_of(hf).image_features is None or dropout > 0
+            or any(".multi_modal_projector." in name and "lora_" in name for name, _ in model.named_parameters())):
+        return None
+    ids: list[Tensor] = [torch.empty(0)] * len(rollouts)
+    features: dict[int, Tensor] = {}
+    for rows in torch.arange(len(rollouts)).split(batch_size):
+        index = rollouts.image_index[rows].tolist()
+        inputs = encode_prompts(processor, [images[i] for i in index], [rollouts.prompts[r] for r in rows.tolist()],
+                                device)
+        for j, r in enumerate(rows.tolist()):
+            ids[r] = inputs["input_ids"][j][inputs["attention_mask"][j].bool()].cpu()
+        first = {i: j for j, i in reversed(list(enumerate(index))) if i not in features}  # one row per new image
+        if first:
+            computed = image_features(model, inputs["pixel_values"][list(first.values())])
+            features.update({i: f.cpu() for i, f in zip(first, computed)})  # on the host: moved per micro-batch
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return PromptCache(ids, features, tokenizer.pad_token_id, tokenizer.padding_side == "left")
+
+
+def _micro_batch(processor, images, rollouts: Rollouts, rows: Tensor, device,
+                 cache: PromptCache | None = None) -> tuple[dict, Tensor, Tensor]:
+    """Prompt inputs and the responses of `rows`, cut to their longest answer (from `cache` when given)."""
     width = int(rollouts.mask[rows].sum(1).max())
-    inputs = encode_prompts(processor, [images[i] for i in rollouts.image_index[rows].tolist()],
-                            [rollouts.prompts[i] for i in rows.tolist()], device)
+    if cache is None:
+        inputs = encode_prompts(processor, [images[i] for i in rollouts.image_index[rows].tolist()],
+                                [rollouts.prompts[i] for i in rows.tolist()], device)
+    else:
+        inputs = cache.inputs(rows, rollouts.image_index, device)
     return inputs, rollouts.response_ids[rows, :width].to(device), rollouts.mask[rows, :width].to(device)
 
 
 @torch.no_grad()
 def _score_rollouts(actor: ActorCritic, processor, images, rollouts: Rollouts, batch_size: int, device,
-                    use_adapters: bool, accelerator: Accelerator | None = None) -> tuple[Tensor, Tensor | None]:
+                    use_adapters: bool, accelerator: Accelerator | None = None,
+                    cache: PromptCache | None = None) -> tuple[Tensor, Tensor | None]:
     """(log-probs, values) of every rollout under the current model, adapters on or off -> (N, T).
 
     With several processes each scores rows rank, rank + P, … and the results are gathered.
@@ -85,7 +147,7 @@ def _score_rollouts(actor: ActorCritic, processor, images, rollouts: Rollouts, b
     mine = torch.arange(n) if ranks == 1 else torch.arange(accelerator.process_index, n, ranks)
     logps, values = [], []
     for rows in mine.split(batch_size):
-        inputs, ids, mask = _micro_batch(processor, images, rollouts, rows, device)
+        inputs, ids, mask = _micro_batch(processor, images, rollouts, rows, device, cache)
         if use_adapters:
             lp, v = actor(inputs, ids, mask)
         else:
@@ -113,14 +175,15 @@ def _gather_rows(accelerator: Accelerator, part: Tensor, n: int) -> Tensor:
     return out
 
 
-def _reference_logprobs(actor, processor, images, rollouts, cfg: PPOConfig, device, accelerator=None) -> Tensor:
+def _reference_logprobs(actor, processor, images, rollouts, cfg: PPOConfig, device, accelerator=None,
+                        cache: PromptCache | None = None) -> Tensor:
     """(N, T) log-probs of the reference. "previous" is the policy that sampled the rollouts (the
     previous round's final policy), so the KL term of the reward is 0 by construction and only the
     clip bounds how far a round moves; "base" is the model with adapters disabled."""
     if cfg.reference == "previous":
         return rollouts.logprobs.clone()
     return _score_rollouts(actor, processor, images, rollouts, cfg.minibatch_size, device, use_adapters=False,
-                           accelerator=accelerator)[0]
+                           accelerator=accelerator, cache=cache)[0]
 
 
 def ppo_update(
@@ -149,11 +212,12 @@ def ppo_update(
     actor = ActorCritic(model, value_head)
     mask = rollouts.mask
     model.eval()
-    ref_logp = _reference_logprobs(actor, processor, images, rollouts, cfg, device, accelerator)
+    cache = cache_prompts(model, processor, images, rollouts, cfg.minibatch_size, device)
+    ref_logp = _reference_logprobs(actor, processor, images, rollouts, cfg, device, accelerator, cache)
     old_values = None
     if value_head is not None:
         old_values = _score_rollouts(actor, processor, images, rollouts, cfg.minibatch_size, device, use_adapters=True,
-                                     accelerator=accelerator)[1]
+                                     accelerator=accelerator, cache=cache)[1]
     rewards = shaped_rewards(token_rewards.float(), rollouts.logprobs, ref_logp, cfg.beta_kl, mask)
     advantages, returns = ADVANTAGES[cfg.advantage](rewards=rewards, values=old_values, mask=mask, gamma=cfg.gamma, lam=cfg.lam)
     stats = _rollout_stats(token_rewards, rollouts.logprobs, ref_logp, rewards, advantages, mask)
@@ -180,7 +244,7 @@ def ppo_update(
             for rows in step.chunk(ranks)[rank].split(cfg.minibatch_size // ranks):
                 with accelerator.accumulate(actor):
                     micro = _train_micro_batch(actor, processor, images, rollouts, rows, targets, cfg,
-                                               tokens_per_micro, device, accelerator)
+                                               tokens_per_micro, device, accelerator, cache)
                     if accelerator.sync_gradients:
                         micro["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
                     optimizer.step()
@@ -237,9 +301,9 @@ class Targets(NamedTuple):
 
 
 def _train_micro_batch(actor, processor, images, rollouts, rows, targets: Targets, cfg: PPOConfig, num_tokens,
-                       device, accelerator) -> dict[str, float]:
+                       device, accelerator, cache: PromptCache | None = None) -> dict[str, float]:
     """One forward/backward on `rows`; returns its stats."""
-    inputs, ids, mask = _micro_batch(processor, images, rollouts, rows, device)
+    inputs, ids, mask = _micro_batch(processor, images, rollouts, rows, device, cache)
     width = ids.shape[1]
 
     def cut(x: Tensor) -> Tensor:

@@ -26,9 +26,37 @@ Hidden = Callable[[nn.Module, Tensor, Tensor, Tensor, dict], Tensor]
 
 
 def _llava_hidden(hf, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, extra: dict) -> Tensor:
-    """(N, L, H) last hidden states of LLaVA / LLaVA-NeXT (`extra`: pixel_values[, image_sizes])."""
-    out = hf.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra)
+    """(N, L, H) last hidden states of LLaVA / LLaVA-NeXT (`extra`: pixel_values[, image_sizes], or
+    LLaVA's `image_features` from `_llava_image_features`, computed earlier, in their place)."""
+    if "image_features" not in extra:
+        out = hf.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                       **extra)
+        return out.last_hidden_state
+    # What LlavaModel.forward does with pixel_values, from the image tokens on.
+    embeds = hf.get_input_embeddings()(input_ids)
+    features = extra["image_features"].to(embeds.device, embeds.dtype)
+    where = (input_ids == _image_token_id(hf.config)).unsqueeze(-1).expand_as(embeds)
+    if int(where.sum()) != features.numel():
+        raise ValueError(f"{int(where.sum()) // embeds.shape[-1]} image tokens in the prompts but image features for "
+                         f"{features.numel() // embeds.shape[-1]}")
+    embeds = embeds.masked_scatter(where, features)
+    out = hf.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False)
     return out.last_hidden_state
+
+
+def _image_token_id(config) -> int:
+    token = getattr(config, "image_token_id", None)
+    return config.image_token_index if token is None else token
+
+
+def _llava_image_features(hf, pixel_values: Tensor) -> Tensor:
+    """(N, I, H) LLaVA's image features for `pixel_values` (N, 3, h, w): the vision tower's states at
+    the config's feature layer, through the projector, as the language model reads them in place of
+    the I image tokens. The model's own `get_image_features`."""
+    out = hf.model.get_image_features(pixel_values=pixel_values)
+    features = getattr(out, "pooler_output", out)
+    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
 
 def _instructblip_hidden(hf, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, extra: dict) -> Tensor:
@@ -70,10 +98,13 @@ class Family:
     own_vision_tensors: tuple[str, ...] = ()
     # True when the policy's tower may be the verifier's vision model minus its last layers.
     vision_is_prefix: bool = False
+    # (model, pixel_values) -> (N, I, H) image features that `hidden` takes as extra["image_features"]
+    # in place of pixel_values (fixed-size images only: not LLaVA-NeXT's any-res tiles); None: no such path.
+    image_features: Callable[[nn.Module, Tensor], Tensor] | None = None
 
 
 LLAVA = Family("llava", lambda hf: hf.model.vision_tower, r".*multi_modal_projector\.(linear_1|linear_2)",
-               _template_prompt, _llava_hidden)
+               _template_prompt, _llava_hidden, image_features=_llava_image_features)
 LLAVA_NEXT = Family("llava_next", lambda hf: hf.model.vision_tower, r".*multi_modal_projector\.(linear_1|linear_2)",
                     _template_prompt, _llava_hidden)
 INSTRUCTBLIP = Family("instructblip", lambda hf: hf.vision_model, r".*language_projection", _plain_prompt,
@@ -126,6 +157,14 @@ def decoder_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_id
     """(N, L, H) last hidden states of the language model over the whole sequence."""
     hf = hf_model(model)
     return family_of(hf).hidden(hf, input_ids, attention_mask, position_ids, extra)
+
+
+def image_features(model, pixel_values: Tensor) -> Tensor | None:
+    """(N, I, H) image features for `decoder_hidden`'s extra["image_features"], or None for a family
+    without that path. With the current adapters: a projector under LoRA gives its adapted features."""
+    hf = hf_model(model)
+    family = family_of(hf)
+    return None if family.image_features is None else family.image_features(hf, pixel_values)
 
 
 @torch.no_grad()

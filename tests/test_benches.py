@@ -128,3 +128,26 @@ def test_overhead_bench_plain_beside_fisao_run(tmp_path):
     assert len(out["chair_i"]["plain"]) == 2 and out["same_metrics"]
     assert f"ratio {out['ratio']:.3f}" in done.stdout
     assert out["workdir"] == str(tmp_path / "work") and (tmp_path / "work" / "flow.log").is_file()
+
+
+def test_supervised_bound_trains_the_rounds_adapters_on_the_truth_and_evaluates_both(tiny_models, tmp_path):
+    done, out = _run("supervised.py", "--config", TINY, "--world", str(tiny_models["world"]), "--llava",
+                     str(tiny_models["llava"]), "--images", "9", "--epochs", "2", "--lr", "0.01", "--out", str(tmp_path))
+    assert out["steps"] == 2 * (9 // 4) and out["seconds"] > 0 and out["split"] == "val"
+    for name in ("base", "supervised"):
+        metrics = json.loads((tmp_path / f"eval-{name}" / "metrics.json").read_text())["metrics"]
+        assert {k: round(metrics[k], 4) for k in out[name]} == out[name]
+    if out["base"]["chair_i"]:
+        change = round((out["supervised"]["chair_i"] - out["base"]["chair_i"]) / out["base"]["chair_i"], 4)
+        assert out["chair_i_change"] == change and f"CHAIR_i change {change:+.1%}" in done.stdout
+    else:  # the tiny crisp world's base names nothing wrong on val: no relative change to print
+        assert out["chair_i_change"] is None and "the base names nothing wrong" in done.stdout
+    # The merged policy is the base plus trained adapters: its language model moved, its vision tower did not.
+    from safetensors.torch import load_file
+    base = load_file(tiny_models["llava"] / "model.safetensors")
+    trained = load_file(tmp_path / "policy" / "model.safetensors")
+    moved = [k for k in base if not torch.equal(base[k], trained[k])]
+    assert moved and all("language_model" in k for k in moved), moved
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "supervised.py"), "--world", str(tiny_models["world"]),
+                          "--llava", str(tiny_models["llava"]), "--images", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--images and --epochs must be at least 1" in bad.stderr

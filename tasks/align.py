@@ -15,11 +15,7 @@ from pathlib import Path
 
 from fisao import io
 from fisao.align.launch import write_args
-from fisao.align import shards as sharding
 from fisao.align.files import FIGURES
-from fisao.align.sample import rollout_stage
-from fisao.align.score import calibration_stage, score_stage
-from fisao.align.train import update_stage
 from fisao.config import LoraConfig, PPOConfig, RewardConfig, RolloutConfig, ScaleConfig, config_hash
 from tasks.common import build_once, key_of, stage_task
 from tasks.refs import DataRef, ModelRef, StageContext, StageRef
@@ -36,6 +32,8 @@ def calibrate(policy: ModelRef, verifier: ModelRef, data: DataRef, reward: Rewar
     """Verifier baseline and width from the base policy's answers on a labelled split."""
     out = Path(ctx.outputs) / "calibration" / key_of(policy.sha256, verifier.sha256, data.md5, config_hash(reward),
                                                       config_hash(rollout), *ctx.key_parts)
+    from fisao.align.score import calibration_stage  # the library's stages import torch: only when a stage runs
+
     built = build_once(out, FIGURES, lambda: calibration_stage(policy.path, verifier.path, data.path, reward, rollout,
                                                                 out, runtime=ctx.runtime))
     return _ref(out, built)
@@ -63,6 +61,9 @@ def rollouts(policy: ModelRef, data: DataRef, cfg: RolloutConfig, round_index: i
                                                    *ctx.key_parts, *extra)
 
     def build() -> None:
+        from fisao.align import shards as sharding
+        from fisao.align.sample import rollout_stage
+
         parts = sharding.shard_dirs(out, shards) if shards > 1 else []
         for part in parts:  # what a killed shard left behind (complete shards are kept)
             io.remove_temp_siblings(part)
@@ -85,6 +86,8 @@ def score(rollouts: StageRef, policy: ModelRef, verifier: ModelRef, calibration:
     """Per-token verifier rewards of the round's rollouts."""
     out = Path(ctx.outputs) / "scores" / key_of(rollouts.sha256, verifier.sha256, calibration.sha256, data.md5,
                                                  config_hash(reward), *ctx.key_parts)
+    from fisao.align.score import score_stage
+
     built = build_once(out, FIGURES, lambda: score_stage(rollouts.path, policy.path, verifier.path, calibration.path,
                                                           data.path, reward, out, runtime=ctx.runtime))
     return _ref(out, built)
@@ -108,6 +111,8 @@ def update(base: ModelRef, previous: ModelRef | None, rollouts: StageRef, scores
                 scores_dir=scores.path, world_dir=data.path, lora=lora, cfg=ppo, round_index=round_index,
                 runtime=ctx.runtime)
     if scale.processes == 1:
+        from fisao.align.train import update_stage
+
         built = build_once(out, FIGURES, lambda: update_stage(**args, out=out))
     else:
         built = build_once(out, FIGURES, lambda: accelerate_launch("update", out, scale.processes, **args))

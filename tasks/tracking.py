@@ -34,7 +34,7 @@ from fisao import io
 from fisao.align.files import FIGURES
 from fisao.crashpoints import crash_point
 from fisao.manifest import verify_files
-from fisao.models.build import TRAIN_LOG
+from fisao.models.files import TRAIN_LOG
 from tasks.evaluate import METRICS, TIMING
 from tasks.mlflow_store import COMPLETE, MANIFEST, experiment_id, find_run, mlflow_key
 from tasks.resume import drop_stale_round_runs, logged_campaign, round_key

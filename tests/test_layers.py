@@ -124,3 +124,16 @@ def test_the_fisao_command_is_cli_main_and_loads_without_prefect_or_mlflow():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_flows_load_without_torch_or_transformers():
+    """Importing the flows (what `fisao run` does before its server starts, and all a fully cached
+    campaign needs) leaves torch and transformers to the stages that run: the tasks import the
+    library's stages where they call them. Measured: 7.0 s to import flows.campaign before, 2.8 s after."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import flows.campaign, flows.sweep, flows.evaluate, flows.world; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'accelerate'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -140,21 +140,25 @@ def plain_campaign(cfg, project: Path, rounds: int, lib) -> list[dict]:
 def instrument_flow(timers: Timers, marks: dict) -> None:
     """Wrap what `fisao run` calls with `timers` (categories of the module doc) and record the
     server start and the flow body's span in `marks`."""
+    import fisao.align.sample
+    import fisao.align.score
+    import fisao.align.train
+    import fisao.evaluate
     import fisao.io
     import fisao.models.build
     import flows.campaign
     import runner.ephemeral
-    import tasks.align
     import tasks.audit
-    import tasks.evaluate
     import tasks.publish
     import tasks.resume
     import tasks.world
     from tasks import campaigns, registry, tracking
 
+    # The tasks import the library's stages where they call them: wrapped in their own modules.
     for module, names in ((tasks.world, ["ensure_world"]), (fisao.models.build, ["build_clip", "build_llava"]),
-                          (tasks.align, ["calibration_stage", "rollout_stage", "score_stage", "update_stage"]),
-                          (tasks.evaluate, ["evaluate_model"])):
+                          (fisao.align.score, ["calibration_stage", "score_stage"]),
+                          (fisao.align.sample, ["rollout_stage"]), (fisao.align.train, ["update_stage"]),
+                          (fisao.evaluate, ["evaluate_model"])):
         for name in names:
             setattr(module, name, timers.wrap("library", getattr(module, name)))
     fisao.io.tree_digest = timers.wrap("sha256", fisao.io.tree_digest)

@@ -17,7 +17,7 @@ from fisao import io
 from fisao.align.launch import write_args
 from fisao.align.files import FIGURES
 from fisao.config import LoraConfig, PPOConfig, RewardConfig, RolloutConfig, ScaleConfig, config_hash
-from tasks.common import build_once, key_of, stage_task
+from tasks.common import build_once, key_of, library, stage_task
 from tasks.refs import DataRef, ModelRef, StageContext, StageRef
 
 
@@ -32,9 +32,7 @@ def calibrate(policy: ModelRef, verifier: ModelRef, data: DataRef, reward: Rewar
     """Verifier baseline and width from the base policy's answers on a labelled split."""
     out = Path(ctx.outputs) / "calibration" / key_of(policy.sha256, verifier.sha256, data.md5, config_hash(reward),
                                                       config_hash(rollout), *ctx.key_parts)
-    from fisao.align.score import calibration_stage  # the library's stages import torch: only when a stage runs
-
-    built = build_once(out, FIGURES, lambda: calibration_stage(policy.path, verifier.path, data.path, reward, rollout,
+    built = build_once(out, FIGURES, lambda: library("fisao.align.score:calibration_stage")(policy.path, verifier.path, data.path, reward, rollout,
                                                                 out, runtime=ctx.runtime))
     return _ref(out, built)
 
@@ -61,8 +59,7 @@ def rollouts(policy: ModelRef, data: DataRef, cfg: RolloutConfig, round_index: i
                                                    *ctx.key_parts, *extra)
 
     def build() -> None:
-        from fisao.align import shards as sharding
-        from fisao.align.sample import rollout_stage
+        from fisao.align import shards as sharding  # torch: only when the stage runs
 
         parts = sharding.shard_dirs(out, shards) if shards > 1 else []
         for part in parts:  # what a killed shard left behind (complete shards are kept)
@@ -72,7 +69,7 @@ def rollouts(policy: ModelRef, data: DataRef, cfg: RolloutConfig, round_index: i
                               round_index=round_index, shards=shards, runtime=runtime, backend=backend)
             return
         if shards == 1:
-            rollout_stage(policy.path, data.path, cfg, round_index, out, runtime=runtime, backend=backend)
+            library("fisao.align.sample:rollout_stage")(policy.path, data.path, cfg, round_index, out, runtime=runtime, backend=backend)
             return
         sharding.merge_rollout_shards(sharding.sample_shards(policy.path, data.path, cfg, round_index, out, shards,
                                                             runtime=runtime, backend=backend), out)
@@ -86,9 +83,7 @@ def score(rollouts: StageRef, policy: ModelRef, verifier: ModelRef, calibration:
     """Per-token verifier rewards of the round's rollouts."""
     out = Path(ctx.outputs) / "scores" / key_of(rollouts.sha256, verifier.sha256, calibration.sha256, data.md5,
                                                  config_hash(reward), *ctx.key_parts)
-    from fisao.align.score import score_stage
-
-    built = build_once(out, FIGURES, lambda: score_stage(rollouts.path, policy.path, verifier.path, calibration.path,
+    built = build_once(out, FIGURES, lambda: library("fisao.align.score:score_stage")(rollouts.path, policy.path, verifier.path, calibration.path,
                                                           data.path, reward, out, runtime=ctx.runtime))
     return _ref(out, built)
 
@@ -111,9 +106,7 @@ def update(base: ModelRef, previous: ModelRef | None, rollouts: StageRef, scores
                 scores_dir=scores.path, world_dir=data.path, lora=lora, cfg=ppo, round_index=round_index,
                 runtime=ctx.runtime)
     if scale.processes == 1:
-        from fisao.align.train import update_stage
-
-        built = build_once(out, FIGURES, lambda: update_stage(**args, out=out))
+        built = build_once(out, FIGURES, lambda: library("fisao.align.train:update_stage")(**args, out=out))
     else:
         built = build_once(out, FIGURES, lambda: accelerate_launch("update", out, scale.processes, **args))
     model = out / "model"

@@ -24,6 +24,7 @@ is the one place that says what is done, and each task's result says whether it 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def stage_task(**kwargs):
     """`@task` for a stage: no Prefect result cache and no persisted results (the stage's
     content-addressed directory is its cache; see above)."""
     return task(cache_policy=NO_CACHE, persist_result=False, **kwargs)
+
+
+def library(target: str):
+    """The library function `target` ("module:function"), imported when it is called: the stages
+    load torch and transformers, which a stage whose directory is complete never needs (a fully
+    cached `fisao run` then never imports them)."""
+    def call(*args, **kwargs):
+        module, name = target.split(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    call.__name__ = target
+    return call
 
 
 def key_of(*parts) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fisao import io
 from fisao.config import EvalConfig, ModelConfig, config_hash
-from tasks.common import build_once, key_of, stage_task
+from tasks.common import build_once, key_of, library, stage_task
 from tasks.refs import DataRef, ModelRef, StageContext
 
 METRICS = "metrics.json"
@@ -25,9 +25,7 @@ def evaluate(model: ModelRef, data: DataRef, benchmarks: tuple[str, ...], cfg: E
 
 def _evaluate_into(out: Path, model_dir: str, data_dir: str, benchmarks: tuple[str, ...], cfg: EvalConfig,
                    runtime: ModelConfig | None) -> None:
-    from fisao.evaluate import evaluate_model  # loads models: torch and transformers only when it runs
-
     t0 = time.time()
     with io.atomic_dir(out) as tmp:
-        evaluate_model(model_dir, data_dir, benchmarks, cfg, tmp, runtime=runtime)
+        library("fisao.evaluate:evaluate_model")(model_dir, data_dir, benchmarks, cfg, tmp, runtime=runtime)
         io.write_json(tmp / TIMING, {"seconds": round(time.time() - t0, 2)})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fisao import io
+from fisao.audit.files import REPORT
 from fisao.audit.html import render_report
 from fisao.audit.plots import metric_curves_png, reward_histogram_png
 from fisao.audit.tokens import pick_examples, token_rows
@@ -18,7 +19,6 @@ from fisao.audit.tokens import pick_examples, token_rows
 TOKENS = "tokens.jsonl"
 HISTOGRAM = "rewards.png"
 CURVES = "curves.png"
-REPORT = "report.html"
 
 
 def histogram_caption(repeats: str) -> str:

@@ -5,7 +5,7 @@ the model's family, picked by `config.model_type`:
 
 | family | vision tower (the verifier's eyes) | projector (LoRA with `train_projector`) | prompt | extra inputs |
 |---|---|---|---|---|
-| llava | `model.vision_tower` (CLIP) | `multi_modal_projector.linear_1/2` | the processor's chat template | pixel_values |
+| llava | `model.vision_tower` (CLIP) | `multi_modal_projector.linear_1/2` | the processor's chat template | pixel_values, or image_features computed once (the update) |
 | llava_next | `model.vision_tower` (CLIP) | `multi_modal_projector.linear_1/2` | the processor's chat template | pixel_values, image_sizes (any-res tiles) |
 | instructblip | `vision_model` (EVA-CLIP ViT-g, last layer dropped) | `language_projection` | the question as written (no chat template; LAVIS's format) | pixel_values, qformer_input_ids, qformer_attention_mask |
 

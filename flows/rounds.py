@@ -23,7 +23,7 @@ from tasks.audit import round_report
 from tasks.evaluate import evaluate
 from tasks.publish import publish_round
 from tasks.refs import DataRef, ModelRef, StageContext, StageRef
-from tasks.resume import write_manifest
+from tasks.resume import restore_recorded_lineage, write_manifest
 from tasks.tracking import log_round, round_span
 
 # The files each kind of stage depends on, derived from what its library entry points import
@@ -133,7 +133,9 @@ def record_round(cfg: Config, campaign_dir: str, k: int, lineage: dict, metrics:
     audit = round_report(rollouts=StageRef.of(rollouts), scores=StageRef.of(scores), tokenizer_dir=tokenizer_dir,
                          rounds=[*rounds, metrics], facts=facts, title=f"{cfg.name} round {k}",
                          out=str(round_dir / "audit"), repeats=cfg.reward.repeats)
-    lineage_file = io.write_json(round_dir / "lineage.json", {"tags": lineage, "config": cfg.model_dump(mode="json")})
+    lineage_file = round_dir / "lineage.json"
+    if not restore_recorded_lineage(cfg.name, k, model["sha256"], str(lineage_file)):
+        io.write_json(lineage_file, {"tags": lineage, "config": cfg.model_dump(mode="json")})
     artifacts = {"adapter": model["adapter"], "rollouts": rollouts["path"], "scores": scores["path"],
                  "calibration": calibration["path"], "evaluation": evaluation["path"], "audit": audit,
                  "lineage": str(lineage_file)}

@@ -14,7 +14,8 @@ resume asks them:
 3. How many rounds are done, and to which round to go (`rounds_done`, `target_rounds`).
 4. What to redo (`take_round`): a finished round is taken as it is only when it was trained from
    the checkpoint the campaign has now; any other round runs, its stages whose directories are
-   complete as cache hits.
+   complete as cache hits. A round so recomputed that trains the checkpoint its complete run
+   records keeps that run, and that run's lineage on disk (`restore_recorded_lineage`).
 5. What is stale in MLflow, deleted before a round is logged or registered again: runs of the
    round a crash left incomplete and complete runs of another checkpoint (`drop_stale_round_runs`,
    called by tasks.tracking.log_round), and logged models a crash left unfinished
@@ -28,6 +29,7 @@ tasks.sweeps.SweepChanged), so a caller catches one error for all of them.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import ClassVar
 
@@ -39,7 +41,7 @@ from prefect import get_run_logger, task
 from fisao import io
 from fisao.config import Config
 from fisao.manifest import build_manifest, group_digest, verify_manifest
-from tasks.mlflow_store import (COMPLETE, MANIFEST, SHA256, campaign_parent, find_runs, has_artifact,
+from tasks.mlflow_store import (COMPLETE, MANIFEST, SHA256, campaign_parent, download, find_runs, has_artifact,
                                 read_json_artifact, recorded_inputs, round_runs, summary_key)
 
 
@@ -110,6 +112,33 @@ def write_manifest(groups: dict[str, list[str] | str], path: str) -> dict:
     manifest = build_manifest({k: tuple(v) if isinstance(v, list) else v for k, v in groups.items()})
     io.write_json(path, manifest)
     return manifest
+
+
+LINEAGE = "lineage/lineage.json"  # a round run's record of what trained its checkpoint (flows/rounds.py)
+
+
+@task(name="recorded-lineage")
+def restore_recorded_lineage(campaign: str, k: int, model_sha256: str, path: str) -> bool:
+    """Write the lineage that MLflow's complete run of round k recorded for checkpoint
+    `model_sha256` to `path`, and return True; False when MLflow holds no such run (the caller
+    writes a new lineage).
+
+    A round recomputed from cached stages (e.g. after a code change rebuilt the base models to the
+    same bytes) trained the checkpoint its run already records: that run is kept, not logged
+    again (tasks.tracking.log_round), so the round's files on disk must stay those of its manifest.
+    A new lineage.json, naming the code version of the recomputation, would not be, and every
+    later resume would find the round "modified" and recompute it again.
+    """
+    run = round_runs(campaign).get(k)
+    if run is None or run.data.tags.get(SHA256) != model_sha256 or not has_artifact(run.info.run_id, LINEAGE):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        recorded = download(run.info.run_id, LINEAGE, tmp)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(recorded, path)
+    get_run_logger().info("round %d of %s: its checkpoint is MLflow run %s's; the run's lineage is kept", k, campaign,
+                          run.info.run_id)
+    return True
 
 
 @task(name="verify-rounds")

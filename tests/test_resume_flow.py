@@ -142,6 +142,30 @@ def test_a_truncated_checkpoint_is_reported_and_the_round_recomputed(finished, c
     assert [len(runs) for runs in mlflow_rounds(project, NAME).values()] == [1, 1]
 
 
+def test_a_round_recomputed_by_newer_code_keeps_its_recorded_lineage(finished, caplog, monkeypatch):
+    """A round recomputed from its cached stages trained the checkpoint its MLflow run records: the
+    run is kept, so its lineage is too. A new lineage.json (naming the newer code) would differ
+    from the run's manifest, and every later resume would recompute the round again."""
+    import flows.campaign
+
+    project, summary = finished
+    lineage = project / "outputs" / "campaigns" / NAME / "round-1" / "lineage.json"
+    recorded = lineage.read_bytes()
+    lineage.unlink()  # the round is recomputed, its stages cache hits ...
+    tags = flows.campaign._lineage_tags
+    monkeypatch.setattr(flows.campaign, "_lineage_tags", lambda cfg, world: {**tags(cfg, world), "fisao.code": "newer"})
+
+    first = again(project)  # ... by "newer" code
+
+    assert first["resume"]["verified_rounds"] == [] and "recomputed, not loaded" in caplog.text
+    assert lineage.read_bytes() == recorded
+    assert "the run's lineage is kept" in caplog.text
+    caplog.clear()
+    second = again(project)
+    assert second["resume"]["verified_rounds"] == [1] and "damaged" not in caplog.text
+    assert [results(m) for m in second["rounds"]] == [results(m) for m in summary["rounds"]]
+
+
 def test_changed_config_is_refused_unless_allowed(finished):
     project, summary = finished
     config = project / "tiny.yaml"

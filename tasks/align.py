@@ -32,8 +32,9 @@ def calibrate(policy: ModelRef, verifier: ModelRef, data: DataRef, reward: Rewar
     """Verifier baseline and width from the base policy's answers on a labelled split."""
     out = Path(ctx.outputs) / "calibration" / key_of(policy.sha256, verifier.sha256, data.md5, config_hash(reward),
                                                       config_hash(rollout), *ctx.key_parts)
-    built = build_once(out, FIGURES, lambda: library("fisao.align.score:calibration_stage")(policy.path, verifier.path, data.path, reward, rollout,
-                                                                out, runtime=ctx.runtime))
+    stage = library("fisao.align.score:calibration_stage")
+    built = build_once(out, FIGURES, lambda: stage(policy.path, verifier.path, data.path, reward, rollout, out,
+                                                   runtime=ctx.runtime))
     return _ref(out, built)
 
 
@@ -69,7 +70,8 @@ def rollouts(policy: ModelRef, data: DataRef, cfg: RolloutConfig, round_index: i
                               round_index=round_index, shards=shards, runtime=runtime, backend=backend)
             return
         if shards == 1:
-            library("fisao.align.sample:rollout_stage")(policy.path, data.path, cfg, round_index, out, runtime=runtime, backend=backend)
+            library("fisao.align.sample:rollout_stage")(policy.path, data.path, cfg, round_index, out, runtime=runtime,
+                                                        backend=backend)
             return
         sharding.merge_rollout_shards(sharding.sample_shards(policy.path, data.path, cfg, round_index, out, shards,
                                                             runtime=runtime, backend=backend), out)
@@ -83,8 +85,9 @@ def score(rollouts: StageRef, policy: ModelRef, verifier: ModelRef, calibration:
     """Per-token verifier rewards of the round's rollouts."""
     out = Path(ctx.outputs) / "scores" / key_of(rollouts.sha256, verifier.sha256, calibration.sha256, data.md5,
                                                  config_hash(reward), *ctx.key_parts)
-    built = build_once(out, FIGURES, lambda: library("fisao.align.score:score_stage")(rollouts.path, policy.path, verifier.path, calibration.path,
-                                                          data.path, reward, out, runtime=ctx.runtime))
+    stage = library("fisao.align.score:score_stage")
+    built = build_once(out, FIGURES, lambda: stage(rollouts.path, policy.path, verifier.path, calibration.path,
+                                                   data.path, reward, out, runtime=ctx.runtime))
     return _ref(out, built)
 
 

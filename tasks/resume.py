@@ -129,8 +129,11 @@ def restore_recorded_lineage(campaign: str, k: int, model_sha256: str, path: str
     A new lineage.json, naming the code version of the recomputation, would not be, and every
     later resume would find the round "modified" and recompute it again.
     """
-    run = round_runs(campaign).get(k)
-    if run is None or run.data.tags.get(SHA256) != model_sha256 or not has_artifact(run.info.run_id, LINEAGE):
+    try:
+        run = logged_round(campaign, k, model_sha256)
+    except RoundNotLogged:
+        return False
+    if not has_artifact(run.info.run_id, LINEAGE):
         return False
     with tempfile.TemporaryDirectory() as tmp:
         recorded = download(run.info.run_id, LINEAGE, tmp)

@@ -38,7 +38,7 @@ from fisao.align.ppo import (ADVANTAGES, kl_loss, kl_loss_full, kl_per_token, ma
 from fisao.align.rewards import NameSlots
 from fisao.align.rollout import Rollouts, encode_prompts, pad_right, response_hidden, response_logits, token_logprobs
 from fisao.config import PPOConfig
-from fisao.models.families import family_of, hf_model, image_features
+from fisao.models.families import family_of, hf_model
 
 
 class ActorCritic(nn.Module):
@@ -69,7 +69,7 @@ class ActorCritic(nn.Module):
 class PromptCache(NamedTuple):
     """Every rollout's prompt encoded once per update, instead of once per pass (the reference's and
     each epoch's): its token ids, and each image's features (the frozen vision tower and the
-    projector, `fisao.models.families.image_features`), which the language model reads in place of
+    projector, the family's `image_features`), which the language model reads in place of
     the image tokens. On the demo's tiny LLaVA, under cProfile, the tower was about 40% of the
     update's forward time and the image processing 8% of its micro-batches'; the same figures, to
     float rounding (tests/test_update.py).
@@ -101,9 +101,10 @@ def cache_prompts(model: peft.PeftModel, processor, images, rollouts: Rollouts, 
     update or the family reads images another way: a projector under LoRA (`lora.train_projector`),
     a vision tower with dropout, LLaVA-NeXT's tiles and InstructBLIP's question-dependent Q-Former."""
     hf = hf_model(model)
+    features_of = family_of(hf).image_features
     vision = getattr(hf.config, "vision_config", None)
     dropout = max(float(getattr(vision, key, 0.0) or 0.0) for key in ("attention_dropout", "dropout", "hidden_dropout"))
-    if (family_of(hf).image_features is None or dropout > 0
+    if (features_of is None or dropout > 0
             or any(".multi_modal_projector." in name and "lora_" in name for name, _ in model.named_parameters())):
         return None
     ids: list[Tensor] = [torch.empty(0)] * len(rollouts)
@@ -116,7 +117,7 @@ def cache_prompts(model: peft.PeftModel, processor, images, rollouts: Rollouts, 
             ids[r] = inputs["input_ids"][j][inputs["attention_mask"][j].bool()].cpu()
         first = {i: j for j, i in reversed(list(enumerate(index))) if i not in features}  # one row per new image
         if first:
-            computed = image_features(model, inputs["pixel_values"][list(first.values())])
+            computed = features_of(hf, inputs["pixel_values"][list(first.values())])
             features.update({i: f.cpu() for i, f in zip(first, computed)})  # on the host: moved per micro-batch
     tokenizer = getattr(processor, "tokenizer", processor)
     return PromptCache(ids, features, tokenizer.pad_token_id, tokenizer.padding_side == "left")

@@ -13,13 +13,12 @@ from transformers import CLIPModel, CLIPProcessor, LlavaProcessor
 
 from fisao import io
 from fisao.config import ClipBuildConfig, LlavaBuildConfig
-from fisao.models.files import TRAIN_LOG
 from fisao.models.clip import name_prompts, object_name_auroc, save_clip, train_clip
+from fisao.models.files import TRAIN_LOG
 from fisao.models.llava import CAPTION_PROMPTS, CHAT_TEMPLATE, llava_from_clip, save_llava, train_llava
 from fisao.models.tokenizer import train_bpe, wrap
 from fisao.world.build import PRETRAIN, read_world_config
 from fisao.world.data import Example, load_split
-
 
 
 def tokenizer_corpus(examples: list[Example], prompts: list[str]) -> list[str]:

@@ -159,14 +159,6 @@ def decoder_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_id
     return family_of(hf).hidden(hf, input_ids, attention_mask, position_ids, extra)
 
 
-def image_features(model, pixel_values: Tensor) -> Tensor | None:
-    """(N, I, H) image features for `decoder_hidden`'s extra["image_features"], or None for a family
-    without that path. With the current adapters: a projector under LoRA gives its adapted features."""
-    hf = hf_model(model)
-    family = family_of(hf)
-    return None if family.image_features is None else family.image_features(hf, pixel_values)
-
-
 @torch.no_grad()
 def count_parameters(model) -> dict[str, int]:
     """Parameters of the whole model, its vision tower and its language model (works on meta tensors)."""

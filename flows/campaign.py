@@ -17,8 +17,9 @@ How many rounds: `rounds`, else `add_rounds` more than are done (a schedule's "o
 else the config's `ppo.rounds`.
 
 In Prefect's UI the flow run is named after the campaign (`demo`), each round it computes is a
-subflow (`demo: round 3`, flows/rounds.py), all carry the tag `campaign:demo`, and the rounds
-table and the summary are published as artifacts (tasks/publish.py). Each round's policy is
+subflow (`demo: round 3`, flows/rounds.py), both carry the tag `campaign:demo` (their task runs are
+found under them: tasks/publish.py `flow_run_tags`), and the rounds table and the summary are
+published as artifacts (tasks/publish.py). Each round's policy is
 registered in MLflow's model registry as a version of the model named after the campaign, the
 alias `best` on the lowest CHAIR_i (tasks/registry.py; `models:/demo@best`, `models:/demo/latest`).
 """
@@ -29,7 +30,6 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect import tags as prefect_tags
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
@@ -47,7 +47,7 @@ from runner.ephemeral import servers_started_by, stop_orphaned
 from tasks.align import calibrate
 from tasks.campaigns import campaign_state, open_campaign
 from tasks.models import build_clip, build_llava
-from tasks.publish import publish_summary, run_tag, tag_this_flow_run
+from tasks.publish import flow_run_tags, publish_summary, run_tag, tag_this_flow_run
 from tasks.realdata import memory_check, real_models
 from tasks.refs import DataRef, ModelRef, StageContext
 from tasks.mlflow_store import RUNS_VIEW, init_store, registered_name
@@ -100,9 +100,8 @@ def campaign(config_path: str | None = None, project: str = ".", overrides: dict
             for pid in stop_orphaned(lock.took_over.extra.get("prefect_servers", [])):
                 log.warning("stopped the ephemeral Prefect server (pid %d) that the killed run left behind", pid)
         lock.annotate(prefect_servers=servers_started_by(os.getpid()))
-        tag = run_tag("campaign", cfg.name)
-        tag_this_flow_run(tag)
-        with prefect_tags(tag):  # the round subflows and every task run
+        with flow_run_tags(run_tag("campaign", cfg.name)):  # this run and its round subflows
+            tag_this_flow_run()
             return _run(cfg, project, t0, rounds, add_rounds, allow_changed_data, str(lock.path))
 
 

@@ -21,7 +21,7 @@ from fisao.summary import round_rows
 from tasks import align
 from tasks.audit import round_report
 from tasks.evaluate import evaluate
-from tasks.publish import publish_round
+from tasks.publish import publish_round, tag_this_flow_run
 from tasks.refs import DataRef, ModelRef, StageContext, StageRef
 from tasks.resume import restore_recorded_lineage, write_manifest
 from tasks.tracking import log_round, round_span
@@ -162,6 +162,7 @@ def run_round(cfg: Config, project: str, k: int, base: dict, policy: dict, previ
     """Round k of campaign `cfg.name` from `policy` (round k−1's; `rounds` the metrics of rounds 0…k−1):
     train, evaluate, record in MLflow and publish the metrics table; returns {"policy": the new
     checkpoint's ref, "metrics": round k's metrics}. Stage timings go into `base["stages"]`."""
+    tag_this_flow_run()  # the campaign's tag (and a sweep's), as its flow run has
     out_dir = str(localstate.campaign_dir(project, cfg.outputs_dir, cfg.name))
     new, figures, rollouts, scores = fisao_round(cfg, out_dir, k, base, policy, previous, calibration, t0)
     evaluation = evaluate_model(cfg, project, k, checkpoint_ref(new), base["world"], base["stages"], t0)

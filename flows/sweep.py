@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect import tags as prefect_tags
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
@@ -27,7 +26,7 @@ from fisao.summary import sweep_headline
 from fisao.sweep import aggregate, default_name, plan, run_record, sweep_dir, sweep_lock
 from flows.campaign import campaign
 from tasks.campaigns import campaign_state
-from tasks.publish import run_tag, tag_this_flow_run
+from tasks.publish import flow_run_tags, run_tag, tag_this_flow_run
 from tasks.mlflow_store import init_store
 from tasks.sweeps import close_sweep, open_sweep, tag_campaign
 from tasks.tracking import describe
@@ -50,8 +49,8 @@ def sweep(config_path: str | None, worlds: list[int], seeds: list[int], project:
     name = name or default_name(cfg)
     runs = plan(cfg, name, tuple(worlds), tuple(seeds))
     log = get_run_logger()
-    tag_this_flow_run(run_tag("sweep", name))
-    with sweep_lock(project, cfg.outputs_dir, name), prefect_tags(run_tag("sweep", name)):
+    with sweep_lock(project, cfg.outputs_dir, name), flow_run_tags(run_tag("sweep", name)):
+        tag_this_flow_run()
         init_store(project)
         tags = {"fisao.worlds": ",".join(map(str, worlds)), "fisao.seeds": ",".join(map(str, seeds)),
                 "fisao.rounds": str(rounds if rounds is not None else cfg.ppo.rounds),

@@ -97,13 +97,17 @@ def test_campaign_builds_evaluates_logs_then_hits_cache(tmp_path, monkeypatch, h
 
     # Prefect: flow runs named after the campaign and tagged with it; round tables and summary as artifacts.
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,
+                                                FlowRunFilterTags)
 
     with get_client(sync_client=True) as prefect:
         flow_runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["campaign:e2e"])))
         tables = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-rounds"])))
         summaries = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-summary"])))
     assert sorted(r.name for r in flow_runs) == ["e2e", "e2e: round 1", "e2e: round 2"]
+    with get_client(sync_client=True) as prefect:  # untagged: no concurrency-slot calls per task run
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in flow_runs])))
+    assert len(task_runs) > 10 and not any(t.tags for t in task_runs)
     assert sorted(a.description for a in tables) == ["e2e: metrics after round 1", "e2e: metrics after round 2"]
     latest = max(tables, key=lambda a: a.created)
     rows = json.loads(latest.data) if isinstance(latest.data, str) else latest.data

@@ -42,3 +42,40 @@ def test_a_flow_run_tags_itself_and_publishes_the_rounds_table_and_the_summary(h
     table = by_key["pub-1-rounds"].data
     assert (json.loads(table) if isinstance(table, str) else table) == rows
     assert by_key["pub-1-summary"].type == "markdown" and "0.200 base → 0.100" in by_key["pub-1-summary"].data
+
+
+def test_flow_run_tags_reach_subflow_runs_and_not_task_runs(harness):
+    # A tagged task run asks the API for its tags' concurrency slots before it starts: the campaign
+    # tags its flow runs only (tasks/publish.py flow_run_tags).
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    from tasks.publish import flow_run_tags, tag_this_flow_run
+
+    @task
+    def step() -> str:
+        return str(TaskRunContext.get().task_run.id)
+
+    @flow
+    def inner() -> tuple[str, str]:
+        tag_this_flow_run("round")
+        return str(FlowRunContext.get().flow_run.id), step()
+
+    @flow
+    def outer() -> tuple[str, str, str, str]:
+        with flow_run_tags("sweep:S"):
+            with flow_run_tags("campaign:C"):
+                tag_this_flow_run()
+                sub, sub_task = inner()
+            return str(FlowRunContext.get().flow_run.id), step(), sub, sub_task
+
+    outer_id, outer_task, sub_id, sub_task = outer()
+    with get_client(sync_client=True) as client:
+        runs = {str(r.id): r for r in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[outer_id, sub_id])))}
+        tasks = [client.read_task_run(t) for t in (outer_task, sub_task)]
+    assert sorted(runs[outer_id].tags) == ["campaign:C", "sweep:S"]
+    assert sorted(runs[sub_id].tags) == ["campaign:C", "round", "sweep:S"]
+    assert [t.tags for t in tasks] == [[], []]

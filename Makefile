@@ -29,6 +29,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m runner.ephemeral  # Prefect's empty database, migrated once for every new project
 	@touch $(STAMP)
 
 # The peer methods' extra (TRL, datasets), on top of the main install: the exact versions of

@@ -127,6 +127,11 @@ def test_overhead_bench_plain_beside_fisao_run(tmp_path):
     # The same campaign: both evaluated the base model and round 1 with the same results.
     assert len(out["chair_i"]["plain"]) == 2 and out["same_metrics"]
     assert f"ratio {out['ratio']:.3f}" in done.stdout
+    # CPU seconds: the plain run has no server, the flow's server did work.
+    cpu = out["cpu"]
+    assert cpu["plain"]["server"] == 0 and cpu["flow"]["server"] > 0 and cpu["plain"]["process"] > 0
+    assert cpu["flow_s"] == pytest.approx(sum(cpu["flow"].values()), abs=0.03)
+    assert cpu["ratio"] == round(cpu["flow_s"] / cpu["plain_s"], 3)
     assert out["workdir"] == str(tmp_path / "work") and (tmp_path / "work" / "flow.log").is_file()
 
 

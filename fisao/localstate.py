@@ -31,8 +31,9 @@ def local_state_env(project: str | Path) -> dict[str, str]:
         "PREFECT_HOME": str(project / ".prefect"),
         "PREFECT_LOCAL_STORAGE_PATH": str(project / ".prefect" / "storage"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        # The ephemeral API's first start (database migrations) takes ~22 s on 2 cores, more
-        # when busy; Prefect's default of 20 s fails `make run` on a fresh clone.
+        # The ephemeral API's start takes ~6 s on 2 cores, a first one that migrates a database
+        # ~13 s (runner/ephemeral.py), far more when the cores are busy; Prefect's default of 20 s
+        # failed `make run` on a fresh clone when it still migrated.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
         "FISAO_PROJECT": str(project),

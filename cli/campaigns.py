@@ -27,13 +27,11 @@ def _campaign(args: argparse.Namespace, config: str | None, overrides: dict, nam
         if lock.took_over:
             print(f"fisao: took over the lock of campaign {name!r} from {lock.took_over.describe()}, which is no "
                   "longer running", file=sys.stderr)
-        from runner.ephemeral import start_api_soon
-
-        api = start_api_soon(project)  # the server comes up while the flows import
         from fisao.summary import print_summary
         from flows.campaign import campaign
+        from runner.ephemeral import start_api
 
-        stop.watch(api.result())
+        stop.watch(start_api(project))
 
         summary = campaign(config_path=config, project=project, overrides=overrides, run_name=name,
                            rounds=args.rounds, add_rounds=args.more_rounds, allow_changed_data=args.allow_changed_data)
@@ -76,13 +74,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
     with sweep_lock(project, cfg.outputs_dir, name) as lock, \
             SweepStop(name, lock.path, locks, sweep_command(args, name)) as stop:
-        from runner.ephemeral import start_api_soon
-
-        api = start_api_soon(project)  # the server comes up while the flows import
         from fisao.summary import print_sweep
+        from runner.ephemeral import start_api
         from flows.sweep import sweep
 
-        stop.watch(api.result())
+        stop.watch(start_api(project))
         result = sweep(config_path=args.config, worlds=list(worlds), seeds=list(seeds), project=project,
                        rounds=args.rounds, name=name)
     if stop.code is not None:

@@ -13,8 +13,7 @@ migrates a new SQLite database through its 100-odd migrations at the server's fi
 7 s of a 13 s start on 2 cores, and every new project (a fresh clone's `make run`, each temp
 project of the tests and benches) paid it. The empty database is migrated once per machine and
 Prefect version, in a child process, into the user's cache (`make install` does it); the
-server's own start then finds it at the head revision. `start_api_soon` starts the server in a
-thread, so that it comes up while the command imports the flows.
+server's own start then finds it at the head revision.
 """
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -192,16 +190,6 @@ def start_api(project: str | Path) -> subprocess.Popen | None:
         with get_client(sync_client=True) as client:
             client.api_healthcheck()
     return server.server_process if server is not None else None
-
-
-def start_api_soon(project: str | Path) -> Future:
-    """`start_api(project)` in a thread of its own, begun now: the server (a child process) comes up
-    while this process goes on importing; the future's result is `start_api`'s."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisao-api-start")
-    try:
-        return pool.submit(start_api, project)
-    finally:
-        pool.shutdown(wait=False)
 
 
 if __name__ == "__main__":  # `make install`: migrate this machine's empty database once, ahead of any run

@@ -154,7 +154,8 @@ def migrated_template() -> Path:
 
 def seed_database() -> Path | None:
     """Give Prefect's SQLite database, when it does not exist yet, the migrated empty one's content;
-    returns the database seeded (None: it exists, or the database is not a local SQLite file)."""
+    returns the database seeded (None: it exists, the database is not a local SQLite file, or the
+    user's cache cannot be written, in which case the server migrates the new database itself)."""
     from prefect.settings import get_current_settings
 
     url = get_current_settings().server.database.connection_url
@@ -164,8 +165,12 @@ def seed_database() -> Path | None:
     db = Path(url.removeprefix(SQLITE))
     if db.exists():
         return None
+    try:
+        template = migrated_template()
+    except OSError:  # a read-only or missing home: no cache, a slower first start
+        return None
     db.parent.mkdir(parents=True, exist_ok=True)
-    _copy_database(migrated_template(), db)
+    _copy_database(template, db)
     return db
 
 
@@ -193,4 +198,7 @@ def start_api(project: str | Path) -> subprocess.Popen | None:
 
 
 if __name__ == "__main__":  # `make install`: migrate this machine's empty database once, ahead of any run
-    print(migrated_template())
+    try:
+        print(migrated_template())
+    except OSError as e:  # the install goes on: each new project's first start then migrates its own
+        print(f"no migrated Prefect database cached ({e}): a new project's first start migrates its own")

@@ -60,3 +60,16 @@ def test_a_new_projects_database_starts_as_the_migrated_empty_one(tmp_path):
     assert found["head"] == found["template_head"] and len(found["head"]) == 1  # at the head revision
     assert sorted(p.name for p in (cache / "fisao" / "prefect").iterdir() if not p.name.endswith(".lock")) == [
         Path(found["template"]).name]  # the build's own files are gone
+
+
+def test_without_a_writable_cache_the_server_migrates_the_new_database_itself(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL")}
+    env.update({"PREFECT_HOME": str(tmp_path / ".prefect"), "XDG_CACHE_HOME": str(blocked / "cache"),
+                "DO_NOT_TRACK": "true"})
+    code = "from runner.ephemeral import seed_database; print(seed_database())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], env=env, text=True,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split()[-1] == "None" and not (tmp_path / ".prefect" / "prefect.db").exists()

@@ -38,7 +38,8 @@ wall time, so `where`, the flow's spans less the plain run's, adds up to flow_s 
   locks, lineage tags (git state, package versions), logging;
 - `flow_run_end`: from the body's return to `fisao run` returning (the flow run's final state,
   the printed summary);
-- `exit`: from `main` returning to the process's end (atexit: the Prefect server stopped).
+- `exit`: from `main` returning to the process's end (the exit handlers: the Prefect server
+  stopped; both runs end as the `fisao` command does, without the interpreter's teardown).
 The plain run has `process_start`, `imports`, `library` (its whole campaign), `task_bookkeeping`
 (its body less the library calls: config, paths) and `exit`.
 
@@ -247,7 +248,9 @@ def child(args: argparse.Namespace) -> int:
     Path(args.times).write_text(json.dumps({"marks": marks, "seconds": dict(timers.seconds),
                                             "calls": dict(timers.calls), "cpu": cpu_seconds(marks.get("server_pid")),
                                             "metrics": metrics}))
-    return 0
+    from runner.exit import exit_without_teardown
+
+    exit_without_teardown(0)  # both runs end as the `fisao` command does (runner/exit.py)
 
 
 def cpu_seconds(server_pid: int | None) -> dict[str, float]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from cli import campaigns, convert, estimate, evaluate, runs, world
 from fisao.dvcdata import DataMismatch
 from fisao.localstate import apply_local_state
 from fisao.locks import CampaignLocked
 from fisao.progress import quiet_library_bars
+from runner.exit import exit_without_teardown
 
 # In the order `fisao --help` lists them: world, eval, estimate, convert, run, resume, sweep, runs, audit.
 COMMAND_GROUPS = (world, evaluate, estimate, convert, campaigns, runs)
@@ -47,5 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> NoReturn:
+    """The `fisao` command (pyproject.toml): `main`, then out without Python's teardown of its
+    modules once the command has returned (runner/exit.py); an error still ends it as Python does."""
+    exit_without_teardown(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -32,7 +32,6 @@ which is harsher).
 from __future__ import annotations
 
 import _thread
-import atexit
 import os
 import signal
 import subprocess
@@ -46,6 +45,7 @@ from typing import NoReturn
 from prefect.exceptions import TerminationSignal
 
 from fisao.locks import held_locks
+from runner.exit import exit_without_teardown
 
 GRACE = 6.0  # seconds from the first signal to a forced exit; the target is an exit within 10 s
 BACKSTOP = 2.0  # seconds a forced exit may spend on MLflow and the lock before it exits regardless
@@ -191,13 +191,7 @@ class CommandStop(ABC):
         """
         if not self._stopping.acquire(blocking=False):  # a forced exit is under way in the watchdog
             time.sleep(BACKSTOP + 1)
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=BACKSTOP)  # here, not in logging.shutdown, where it waits 5 s for a lock
-        atexit._run_exitfuncs()
-        print(f"fisao: {self.hint(self.recorded())}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(self.code)
+        exit_without_teardown(self.code, f"fisao: {self.hint(self.recorded())}")
 
     def _on_signal(self, signum: int, frame) -> None:
         if self._deferred is not None:  # re-delivered by the watchdog once out of Prefect's code

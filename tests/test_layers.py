@@ -113,13 +113,14 @@ def test_flows_holds_flows_only():
 
 
 def test_the_fisao_command_is_cli_main_and_loads_without_prefect_or_mlflow():
-    """The console script runs cli.main:main, and building its parser (what `fisao world build` or
-    `fisao eval chair` needs before running) imports neither Prefect nor MLflow: they start fast."""
+    """The console script runs cli.main:entry (main, then out without the interpreter's teardown),
+    and building its parser (what `fisao world build` or `fisao eval chair` needs before running)
+    imports neither Prefect nor MLflow: they start fast."""
     import subprocess
     import sys
     import tomllib
 
-    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["fisao"] == "cli.main:main"
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["fisao"] == "cli.main:entry"
     code = ("import sys; from cli.main import build_parser, main; build_parser().parse_args(['world', 'build']); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The `fisao` command (pyproject.toml): `main`, then out without Python's teardown of its
     modules once the command has returned (runner/exit.py); an error still ends it as Python does."""
-    exit_without_teardown(main())
+    exit_without_teardown(main() or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -258,11 +258,13 @@ def cpu_seconds(server_pid: int | None) -> dict[str, float]:
     Prefect server (still running: read from /proc; 0 without one)."""
     import resource
 
+    from runner.ephemeral import stat_fields
+
     own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     server = 0.0
     if server_pid is not None:
         try:
-            fields = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(server_pid)
             server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
         except (OSError, IndexError, ValueError):
             server = float("nan")

@@ -37,12 +37,18 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ..., utime at 11, stime at
+    12); OSError when the process is gone or there is no /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def servers_started_by(pid: int) -> list[int]:
     """Pids of Prefect ephemeral servers whose parent is `pid`."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            ppid = int(stat_fields(stat.parent.name)[1])
         except (OSError, IndexError, ValueError):
             continue
         child = int(stat.parent.name)

@@ -144,17 +144,15 @@ def migrated_template() -> Path:
     template = template_path()
     with exclusive(template.with_name(f".{template.name}.lock")):
         if not template.is_file():
-            work = template.with_name(f".{template.stem}.build")
-            for leftover in work.parent.glob(f"{work.name}*"):
-                leftover.unlink()
-            db = work.parent / f"{work.name}.db"
+            db = template.with_name(f".{template.stem}.build.db")  # with its -wal and -shm while migrated
+            leftovers = lambda: [p.unlink() for p in db.parent.glob(f"{db.name}*")]  # noqa: E731
+            leftovers()
             env = {**os.environ, "PREFECT_HOME": str(template.parent), "PREFECT_API_DATABASE_CONNECTION_URL": f"{SQLITE}{db}"}
             done = subprocess.run([sys.executable, "-c", MIGRATE], env=env, capture_output=True, text=True, timeout=600)
             if done.returncode != 0:
                 raise RuntimeError(f"migrating an empty Prefect database failed: {done.stderr[-2000:]}")
             _copy_database(db, template)
-            for leftover in work.parent.glob(f"{work.name}*"):
-                leftover.unlink()
+            leftovers()
     return template
 
 

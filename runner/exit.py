@@ -1,9 +1,9 @@
 """How the `fisao` command ends: its exit handlers run, its output is flushed, and the process ends
 without Python's teardown of its modules.
 
-That teardown (garbage collection over torch, transformers, Prefect and MLflow) took 1.3–1.7 s
-of a fully cached tiny `fisao run` of about 12 s on 2 cores (five runs alternating, median 12.39 s
-against 10.69 s), and Prefect's log flush inside `logging.shutdown` could wait 5 s for a lock (its
+That teardown (garbage collection over torch, transformers, Prefect and MLflow) took about 3 s
+of a fully cached tiny `fisao run` on 2 cores (five runs each, alternating: median 10.87 s against
+14.02 s ending through `sys.exit(main())`; docs/performance.md), and Prefect's log flush inside `logging.shutdown` could wait 5 s for a lock (its
 timeout). Nothing is lost: every stage, manifest and MLflow write is done by then, Prefect's logs
 are drained first, and the exit handlers still run (Prefect's stop the ephemeral API server,
 `logging.shutdown` flushes the handlers). No Prefect import here: `fisao world build` never loads it.

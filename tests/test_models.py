@@ -157,6 +157,70 @@ def test_sft_loss_token_mean_is_the_models_own_loss_and_kinds_weighs_captions_de
     assert abs(float(sft_loss(logits, labels, decision, 1, "token")) - float(hf)) < 1e-6
 
 
+def test_sft_token_weights_sum_to_one_and_weigh_each_present_kind_equally():
+    from fisao.models.llava import sft_token_weights
+
+    labels = torch.full((3, 6), -100)
+    labels[0, 3:] = 7          # a question: 3 answer tokens, the first (position 3) deciding
+    labels[1, 2:] = 7          # two captions: 4 and 2 answer tokens
+    labels[2, 4:] = 7
+    decision = torch.zeros(3, 6, dtype=torch.bool)
+    decision[0, 3] = decision[1, 2] = decision[2, 4] = True
+    w = sft_token_weights(labels, decision, 1, "kinds")  # (3, 5): position t weighs the token at t + 1
+    assert w.shape == (3, 5) and abs(float(w.sum()) - 1) < 1e-6
+    assert abs(float(w[0, 2]) - 1 / 3) < 1e-7 and torch.allclose(w[0, 3:], torch.full((2,), 1 / 6))  # deciding; the rest (2)
+    assert torch.allclose(w[1, 1:], torch.full((4,), 1 / 18)) and torch.allclose(w[2, 3:], torch.full((2,), 1 / 18))
+    assert float(w[labels[:, 1:] == -100].abs().sum()) == 0
+    token = sft_token_weights(labels, decision, 1, "token")
+    assert torch.allclose(token[labels[:, 1:] != -100], torch.full((9,), 1 / 9))
+
+
+def test_sft_backward_gives_the_full_batchs_loss_and_gradient(tiny_models):
+    """The training step's path (tower states computed once, questions and captions as two groups
+    each padded to its own width, logits at answer positions only) against the naive one: the
+    model's own forward with pixel_values over the whole right-padded batch, then `sft_loss`."""
+    import random
+
+    from fisao.coco import load_image
+    from fisao.generate import load_policy
+    from fisao.models.images import pixel_values
+    from fisao.models.llava import (ItemIds, collate, image_token_count, sft_backward, sft_items, sft_loss,
+                                    tower_states)
+    from fisao.world.data import load_split
+
+    model, processor = load_policy(tiny_models["llava"])
+    train = load_split(tiny_models["world"], "train")[:12]
+    pixels = pixel_values(processor.image_processor, [e.image for e in train])
+    states = tower_states(model, pixels, batch_size=5)
+    features = model.model.get_image_features(pixel_values=pixels).pooler_output
+    assert torch.allclose(model.model.multi_modal_projector(states), torch.stack(list(features)), atol=1e-6)
+
+    captions, questions = sft_items(train, random.Random(0))
+    items = questions[:5] + captions[:3]
+    ids = ItemIds(processor, image_token_count(processor, load_image(train[0].image)))
+    batch = collate(processor, ids.n_image_tokens, items, ids)
+    assert len(ids.answers) == len({a for _, _, a in items})  # each answer tokenized once
+    assert all(torch.equal(batch[k], v) for k, v in collate(processor, ids.n_image_tokens, items).items())
+    index = torch.tensor([i for i, _, _ in items])
+    widths = batch["attention_mask"].sum(1)
+    assert int(widths[:5].max()) < int(widths.max())  # the questions' group is narrower: padding saved
+
+    model.model.vision_tower.requires_grad_(False)  # as `llava_from_clip` builds it (not saved in the checkpoint)
+    model.train()
+    for mean in ("kinds", "token"):
+        model.zero_grad(set_to_none=True)
+        loss = sft_backward(model, states, batch, index, 5, mean)
+        ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        naive = sft_loss(model(**inputs, pixel_values=pixels[index]).logits, batch["labels"], batch["decision"], 5, mean)
+        naive.backward()
+        assert abs(loss - float(naive)) < 1e-5
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(ours[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
 def test_collate_marks_each_answers_first_word(tiny_models):
     from fisao.generate import load_policy
     from fisao.models.llava import collate

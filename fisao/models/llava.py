@@ -19,7 +19,7 @@ from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditiona
 
 from fisao.coco import load_image
 from fisao.config import LlavaBuildConfig
-from fisao.models.families import chat_prompt
+from fisao.models.families import chat_prompt, decoder_hidden
 from fisao.models.images import pixel_values
 from fisao.progress import bar as progress_bar
 from fisao.world.data import Example
@@ -80,22 +80,44 @@ def sft_items(examples: list[Example], rng: random.Random) -> tuple[list[tuple[i
     return captions, questions
 
 
-def collate(processor: LlavaProcessor, n_image_tokens: int, items: list[tuple[int, str, str]]) -> dict[str, torch.Tensor]:
+class ItemIds:
+    """Token ids of training items: each prompt (with its image tokens) and each answer (with EOS)
+    tokenized once and remembered; the same ids as tokenizing every time."""
+
+    def __init__(self, processor: LlavaProcessor, n_image_tokens: int):
+        self.processor, self.n_image_tokens = processor, n_image_tokens
+        self.prompts: dict[str, list[int]] = {}
+        self.answers: dict[str, tuple[list[int], int]] = {}
+
+    def __call__(self, question: str, answer: str) -> tuple[list[int], list[int], int]:
+        """(prompt ids, answer ids ending in EOS, index in the answer ids of its first word's first token)."""
+        tok = self.processor.tokenizer
+        prompt = self.prompts.get(question)
+        if prompt is None:
+            image = self.processor.image_token
+            text = chat_prompt(self.processor, question).replace(image, image * self.n_image_tokens)
+            prompt = self.prompts[question] = tok(text, add_special_tokens=True)["input_ids"]
+        if answer not in self.answers:
+            ids = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            self.answers[answer] = ids, next(i for i, t in enumerate(ids) if tok.decode([t]).strip())
+        ids, first = self.answers[answer]
+        return prompt, ids, first
+
+
+def collate(processor: LlavaProcessor, n_image_tokens: int, items: list[tuple[int, str, str]],
+            ids: ItemIds | None = None) -> dict[str, torch.Tensor]:
     """Right-padded input ids, attention mask, labels (-100 outside the answers) and `decision`:
-    True at each answer's first word token (a yes/no answer's "Yes" or "No")."""
-    tok = processor.tokenizer
-    image = processor.image_token
+    True at each answer's first word token (a yes/no answer's "Yes" or "No"). `ids` remembers the
+    tokenized prompts and answers across batches."""
+    ids = ids or ItemIds(processor, n_image_tokens)
     rows, labels, decisions = [], [], []
     for _, question, answer in items:
-        prompt = chat_prompt(processor, question).replace(image, image * n_image_tokens)
-        p = tok(prompt, add_special_tokens=True)["input_ids"]
-        a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        p, a, first = ids(question, answer)
         rows.append(p + a)
         labels.append([-100] * len(p) + a)
-        first = next(i for i, t in enumerate(a) if tok.decode([t]).strip())
         decisions.append(len(p) + first)
     width = max(map(len, rows))
-    pad = tok.pad_token_id
+    pad = processor.tokenizer.pad_token_id
     decision = torch.zeros(len(rows), width, dtype=torch.bool)
     decision[torch.arange(len(rows)), torch.tensor(decisions)] = True
     return {
@@ -106,38 +128,101 @@ def collate(processor: LlavaProcessor, n_image_tokens: int, items: list[tuple[in
     }
 
 
+def sft_token_weights(labels: torch.Tensor, decision: torch.Tensor, n_questions: int, mean: str = "kinds") -> torch.Tensor:
+    """(B, T-1) weight of each next-token loss in `sft_loss`, which is Σ weight · loss.
+
+    labels: (B, T), -100 where no loss is taken; decision: (B, T) bool, True at each answer's first
+    word; the first `n_questions` rows are yes/no questions. `mean="token"`: 1/n for each of the n
+    answer tokens (the model's own `.loss`). `mean="kinds"`: three kinds of tokens, the captions'
+    tokens, the questions' deciding words ("Yes"/"No") and the questions' other tokens, each kind's
+    tokens 1/(k · its count) for the k kinds present in the batch, so their means weigh equally.
+    Positions without a loss weigh 0.
+    """
+    counted = labels[:, 1:] != -100
+    weights = torch.zeros(counted.shape)
+    if mean == "token":
+        weights[counted] = 1.0 / int(counted.sum())
+        return weights
+    is_question = torch.zeros_like(counted)
+    is_question[:n_questions] = True
+    deciding = decision[:, 1:] & counted
+    kinds = [k for k in (counted & ~is_question, deciding & is_question, counted & is_question & ~deciding) if k.any()]
+    for k in kinds:
+        weights[k] = 1.0 / (len(kinds) * int(k.sum()))
+    return weights
+
+
 def sft_loss(
     logits: torch.Tensor, labels: torch.Tensor, decision: torch.Tensor, n_questions: int, mean: str = "kinds"
 ) -> torch.Tensor:
     """Next-token cross-entropy of a batch whose first `n_questions` rows are yes/no questions.
 
     logits: (B, T, V); labels: (B, T), -100 where no loss is taken; decision: (B, T) bool, True at
-    each answer's first word. `mean="token"` averages over every answer token (what the model's own
-    `.loss` does). `mean="kinds"` averages three kinds of tokens separately and weighs their means
-    equally: the captions' tokens, the questions' deciding words ("Yes"/"No") and the questions'
-    other tokens (a kind absent from the batch leaves the others). Returns a scalar.
+    each answer's first word. Each token's loss weighs as `sft_token_weights` says (`mean="token"`:
+    the mean over every answer token; `"kinds"`: the means of captions, deciding words and the
+    questions' other tokens, weighed equally). Returns a scalar.
     """
-    target = labels[:, 1:]
-    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100, reduction="none")
-    counted = target != -100
-    if mean == "token":
-        return token_loss[counted].mean()
-    is_question = torch.zeros_like(counted)
-    is_question[:n_questions] = True
-    deciding = decision[:, 1:] & counted
-    kinds = [counted & ~is_question, deciding & is_question, counted & is_question & ~deciding]
-    return torch.stack([token_loss[k].mean() for k in kinds if k.any()]).mean()
+    weights = sft_token_weights(labels, decision, n_questions, mean)
+    counted = weights > 0
+    token_loss = F.cross_entropy(logits[:, :-1][counted].float(), labels[:, 1:][counted], reduction="none")
+    return (token_loss * weights[counted]).sum()
+
+
+@torch.no_grad()
+def tower_states(model: LlavaForConditionalGeneration, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, I, D) what LLaVA's projector reads for pixels (N, 3, H, W): the frozen vision tower's
+    states at the config's feature layer, CLS dropped ("default" strategy), as `get_image_features`
+    takes them before its projector."""
+    config = model.config
+    if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
+        raise ValueError("tower_states reads one feature layer with the default (CLS dropped) strategy")
+    tower = model.model.vision_tower
+    chunks = [tower(chunk, output_hidden_states=True).hidden_states[config.vision_feature_layer][:, 1:]
+              for chunk in pixels.split(batch_size)]
+    return torch.cat(chunks)
+
+
+def sft_backward(model: LlavaForConditionalGeneration, states: torch.Tensor, batch: dict[str, torch.Tensor],
+                 image_index: torch.Tensor, n_questions: int, mean: str = "kinds") -> float:
+    """Back-propagates `sft_loss` of one batch (`collate`'s, questions first) and returns it.
+
+    states: (N, I, D) `tower_states` of the training images; image_index: (B,) each row's image. The
+    questions and the captions go through the model as two groups, each padded to its own longest
+    row (the questions are shorter), with the whole batch's token weights: the loss and gradient
+    of the batch in one pass, less the padding. Logits are computed at answer positions only.
+    """
+    labels, decision = batch["labels"], batch["decision"]
+    weights = sft_token_weights(labels, decision, n_questions, mean)
+    projector, head = model.model.multi_modal_projector, model.get_output_embeddings()
+    total = 0.0
+    for rows in (slice(0, n_questions), slice(n_questions, len(labels))):
+        if rows.start == rows.stop:
+            continue
+        width = int(batch["attention_mask"][rows].sum(1).max())
+        ids, mask, target = batch["input_ids"][rows, :width], batch["attention_mask"][rows, :width], labels[rows, 1:width]
+        features = projector(states[image_index[rows]])
+        hidden = decoder_hidden(model, ids, mask, None, {"image_features": features})
+        counted = target != -100
+        token_loss = F.cross_entropy(head(hidden[:, :-1][counted]).float(), target[counted], reduction="none")
+        loss = (token_loss * weights[rows, : width - 1][counted]).sum()
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 def train_llava(
     model: LlavaForConditionalGeneration, processor: LlavaProcessor, train: list[Example], cfg: LlavaBuildConfig,
     progress: bool = True,
 ) -> dict:
-    """Supervised fine-tuning of projector + language model; returns the loss curve."""
+    """Supervised fine-tuning of projector + language model; returns the loss curve.
+
+    The vision tower is frozen, so its states for the training images are computed once, and each
+    prompt and answer is tokenized once."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     pixels = pixel_values(processor.image_processor, [e.image for e in train])
-    n_tokens = image_token_count(processor, load_image(train[0].image))
+    states = tower_states(model, pixels)
+    item_ids = ItemIds(processor, image_token_count(processor, load_image(train[0].image)))
     captions, questions = sft_items(train, rng)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -151,18 +236,15 @@ def train_llava(
     for step in bar:
         n_q = sum(rng.random() < cfg.question_share for _ in range(cfg.batch_size))
         items = rng.sample(questions, n_q) + rng.sample(captions, cfg.batch_size - n_q)
-        batch = collate(processor, n_tokens, items)
-        batch["pixel_values"] = pixels[[i for i, _, _ in items]]
-        labels, decision = batch.pop("labels"), batch.pop("decision")
-        loss = sft_loss(model(**batch).logits, labels, decision, n_q, cfg.loss_mean)
+        batch = collate(processor, item_ids.n_image_tokens, items, item_ids)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = sft_backward(model, states, batch, torch.tensor([i for i, _, _ in items]), n_q, cfg.loss_mean)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        curve.append(round(float(loss.detach()), 5))
+        curve.append(round(loss, 5))
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
     model.eval()
     return {"loss": curve}
 

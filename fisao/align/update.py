@@ -107,18 +107,21 @@ def cache_prompts(model: peft.PeftModel, processor, images, rollouts: Rollouts, 
     if (features_of is None or dropout > 0
             or any(".multi_modal_projector." in name and "lora_" in name for name, _ in model.named_parameters())):
         return None
-    ids: list[Tensor] = [torch.empty(0)] * len(rollouts)
+    # A fixed-size family's prompt ids do not depend on the image: each distinct prompt is encoded once,
+    # each distinct image's features computed once.
+    index = rollouts.image_index.tolist()
+    by_prompt: dict[str, Tensor] = {}
+    for row, prompt in enumerate(rollouts.prompts):
+        if prompt not in by_prompt:
+            inputs = encode_prompts(processor, [images[index[row]]], prompt)
+            by_prompt[prompt] = inputs["input_ids"][0][inputs["attention_mask"][0].bool()]
+    ids = [by_prompt[prompt] for prompt in rollouts.prompts]
+    distinct = list(dict.fromkeys(index))
     features: dict[int, Tensor] = {}
-    for rows in torch.arange(len(rollouts)).split(batch_size):
-        index = rollouts.image_index[rows].tolist()
-        inputs = encode_prompts(processor, [images[i] for i in index], [rollouts.prompts[r] for r in rows.tolist()],
-                                device)
-        for j, r in enumerate(rows.tolist()):
-            ids[r] = inputs["input_ids"][j][inputs["attention_mask"][j].bool()].cpu()
-        first = {i: j for j, i in reversed(list(enumerate(index))) if i not in features}  # one row per new image
-        if first:
-            computed = features_of(hf, inputs["pixel_values"][list(first.values())])
-            features.update({i: f.cpu() for i, f in zip(first, computed)})  # on the host: moved per micro-batch
+    for start in range(0, len(distinct), batch_size):
+        chunk = distinct[start : start + batch_size]
+        pixels = processor.image_processor(images=[images[i] for i in chunk], return_tensors="pt")["pixel_values"]
+        features.update(zip(chunk, features_of(hf, pixels.to(device)).cpu()))  # on the host: moved per micro-batch
     tokenizer = getattr(processor, "tokenizer", processor)
     return PromptCache(ids, features, tokenizer.pad_token_id, tokenizer.padding_side == "left")
 

@@ -15,10 +15,8 @@ command again, which takes the finished campaigns and resumes the rest). Under e
   (KILLED; a sweep's flow marks its own run too), the locks are released, and the command ends
   with one line saying how to resume.
 - A signal that lands while Prefect runs its own bookkeeping (setting up a task run, storing its
-  state) or while MLflow writes to its store is held until the main thread is back in the
-  campaign's code (the watchdog looks every 50 ms), then raised there: raised inside Prefect it
-  surfaced as Prefect's own error, inside MLflow's SQLAlchemy session it can leave the store
-  locked for the stop's own write (`in_guarded_code`). Should a
+  state) is held until the main thread is back in the campaign's code (the watchdog looks every
+  50 ms), then raised there: raised inside Prefect it surfaced as Prefect's own error. Should a
   signal still surface as another error, it is recorded as interrupted all the same.
 - A second signal, or an unwinding that has not ended the process `GRACE` seconds after the
   first, ends the process at once (`stop_now`).
@@ -75,27 +73,17 @@ def _mark_campaign(name: str, end: str, error: str, force: bool = False) -> bool
     return parent is not None
 
 
-# Packages whose code a signal must not interrupt: Prefect's bookkeeping, and a write to MLflow's
-# store under way (MLflow, SQLAlchemy).
-GUARDED = ("prefect", "mlflow", "sqlalchemy")
-
-
-def in_guarded_code(frame) -> bool:
-    """Whether `frame` runs Prefect's or MLflow's own code (`GUARDED`) rather than the campaign's
-    (fisao, tasks, flows, cli).
+def in_prefect(frame) -> bool:
+    """Whether `frame` runs Prefect's own code rather than the campaign's (fisao, tasks, flows, cli).
 
     The innermost frame of either decides (libraries such as torch or pydantic belong to whoever
     called them). A KeyboardInterrupt raised inside Prefect's task bookkeeping is not survived as
     one: measured, a SIGINT that landed in `initialize_run` surfaced as Prefect's "ValueError: Task
-    run is not set", a failed flow with a traceback and exit status 2. Raised inside MLflow's
-    SQLAlchemy session (its commit, rollback or close), it can leave that connection's write
-    transaction open, and the stop's own write to the same SQLite file then waits for it until
-    "database is locked": seen in tests/test_interrupt.py, a SIGTERM'd resume failing so after 22 s
-    (its campaign_state write) instead of stopping as interrupted.
+    run is not set", a failed flow with a traceback and exit status 2.
     """
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        if module.split(".")[0] in GUARDED:
+        if module == "prefect" or module.startswith("prefect."):
             return True
         if module.split(".")[0] in ("fisao", "tasks", "flows", "cli"):
             return False
@@ -214,7 +202,7 @@ class CommandStop(ABC):
             self.signum, self.deadline = signum, time.monotonic() + self.grace
             print(f"fisao: {signal.Signals(signum).name}: stopping {self.kind} {self.name!r} (again to stop at once)",
                   file=sys.stderr, flush=True)
-        if in_guarded_code(frame):  # raised there, it would become Prefect's error or hold MLflow's store: wait
+        if in_prefect(frame):  # raised there, it would become Prefect's own error: wait until it returns
             self._deferred = signum
             return
         raise Interrupted(signum)
@@ -223,7 +211,7 @@ class CommandStop(ABC):
         while True:
             time.sleep(POLL / 4 if self._deferred is not None else POLL)
             deferred = self._deferred
-            if deferred is not None and not in_guarded_code(sys._current_frames().get(self._main)) and self._deferred:
+            if deferred is not None and not in_prefect(sys._current_frames().get(self._main)) and self._deferred:
                 _thread.interrupt_main(deferred)  # runs _on_signal in the main thread, which raises now
             if self.deadline is not None and time.monotonic() > self.deadline:
                 self.stop_now("interrupted", f"{signal.Signals(self.signum).name}: not stopped after {self.grace:g}s",

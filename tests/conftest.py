@@ -6,7 +6,6 @@ save_pretrained/from_pretrained path as the real checkpoints.
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,6 @@ from fisao.localstate import OFFLINE
 from fisao.world.config import CRISP
 
 os.environ.update(OFFLINE)
-# A shell that starts `make test` as a background job without job control (`make test &` in a
-# script, `nohup ... &`) hands it SIGINT ignored, and an ignored signal stays ignored across exec:
-# the Ctrl-C tests' campaigns would never see theirs (measured: three of them failed so). With
-# Python's handler back in pytest's process, the processes it starts begin with the default.
-if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 # One thread: the machines have 2 cores, often shared; a second torch thread makes the tiny
 # models' small matrix products ~30x slower under contention (measured by a helper session).
 torch.set_num_threads(1)

@@ -145,7 +145,11 @@ def migrated_template() -> Path:
     with exclusive(template.with_name(f".{template.name}.lock")):
         if not template.is_file():
             db = template.with_name(f".{template.stem}.build.db")  # with its -wal and -shm while migrated
-            leftovers = lambda: [p.unlink() for p in db.parent.glob(f"{db.name}*")]  # noqa: E731
+
+            def leftovers() -> None:
+                for path in db.parent.glob(f"{db.name}*"):
+                    path.unlink()
+
             leftovers()
             env = {**os.environ, "PREFECT_HOME": str(template.parent), "PREFECT_API_DATABASE_CONNECTION_URL": f"{SQLITE}{db}"}
             done = subprocess.run([sys.executable, "-c", MIGRATE], env=env, capture_output=True, text=True, timeout=600)

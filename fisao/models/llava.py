@@ -164,8 +164,12 @@ def sft_loss(
     """
     weights = sft_token_weights(labels, decision, n_questions, mean)
     counted = weights > 0
-    token_loss = F.cross_entropy(logits[:, :-1][counted].float(), labels[:, 1:][counted], reduction="none")
-    return (token_loss * weights[counted]).sum()
+    return weighted_token_loss(logits[:, :-1][counted], labels[:, 1:][counted], weights[counted])
+
+
+def weighted_token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ weight · cross-entropy over N tokens: logits (N, V), targets (N,), weights (N,) -> scalar."""
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
 
 
 @torch.no_grad()
@@ -203,8 +207,7 @@ def sft_backward(model: LlavaForConditionalGeneration, states: torch.Tensor, bat
         features = projector(states[image_index[rows]])
         hidden = decoder_hidden(model, ids, mask, None, {"image_features": features})
         counted = target != -100
-        token_loss = F.cross_entropy(head(hidden[:, :-1][counted]).float(), target[counted], reduction="none")
-        loss = (token_loss * weights[rows, : width - 1][counted]).sum()
+        loss = weighted_token_loss(head(hidden[:, :-1][counted]), target[counted], weights[rows, : width - 1][counted])
         loss.backward()
         total += float(loss.detach())
     return total
